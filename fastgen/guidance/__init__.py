@@ -1,0 +1,45 @@
+"""Guidance methods for FastGen pipelines; each is a ``diffusers.guiders.BaseGuidance`` subclass.
+
+The sampling loop drives them with the diffusers guider protocol: ``set_state(step, N, t)``, then
+``num_conditions`` (1: conditional only, 2: conditional and unconditional) and
+``forward(pred_cond=..., pred_uncond=...)``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from diffusers.guiders import BaseGuidance
+
+from .cfg import CFG
+
+# name -> factory(guidance_scale) ; later guidance methods register here.
+GUIDANCE_REGISTRY: dict[str, Callable[[float], BaseGuidance]] = {
+    "cfg": lambda scale: CFG(guidance_scale=scale),
+}
+
+
+def available_guidance() -> list[str]:
+    return sorted(GUIDANCE_REGISTRY)
+
+
+def resolve_guidance(guidance, guidance_scale: float) -> BaseGuidance | None:
+    """Turn the pipeline's ``guidance=`` argument into a guider (or ``None``: conditional only).
+
+    ``None`` keeps diffusers' behaviour: CFG when ``guidance_scale > 1``, otherwise no guidance.
+    """
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+        raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}.")
+    if guidance is None:
+        return CFG(guidance_scale=float(guidance_scale)) if guidance_scale > 1 else None
+    if isinstance(guidance, BaseGuidance):
+        return guidance
+    if isinstance(guidance, str):
+        key = guidance.lower().replace("_", "-")
+        if key in GUIDANCE_REGISTRY:
+            return GUIDANCE_REGISTRY[key](float(guidance_scale))
+    raise ValueError(
+        f"guidance must be None, one of {available_guidance()}, or a diffusers BaseGuidance object; got {guidance!r}."
+    )
+
+
+__all__ = ["CFG", "GUIDANCE_REGISTRY", "available_guidance", "resolve_guidance"]

@@ -1,0 +1,154 @@
+"""What every FastGen pipeline shares: call-argument checks, the save/reload routes, the output type.
+
+Reload routes (see shared notes on diffusers' loader): a saved FastGen folder records
+``"_class_name": ["<entry file>", "<ClassName>"]`` and carries the entry file, a two-line module that
+re-exports the class from the installed ``fastgen`` package. Then
+``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` returns the FastGen class, and
+``FastGenX.from_pretrained(folder)`` needs no flag because :meth:`FastGenPipelineMixin.load_config`
+reads the list form back as the plain class name (no code from the folder is executed).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.utils import BaseOutput
+
+from ..attention import check_attention_mode, set_attention
+from ..guidance import resolve_guidance
+from ..sampling import GUIDANCE_SPACES, make_generators
+from ..solvers import resolve_solver
+
+ENTRY_PREFIX = "fastgen_"
+
+
+@dataclass
+class FastGenPipelineOutput(BaseOutput):
+    """Images plus ``nfe``, the network evaluations spent per image (a CFG step counts 2).
+
+    ``nsfw_content_detected`` is filled by pipelines with a safety checker; ``steps`` records, per step,
+    the timestep and the evaluations run (what adaptive guidance decided).
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    nfe: int = 0
+    nsfw_content_detected: list[bool] | None = None
+    steps: list[dict[str, Any]] | None = None
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def write_entry_file(folder: str | os.PathLike, cls: type) -> str:
+    """Write ``<folder>/<entry>.py`` re-exporting ``cls`` and return the entry module name."""
+    entry = cls._fastgen_entry
+    source = (
+        f'"""diffusers entry file: lets DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)\n'
+        f'return fastgen\'s {cls.__name__} (requires `pip install fastgen`)."""\n'
+        f"from {cls.__module__} import {cls.__name__}  # noqa: F401\n"
+    )
+    Path(folder, f"{entry}.py").write_text(source)
+    return entry
+
+
+class FastGenPipelineMixin:
+    """Mixin for FastGen pipelines (put it before the diffusers base class)."""
+
+    _fastgen_entry: str = ""  # entry module name, e.g. "fastgen_sd_pipeline"
+
+    # ------------------------------------------------------------------ saving and loading
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """diffusers' ``save_pretrained`` plus the list-form ``_class_name`` and the entry file."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        entry = write_entry_file(save_directory, type(self))
+        index_path = Path(save_directory, "model_index.json")
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = [entry, type(self).__name__]
+        tmp = index_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, index_path)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        out = super().load_config(*args, **kwargs)
+        config = out[0] if isinstance(out, tuple) else out
+        name = config.get("_class_name") if isinstance(config, dict) else None
+        if isinstance(name, (list, tuple)) and len(name) == 2 and str(name[0]).startswith(ENTRY_PREFIX):
+            config["_class_name"] = name[1]
+        return out
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, attention: str = "auto", **kwargs):
+        """diffusers' ``from_pretrained`` on any standard folder of the family, plus ``attention=``
+        (``"auto"``, ``"sdpa"``, ``"xformers"``), checked before anything is loaded."""
+        check_attention_mode(attention)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        set_attention(pipe, attention)
+        return pipe
+
+    def set_attention(self, mode: str = "auto") -> str:
+        """Switch the pipeline's networks to ``"auto"``, ``"sdpa"`` or ``"xformers"`` attention."""
+        return set_attention(self, mode)
+
+    # ------------------------------------------------------------------ call helpers
+    def _fastgen_prepare(self, *, num_inference_steps, guidance, guidance_scale, solver, guidance_space,
+                         teleport, teleport_fraction):
+        """Validate FastGen's own call arguments and resolve guidance and solver (no model work)."""
+        check_positive_int("num_inference_steps", num_inference_steps)
+        if guidance_space not in GUIDANCE_SPACES:
+            raise ValueError(f"guidance_space must be one of {GUIDANCE_SPACES}, got {guidance_space!r}.")
+        if isinstance(teleport_fraction, bool) or not isinstance(teleport_fraction, (int, float)) or not (
+            0.0 <= teleport_fraction < 1.0
+        ):
+            raise ValueError(f"teleport_fraction must be a number in [0, 1), got {teleport_fraction!r}.")
+        if teleport is not None and not callable(teleport):
+            raise TypeError(
+                "teleport must be None or a callable fn(x, *, alpha_from, sigma_from, alpha_to, sigma_to) -> x; "
+                f"got {type(teleport).__name__}."
+            )
+        guider = resolve_guidance(guidance, guidance_scale)
+        scheduler = resolve_solver(solver, self.scheduler)
+        return guider, scheduler
+
+    @staticmethod
+    def _step_kwargs(scheduler, generator, eta) -> dict[str, Any]:
+        """``scheduler.step`` extras that this scheduler accepts (``generator``, ``eta``)."""
+        params = set(inspect.signature(scheduler.step).parameters)
+        kwargs: dict[str, Any] = {}
+        if "generator" in params:
+            kwargs["generator"] = generator
+        if "eta" in params:
+            kwargs["eta"] = eta
+        return kwargs
+
+    @staticmethod
+    def _set_timesteps(scheduler, num_inference_steps, device, timesteps=None, sigmas=None):
+        """``scheduler.set_timesteps`` with diffusers' custom ``timesteps``/``sigmas`` handling."""
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+        return retrieve_timesteps(scheduler, num_inference_steps, device, timesteps, sigmas)
+
+    def _rescale_init_noise(self, latents: torch.Tensor, scheduler) -> torch.Tensor:
+        """diffusers' ``prepare_latents`` scales noise by ``self.scheduler.init_noise_sigma``; when another
+        solver runs this call, rescale to that solver's initial noise level."""
+        if scheduler is self.scheduler:
+            return latents
+        return latents * (scheduler.init_noise_sigma / self.scheduler.init_noise_sigma)
+
+    @staticmethod
+    def _generators_from_seed(seed, generator, batch_size: int):
+        if seed is None:
+            return generator
+        if generator is not None:
+            raise ValueError("pass either seed or generator, not both.")
+        return make_generators(seed, batch_size)
