@@ -42,7 +42,7 @@ def set_attention(target, mode: str = "auto") -> str:
     """Switch every diffusers model in ``target`` (a pipeline or a model) to ``mode``; returns the mode used."""
     resolved = check_attention_mode(mode)
     from diffusers import ModelMixin
-    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     if isinstance(target, ModelMixin):
         models = [target]
@@ -51,8 +51,12 @@ def set_attention(target, mode: str = "auto") -> str:
     for model in models:
         if _uses_dispatcher(model):
             model.set_attention_backend("xformers" if resolved == "xformers" else "native")
-        elif resolved == "xformers":
-            model.set_use_memory_efficient_attention_xformers(True)
-        elif hasattr(model, "set_attn_processor") and getattr(model, "attn_processors", None):
-            model.set_attn_processor(AttnProcessor2_0())
+            continue
+        # Processor-style attention (UNet2DModel has no set_attn_processor, so go module by module).
+        for module in model.modules():
+            if isinstance(module, Attention):
+                if resolved == "xformers":
+                    module.set_use_memory_efficient_attention_xformers(True)
+                else:
+                    module.set_processor(AttnProcessor2_0())
     return resolved

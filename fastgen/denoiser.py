@@ -72,7 +72,7 @@ class Denoiser:
         prediction_type = config.get("prediction_type", "epsilon") or "epsilon"
         if "FlowMatch" in type(scheduler).__name__:
             prediction_type = "flow"
-        return cls(model, NoiseSchedule.from_scheduler_config(config), prediction_type)
+        return cls(model, NoiseSchedule.from_scheduler_config(scheduler), prediction_type)
 
     # ------------------------------------------------------------------ network call
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float, cond: Mapping[str, Any]) -> torch.Tensor:

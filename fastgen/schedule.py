@@ -78,14 +78,16 @@ class NoiseSchedule:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_scheduler_config(cls, config: Mapping[str, Any]) -> "NoiseSchedule":
-        """Build from any diffusers scheduler config (``pipe.scheduler.config``)."""
-        config = dict(config)
-        name = str(config.get("_class_name", ""))
+    def from_scheduler_config(cls, config) -> "NoiseSchedule":
+        """Build from a diffusers scheduler or its config (``pipe.scheduler`` / ``pipe.scheduler.config``)."""
+        name = type(config).__name__ if hasattr(config, "config") else ""
+        config = dict(config.config if hasattr(config, "config") else config)
+        name = name or str(config.get("_class_name", ""))
         n = int(config.get("num_train_timesteps", 1000))
-        if "FlowMatch" in name or config.get("prediction_type") == "flow_prediction":
+        is_vp = "beta_start" in config or "trained_betas" in config or "beta_schedule" in config
+        if "FlowMatch" in name or (not is_vp and "shift" in config) or config.get("prediction_type") == "flow_prediction":
             return cls("flow", num_train_timesteps=n)
-        if name.startswith("EDM") or config.get("sigma_schedule") is not None and "beta_start" not in config:
+        if name.startswith("EDM") or (not is_vp and "sigma_data" in config):
             return cls(
                 "edm",
                 sigma_min=config.get("sigma_min", 0.002),

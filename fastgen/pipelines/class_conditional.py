@@ -67,6 +67,10 @@ class FastGenClassPipeline(FastGenPipelineMixin, DiffusionPipeline):
     def null_class_label(self) -> int:
         return self.num_classes
 
+    def label_name(self, class_id: int) -> str:
+        """The ``id2label`` name of a class id (the id itself when there is none)."""
+        return str((self.config.id2label or {}).get(str(int(class_id)), int(class_id)))
+
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         """Map label names (from ``id2label``) to class ids."""
         names = [label] if isinstance(label, str) else list(label)

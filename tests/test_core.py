@@ -1,0 +1,183 @@
+"""Sampling core: noise schedules, denoiser parameterisations, guidance/solver resolution, bad input."""
+import importlib.util
+import math
+
+import pytest
+import torch
+from diffusers import (DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       FlowMatchEulerDiscreteScheduler)
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from fastgen import Denoiser, FastGenClassPipeline, NoiseSchedule, set_attention
+from fastgen.guidance import CFG, resolve_guidance
+from fastgen.solvers import resolve_solver
+from tiny import tiny_class_unet
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = FastGenClassPipeline(scheduler=DPMSolverMultistepScheduler(), unet=tiny_class_unet())
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+# ---------------------------------------------------------------- NoiseSchedule
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_vp_schedule_matches_diffusers_tables(beta_schedule):
+    kw = dict(beta_start=0.00085, beta_end=0.012) if beta_schedule == "scaled_linear" else {}
+    sched = DDPMScheduler(beta_schedule=beta_schedule, **kw)
+    ns = NoiseSchedule.from_scheduler_config(sched.config)
+    alpha, sigma = ns.alpha_sigma(torch.arange(1000.0))
+    assert torch.allclose(alpha**2, sched.alphas_cumprod.double(), atol=1e-12)
+    assert torch.allclose(alpha**2 + sigma**2, torch.ones(1000, dtype=torch.float64))
+    t = torch.tensor([0.0, 3.25, 500.5, 999.0], dtype=torch.float64)
+    assert torch.allclose(ns.t_from_lambda(ns.lambda_(t)), t, atol=1e-8)
+
+
+def test_fractional_timesteps_follow_diffusers_sigma_interpolation():
+    """Euler/Karras samplers feed fractional timesteps; sigma/alpha must match their sigma table."""
+    sched = EulerDiscreteScheduler(use_karras_sigmas=True)
+    sched.set_timesteps(7)
+    ns = NoiseSchedule.from_scheduler_config(sched.config)
+    a, s = ns.alpha_sigma(sched.timesteps.double())
+    assert torch.allclose(s / a, sched.sigmas[:-1].double(), rtol=1e-4)
+
+
+def test_flow_and_edm_closed_forms():
+    flow = NoiseSchedule.from_scheduler_config(FlowMatchEulerDiscreteScheduler().config)
+    a, s = flow.alpha_sigma(torch.tensor(250.0))
+    assert (float(a), float(s)) == (0.75, 0.25)
+    assert math.isclose(float(flow.lambda_(250.0)), math.log(3.0))
+    assert math.isclose(float(flow.t_from_lambda(math.log(3.0))), 250.0, rel_tol=1e-12)
+    edm = NoiseSchedule("edm")
+    assert float(edm.alpha_sigma(2.0)[0]) == 1.0 and math.isclose(float(edm.t_from_lambda(edm.lambda_(2.0))), 2.0)
+    assert math.isclose(float(edm.timestep_from_t(math.e**4)), 1.0)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        NoiseSchedule("cosine")
+    with pytest.raises(ValueError, match="beta_schedule must be one of"):
+        NoiseSchedule.from_scheduler_config({"beta_schedule": "quadratic"})
+
+
+# ---------------------------------------------------------------- Denoiser
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample", "flow"])
+def test_denoiser_conversions_invert_and_agree_with_forward_process(prediction_type):
+    sched = FlowMatchEulerDiscreteScheduler() if prediction_type == "flow" else DDPMScheduler(prediction_type=prediction_type)
+    den = Denoiser.from_scheduler(tiny_class_unet(), sched)
+    assert den.prediction_type == prediction_type
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64), torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor(300.0)
+    a, s = den.alpha_sigma(t, x0)
+    x = a * x0 + s * eps
+    raw = {"epsilon": eps, "v_prediction": a * eps - s * x0, "sample": x0, "flow": eps - x0}[prediction_type]
+    x0_hat, eps_hat = den.to_x0_eps(raw, x, t)
+    assert torch.allclose(x0_hat, x0, atol=1e-10) and torch.allclose(eps_hat, eps, atol=1e-10)
+    assert torch.allclose(den.from_x0(x0, x, t), raw, atol=1e-10)
+
+
+def test_denoiser_rejects_unknown_models_and_types():
+    with pytest.raises(TypeError, match="model must be a diffusers UNet2DModel"):
+        Denoiser(torch.nn.Linear(2, 2), NoiseSchedule("edm"))
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        Denoiser(tiny_class_unet(), NoiseSchedule("edm"), "score")
+
+
+# ---------------------------------------------------------------- guidance and solvers
+def test_guidance_resolution():
+    assert resolve_guidance(None, 1.0) is None
+    g = resolve_guidance(None, 4.0)
+    assert isinstance(g, CFG) and g.guidance_scale == 4.0
+    mine = CFG(guidance_scale=2.0)
+    assert resolve_guidance(mine, 9.0) is mine
+    with pytest.raises(ValueError, match=r"guidance must be None, one of \['cfg'"):
+        resolve_guidance("pag", 3.0)
+    with pytest.raises(TypeError, match="guidance_scale must be a number"):
+        resolve_guidance("cfg", "high")
+
+
+def test_cfg_guider_formula_and_config_roundtrip(tmp_path):
+    g = CFG(guidance_scale=3.0, start=0.2)
+    c, u = torch.randn(4), torch.randn(4)
+    assert torch.allclose(g.forward(pred_cond=c, pred_uncond=u).pred, u + 3.0 * (c - u))
+    g.save_pretrained(tmp_path)
+    back = CFG.from_pretrained(tmp_path)
+    assert back.guidance_scale == 3.0 and back._start == 0.2
+    back.set_state(step=1, num_inference_steps=10, timestep=torch.tensor(900))
+    assert back.num_conditions == 1  # before the start fraction: conditional only
+    back.set_state(step=2, num_inference_steps=10, timestep=torch.tensor(800))
+    assert back.num_conditions == 2
+
+
+def test_limited_interval_cfg_counts_nfe(pipe):
+    out = pipe([1], num_inference_steps=10, seed=0, guidance=CFG(guidance_scale=3.0, start=0.3))
+    assert out.nfe == 3 * 1 + 7 * 2
+    assert [s["nfe"] for s in out.steps] == [1, 1, 1] + [2] * 7
+
+
+def test_solver_resolution():
+    base = DPMSolverMultistepScheduler(beta_schedule="scaled_linear")
+    assert resolve_solver(None, base) is base
+    euler = resolve_solver("euler", base)
+    assert type(euler).__name__ == "EulerDiscreteScheduler" and euler.config.beta_schedule == "scaled_linear"
+    with pytest.raises(ValueError, match=r"solver must be None .* one of \["):
+        resolve_solver("rk45", base)
+
+
+# ---------------------------------------------------------------- attention
+def test_attention_modes(pipe):
+    assert set_attention(pipe, "sdpa") == "sdpa"
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    attns = [m for m in pipe.unet.modules() if isinstance(m, Attention)]
+    for m in attns:
+        m.set_processor(AttnProcessor())
+    assert set_attention(pipe, "sdpa") == "sdpa"
+    assert attns and all(isinstance(m.processor, AttnProcessor2_0) for m in attns)
+    assert set_attention(pipe, "auto") in ("sdpa", "xformers")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        set_attention(pipe, "flash")
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and importlib.util.find_spec("xformers") is not None,
+                    reason="xformers can run here")
+def test_xformers_without_cuda_is_a_clear_error(pipe, tmp_path):
+    with pytest.raises(ValueError, match="attention='xformers' cannot run here"):
+        pipe.set_attention("xformers")
+    pipe.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="attention='xformers' cannot run here"):
+        FastGenClassPipeline.from_pretrained(tmp_path, attention="xformers")
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_inference_steps=0), "num_inference_steps must be a positive integer"),
+    (dict(num_inference_steps=-3), "num_inference_steps must be a positive integer"),
+    (dict(num_inference_steps=2.5), "num_inference_steps must be a positive integer"),
+    (dict(guidance="apg-typo"), "guidance must be None, one of"),
+    (dict(solver="rk45"), "solver must be None"),
+    (dict(class_labels=[10]), r"class_labels entries must be class ids in \[0, 10\)"),
+    (dict(class_labels=[-1]), r"class_labels entries must be class ids"),
+    (dict(class_labels=[True]), r"class_labels entries must be class ids"),
+    (dict(class_labels=["seven"]), "class_labels names"),
+    (dict(class_labels=None), "class_labels is required"),
+    (dict(latents=torch.zeros(1, 1, 4, 4)), r"latents must have shape \(1, 1, 8, 8\)"),
+    (dict(output_type="jpeg"), "output_type must be one of"),
+    (dict(guidance_space="eps"), "guidance_space must be one of"),
+    (dict(teleport_fraction=1.0), r"teleport_fraction must be a number in \[0, 1\)"),
+    (dict(seed=[1, 2]), r"seed must list one seed per image \(1\)"),
+    (dict(callback_on_step_end_tensor_inputs=["noise_pred"]), "callback_on_step_end_tensor_inputs must be among"),
+])
+def test_bad_call_arguments_fail_before_sampling(pipe, kwargs, message):
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises((ValueError, TypeError), match=message):
+            pipe(**{"class_labels": [1], **kwargs})
+    finally:
+        hook.remove()
+    assert calls == []  # failed before any network evaluation
+
+
+def test_missing_component_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs exactly one network"):
+        FastGenClassPipeline(scheduler=DPMSolverMultistepScheduler())
