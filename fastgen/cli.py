@@ -10,6 +10,7 @@ import sys
 _COMMAND_MODULES = [
     "fastgen.cli_sample",
     "fastgen.cli_text",
+    "fastgen.cli_eval",
 ]
 
 
