@@ -99,7 +99,7 @@ def sample_loop(
             t = timesteps[i]
             if pipe is not None and getattr(pipe, "_interrupt", False):
                 continue
-            x_in = scheduler.scale_model_input(latents, t)
+            x_in = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
             n_cond = 1
             if guidance is not None:
                 guidance.set_state(step=i, num_inference_steps=num_steps, timestep=t)
