@@ -11,6 +11,8 @@ _COMMAND_MODULES = [
     "fastgen.cli_sample",
     "fastgen.cli_text",
     "fastgen.cli_eval",
+    "fastgen.cli_guidance",
+    "fastgen.cli_solvers",
 ]
 
 
