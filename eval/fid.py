@@ -1,0 +1,18 @@
+"""FID evaluation script: ``python eval/fid.py ...`` is the same command as ``fastgen eval fid ...``.
+
+Examples:
+    python eval/fid.py --fake builtin:digits --real eval/digits_train_stats.npz --n 2000 --steps 20
+    accelerate launch --cpu --num_processes 2 eval/fid.py --fake builtin:digits --n 2000 --json
+    python eval/fid.py --fake samples/ --real real_images/ --features inception --inception-weights W.pth
+"""
+import sys
+from pathlib import Path
+
+try:
+    from fastgen.cli_eval import main
+except ImportError:  # running from a source checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from fastgen.cli_eval import main
+
+if __name__ == "__main__":
+    sys.exit(main())
