@@ -20,11 +20,50 @@ GUIDANCE_SPACES = ("x0", "model")
 
 @dataclass
 class SampleResult:
-    """Output of :func:`sample_loop`: final latents, network evaluations per sample, per-step record."""
+    """Output of :func:`sample_loop`: final latents, network evaluations per sample, per-step record.
+
+    ``nfe`` is the evaluations per sample (an int when every sample cost the same, otherwise the mean over
+    the batch, as with per-sample Adaptive Guidance); ``nfe_per_sample`` has the exact count of each sample.
+    """
 
     latents: torch.Tensor
-    nfe: int
+    nfe: int | float
     steps: list[dict[str, Any]] = field(default_factory=list)
+    nfe_per_sample: list[int] = field(default_factory=list)
+
+
+@dataclass
+class GuidanceContext:
+    """What a guider may read besides the predictions at one step (given through ``set_model_input``).
+
+    ``x`` is the model input x_t (after ``scale_model_input``), ``alpha``/``sigma`` the forward-process
+    coefficients at ``timestep`` (x_t = alpha x0 + sigma eps), ``space`` the space of the predictions the guider
+    receives (``"x0"`` or ``"model"``: the network's own parameterisation, ``prediction_type``).
+    """
+
+    x: torch.Tensor
+    timestep: Any
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+    space: str
+    denoiser: Denoiser
+
+    @property
+    def prediction_type(self) -> str:
+        return self.denoiser.prediction_type
+
+    def to_x0(self, pred: torch.Tensor) -> torch.Tensor:
+        return pred if self.space == "x0" else self.denoiser.to_x0_eps(pred, self.x, self.timestep)[0]
+
+    def to_eps(self, pred: torch.Tensor) -> torch.Tensor:
+        if self.space == "x0":
+            return (self.x - self.alpha * pred) / self.sigma
+        return self.denoiser.to_x0_eps(pred, self.x, self.timestep)[1]
+
+    def from_eps(self, eps: torch.Tensor) -> torch.Tensor:
+        """The prediction (in ``space``) that corresponds to noise prediction ``eps``."""
+        x0 = (self.x - self.sigma * eps) / self.alpha
+        return x0 if self.space == "x0" else self.denoiser.from_x0(x0, self.x, self.timestep)
 
 
 def make_generators(seed: int | Sequence[int], batch_size: int, device: str | torch.device = "cpu") -> list[torch.Generator]:
@@ -65,7 +104,12 @@ def sample_loop(
         scheduler: any diffusers-protocol scheduler with ``set_timesteps`` already called.
         timesteps: the timesteps to run (``scheduler.timesteps`` or a cut of it).
         cond, uncond: keyword arguments of the network for the conditional/unconditional branch.
-        guidance: a ``BaseGuidance`` (driven with the diffusers guider protocol) or ``None``.
+        guidance: a ``BaseGuidance`` (driven with the diffusers guider protocol) or ``None``. fastgen's own
+            guiders also get the optional hooks of ``fastgen.guidance.base``: ``begin_run`` once before the first
+            step (state resets, also for runs starting mid-schedule), ``set_model_input`` each step (x_t, alpha,
+            sigma), ``uncond_rows`` (the unconditional branch runs only for those samples; the others get
+            ``pred_uncond = pred_cond`` and count 1 NFE), ``wants_conditional_forward`` (``forward`` is called
+            with ``pred_cond`` only at a conditional-only step) and ``step_record`` (extra per-step log).
         guidance_space: ``"x0"`` (guide data predictions, then map back) or ``"model"`` (raw outputs).
         step_kwargs: extra ``scheduler.step`` arguments (``generator``, ``eta``).
         teleport: optional ``fn(x, *, alpha_from, sigma_from, alpha_to, sigma_to) -> x`` replacing the first
@@ -90,7 +134,11 @@ def sample_loop(
         start = int(round(teleport_fraction * num_steps))
         latents = _teleport(denoiser, scheduler, latents, timesteps, start, teleport)
 
-    nfe = 0
+    batch = latents.shape[0]
+    nfe_per_sample = [0] * batch
+    if guidance is not None and hasattr(guidance, "begin_run"):
+        guidance.begin_run(num_inference_steps=num_steps, start_step=start, batch_size=batch, scheduler=scheduler,
+                           model_path=getattr(pipe, "name_or_path", None) if pipe is not None else None)
     record: list[dict[str, Any]] = []
     denoised = None
     bar = progress_bar(total=num_steps - start) if progress_bar is not None else _NullBar()
@@ -101,10 +149,16 @@ def sample_loop(
                 continue
             x_in = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
             n_cond = 1
+            rows = None
             if guidance is not None:
                 guidance.set_state(step=i, num_inference_steps=num_steps, timestep=t)
+                if hasattr(guidance, "set_model_input"):
+                    a, s = denoiser.alpha_sigma(t, x_in)
+                    guidance.set_model_input(GuidanceContext(x_in, t, a, s, guidance_space, denoiser))
                 n_cond = guidance.num_conditions
-            if n_cond == 2:
+                if n_cond == 2 and hasattr(guidance, "uncond_rows"):
+                    rows = guidance.uncond_rows()
+            if n_cond == 2 and (rows is None or bool(rows.all())):
                 # One batched forward: unconditional first, as diffusers' pipelines order it.
                 raw = denoiser(torch.cat([x_in, x_in]), t, concat_conditions([uncond, cond]))
                 raw_uncond, raw_cond = raw.chunk(2)
@@ -116,14 +170,32 @@ def sample_loop(
                 else:
                     model_out = guidance.forward(pred_cond=raw_cond, pred_uncond=raw_uncond).pred
                     denoised = None
+                step_nfe = [2] * batch
+            elif n_cond == 2:
+                # Per-sample split: the unconditional branch only for ``rows``; the other samples are
+                # conditional only (pred_uncond = pred_cond there) and cost one evaluation.
+                model_out, denoised, step_nfe = _split_forward(denoiser, guidance, x_in, t, cond, uncond, rows,
+                                                               guidance_space)
             elif n_cond == 1:
-                model_out = denoiser(x_in, t, cond)
+                raw_cond = denoiser(x_in, t, cond)
                 denoised = None
+                if guidance is not None and getattr(guidance, "wants_conditional_forward", False):
+                    if guidance_space == "x0":
+                        denoised = guidance.forward(pred_cond=denoiser.to_x0_eps(raw_cond, x_in, t)[0]).pred
+                        model_out = denoiser.from_x0(denoised, x_in, t)
+                    else:
+                        model_out = guidance.forward(pred_cond=raw_cond).pred
+                else:
+                    model_out = raw_cond
+                step_nfe = [1] * batch
             else:
                 raise ValueError(f"guidance {type(guidance).__name__} asked for {n_cond} evaluations; FastGen "
                                  f"pipelines run 1 (conditional) or 2 (conditional + unconditional).")
-            nfe += n_cond
-            record.append({"step": i, "timestep": float(t), "nfe": n_cond})
+            nfe_per_sample = [a + b for a, b in zip(nfe_per_sample, step_nfe)]
+            entry = {"step": i, "timestep": float(t), "nfe": _per_sample_count(step_nfe)}
+            if guidance is not None and hasattr(guidance, "step_record"):
+                entry.update(guidance.step_record())
+            record.append(entry)
             latents = scheduler.step(model_out, t, latents, **step_kwargs, return_dict=False)[0]
 
             if callback_on_step_end is not None:
@@ -137,7 +209,55 @@ def sample_loop(
                     if callback_setters and k in callback_setters:
                         callback_setters[k](v)
             bar.update()
-    return SampleResult(latents=latents, nfe=nfe, steps=record)
+    return SampleResult(latents=latents, nfe=_per_sample_count(nfe_per_sample), steps=record,
+                        nfe_per_sample=nfe_per_sample)
+
+
+def _per_sample_count(counts: list[int]) -> int | float:
+    """One number for a batch: the common count, or the mean when samples differ."""
+    if not counts:
+        return 0
+    return counts[0] if all(c == counts[0] for c in counts) else sum(counts) / len(counts)
+
+
+def select_rows(condition: Mapping[str, Any], index: torch.Tensor, batch: int) -> dict[str, Any]:
+    """The rows ``index`` of a condition dict: tensors (and lists of tensors) whose first dimension is the batch."""
+    out: dict[str, Any] = {}
+    for key, value in condition.items():
+        if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+            out[key] = value[index.to(value.device)]
+        elif isinstance(value, Mapping):
+            out[key] = select_rows(value, index, batch)
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            out[key] = type(value)(v[index.to(v.device)] if v.ndim > 0 and v.shape[0] == batch else v for v in value)
+        else:
+            out[key] = value
+    return out
+
+
+def _split_forward(denoiser: Denoiser, guidance, x_in, t, cond, uncond, rows: torch.Tensor, guidance_space: str):
+    """One forward with the unconditional branch for ``rows`` only (first) and the conditional one for all."""
+    batch = x_in.shape[0]
+    index = rows.to(x_in.device).nonzero().squeeze(1)
+    k = int(index.numel())
+    raw = denoiser(torch.cat([x_in[index], x_in]), t, concat_conditions([select_rows(uncond, index, batch), cond]))
+    raw_uncond, raw_cond = raw[:k], raw[k:]
+    if guidance_space == "x0":
+        pred_cond, _ = denoiser.to_x0_eps(raw_cond, x_in, t)
+        part, _ = denoiser.to_x0_eps(raw_uncond, x_in[index], t)
+    else:
+        pred_cond, part = raw_cond, raw_uncond
+    pred_uncond = pred_cond.clone()
+    pred_uncond[index] = part
+    pred = guidance.forward(pred_cond=pred_cond, pred_uncond=pred_uncond).pred
+    if guidance_space == "x0":
+        denoised, model_out = pred, denoiser.from_x0(pred, x_in, t)
+    else:
+        denoised, model_out = None, pred
+    step_nfe = [1] * batch
+    for j in index.tolist():
+        step_nfe[j] = 2
+    return model_out, denoised, step_nfe
 
 
 def _teleport(denoiser: Denoiser, scheduler, latents, timesteps, start: int, teleport: Callable) -> torch.Tensor:

@@ -10,16 +10,23 @@ from typing import Callable
 
 from diffusers.guiders import BaseGuidance
 
+from .adaptive import AdaptiveGuidance, LinearAG, fit_linear_ag_coefficients, load_linear_ag_coefficients
+from .apg import APG
 from .cfg import CFG
 
-# name -> factory(guidance_scale) ; later guidance methods register here.
+# name -> factory(guidance_scale), each with its paper's defaults. "linear-ag" finds its fitted coefficients
+# next to the model at the start of a run (see LinearAG).
 GUIDANCE_REGISTRY: dict[str, Callable[[float], BaseGuidance]] = {
     "cfg": lambda scale: CFG(guidance_scale=scale),
+    "apg": lambda scale: APG(guidance_scale=scale),
+    "ag": lambda scale: AdaptiveGuidance(guidance_scale=scale),
+    "linear-ag": lambda scale: LinearAG(guidance_scale=scale),
 }
 
 
 def available_guidance() -> list[str]:
-    return sorted(GUIDANCE_REGISTRY)
+    """Registered guidance names, CFG first, then in order of registration."""
+    return list(GUIDANCE_REGISTRY)
 
 
 def resolve_guidance(guidance, guidance_scale: float) -> BaseGuidance | None:
@@ -42,4 +49,5 @@ def resolve_guidance(guidance, guidance_scale: float) -> BaseGuidance | None:
     )
 
 
-__all__ = ["CFG", "GUIDANCE_REGISTRY", "available_guidance", "resolve_guidance"]
+__all__ = ["APG", "AdaptiveGuidance", "CFG", "GUIDANCE_REGISTRY", "LinearAG", "available_guidance",
+           "fit_linear_ag_coefficients", "load_linear_ag_coefficients", "resolve_guidance"]
