@@ -5,6 +5,8 @@ every scikit-learn install, so the built-in models train and evaluate with no do
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -15,13 +17,23 @@ _N_FEATURES = 500
 _N_TRAIN = 1000
 
 
+@lru_cache(maxsize=1)
+def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
+    """``load_digits()`` images (float64 [1797, 8, 8], 0..16) and targets, read once per process."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images, target = data.images.copy(), data.target.copy()
+    images.flags.writeable = False
+    target.flags.writeable = False
+    return images, target
+
+
 def digits_split_indices(split: str = "train") -> np.ndarray:
     """Indices into ``load_digits()`` of ``split`` (see :func:`load_digits_images`)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}.")
-    from sklearn.datasets import load_digits
-
-    n = len(load_digits().target)
+    n = len(_raw_digits()[1])
     perm = np.random.default_rng(_SPLIT_SEED).permutation(n)
     if split == "features":
         return perm[:_N_FEATURES]
@@ -56,11 +68,9 @@ def load_digits_images(split: str = "train", size: int = 16) -> tuple[torch.Tens
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"size must be a positive int (e.g. 16), got {size!r}.")
     idx = digits_split_indices(split)
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = torch.from_numpy(data.images[idx].astype(np.float32)).unsqueeze(1) / 8.0 - 1.0
+    raw_images, raw_target = _raw_digits()
+    images = torch.from_numpy(raw_images[idx].astype(np.float32)).unsqueeze(1) / 8.0 - 1.0
     if size != 8:
         images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-    labels = torch.from_numpy(data.target[idx].astype(np.int64))
+    labels = torch.from_numpy(raw_target[idx].astype(np.int64))
     return images.contiguous(), labels
