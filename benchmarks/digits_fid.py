@@ -123,7 +123,11 @@ def main(argv=None) -> int:
     pipe.set_progress_bar_config(disable=True)
     hardware = (f"CPU ({platform.machine()}, {os.cpu_count()} cores shared with other jobs), torch "
                 f"{torch.__version__}, {args.threads} thread(s)")
-    record = {"benchmark": "digits_fid", "model": args.model, "n": args.n, "seeds": f"0..{args.n - 1}",
+    weights = sorted(Path(pipe.unet.config._name_or_path or ".").glob("*.safetensors"))
+    import hashlib
+
+    sha = hashlib.sha256(weights[0].read_bytes()).hexdigest()[:16] if weights else None
+    record = {"benchmark": "digits_fid", "model": args.model, "unet_sha256_16": sha, "n": args.n, "seeds": f"0..{args.n - 1}",
               "classes": "sample i -> digit i % 10", "solver": type(pipe.scheduler).__name__,
               "reference": "builtin digits 'train' split (1,000 images) = eval/digits_train_stats.npz",
               "features": "digits (64-d)", "hardware": hardware, "noise_floor": noise_floor(extractor, reference),
