@@ -2,12 +2,22 @@
 
 The sampling loop accepts any ``diffusers.SchedulerMixin`` (``set_timesteps``, ``scale_model_input``,
 ``step``); ``resolve_solver`` maps the pipeline's ``solver=`` argument to one, built from the
-pipeline's own scheduler config so the training noise schedule is kept.
+pipeline's own scheduler config so the training noise schedule is kept. Besides the diffusers solvers
+of ``SOLVER_REGISTRY``, ``solver=`` takes a USF preset name (``"usf-dpmsolver++-2m"``, ``"usf-default"``,
+...), a :class:`SolverSchedule` or a path to a schedule JSON; those run in a :class:`USFScheduler`
+(S³, Liu et al. 2024, arXiv:2312.07243).
 """
+
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import diffusers
 from diffusers import SchedulerMixin
+
+from .scheduler import USFScheduler
+from .usf import PRESETS, SolverSchedule, StepDecision, available_presets, preset_schedule
 
 # name -> (diffusers class name, config overrides)
 SOLVER_REGISTRY: dict[str, tuple[str, dict]] = {
@@ -40,10 +50,18 @@ def resolve_solver(solver, base_scheduler: SchedulerMixin) -> SchedulerMixin:
     if isinstance(solver, str) and solver.lower() in SOLVER_REGISTRY:
         class_name, overrides = SOLVER_REGISTRY[solver.lower()]
         return getattr(diffusers, class_name).from_config(base_scheduler.config, **overrides)
+    if isinstance(solver, str) and solver in PRESETS:
+        return USFScheduler.from_config(base_scheduler.config, preset=solver, schedule=None)
+    if isinstance(solver, SolverSchedule):
+        return USFScheduler.from_config(base_scheduler.config, schedule=solver.to_dict())
+    if isinstance(solver, (str, os.PathLike)) and (str(solver).endswith(".json") or Path(solver).is_file()):
+        return USFScheduler.from_config(base_scheduler.config, schedule=SolverSchedule.load(solver).to_dict())
     raise ValueError(
-        f"solver must be None (the pipeline's scheduler), a diffusers scheduler object, or one of "
-        f"{available_solvers()}; got {solver!r}."
+        f"solver must be None (the pipeline's scheduler), a diffusers scheduler object, a SolverSchedule, a path "
+        f"to a schedule JSON, or one of {available_solvers()} (diffusers solvers) or {available_presets()} "
+        f"(USF presets); got {solver!r}."
     )
 
 
-__all__ = ["SOLVER_REGISTRY", "available_solvers", "resolve_solver"]
+__all__ = ["SOLVER_REGISTRY", "available_solvers", "resolve_solver", "USFScheduler", "SolverSchedule",
+           "StepDecision", "available_presets", "preset_schedule"]

@@ -1,0 +1,324 @@
+"""USFScheduler: a diffusers scheduler that runs a USF :class:`~fastgen.solvers.usf.SolverSchedule`.
+
+It follows the diffusers scheduler protocol (``set_timesteps``, ``scale_model_input``, ``step``,
+``set_begin_index``, ``add_noise``), so it works inside any stock diffusers pipeline and inside
+fastgen's own sampling loop::
+
+    pipe.scheduler = USFScheduler.from_config(pipe.scheduler.config, preset="usf-dpmsolver++-2m")
+    pipe.scheduler = USFScheduler.from_config(pipe.scheduler.config, schedule="nfe5.json")
+
+The schedule is stored in ``scheduler_config.json``, so ``save_pretrained``/``from_pretrained`` keep it.
+Method: Liu et al. 2024, *A Unified Sampling Framework for Solver Searching of Diffusion Probabilistic
+Models* (S³, arXiv:2312.07243); see :mod:`fastgen.solvers.usf` for the update rule.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+# Imported by name and subclassed directly: diffusers' loader looks these names up in this module.
+from diffusers import ConfigMixin, SchedulerMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput
+
+from ..schedule import NoiseSchedule
+from .usf import SolverSchedule, check_preset, preset_schedule, taylor_coefficients
+
+_BASE_KEYS = ("timestep_spacing", "steps_offset", "final_sigmas_type", "lower_order_final", "euler_at_final",
+              "clip_sample", "clip_sample_range", "set_alpha_to_one")
+
+
+@dataclass
+class USFSchedulerOutput(BaseOutput):
+    """``prev_sample``: the sample at the step's target; ``pred_original_sample``: the x0 prediction."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+
+@dataclass
+class _Point:
+    lam: float
+    x0: torch.Tensor
+    eps: torch.Tensor
+    eps_raw: torch.Tensor
+
+
+class USFScheduler(SchedulerMixin, ConfigMixin):
+    """Unified-sampling-framework solver (S³, Liu et al. 2024) as a diffusers scheduler.
+
+    Args:
+        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the model's VP training
+            schedule (as in diffusers' DDPM/DPM-Solver configs).
+        prediction_type: the network's output (``"epsilon"``, ``"v_prediction"``, ``"sample"``).
+        thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding of x0
+            (Saharia et al. 2022), as in diffusers' multistep schedulers.
+        preset: a preset name (:func:`fastgen.solvers.available_presets`), expanded for the number of
+            steps of each call; used when ``schedule`` is ``None``.
+        schedule: a fixed :class:`SolverSchedule` (its dict form, the object, or a path to its JSON).
+        timestep_spacing, steps_offset, final_sigmas_type, lower_order_final, euler_at_final, clip_sample,
+            clip_sample_range, set_alpha_to_one: base-config values forwarded to the diffusers solver a
+            preset reproduces (``None`` = that solver's default).
+    """
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: list[float] | None = None,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        preset: str = "usf-default",
+        schedule: dict | str | None = None,
+        timestep_spacing: str | None = None,
+        steps_offset: int | None = None,
+        final_sigmas_type: str | None = None,
+        lower_order_final: bool | None = None,
+        euler_at_final: bool | None = None,
+        clip_sample: bool | None = None,
+        clip_sample_range: float | None = None,
+        set_alpha_to_one: bool | None = None,
+    ):
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"prediction_type must be one of 'epsilon', 'v_prediction', 'sample', got {prediction_type!r}.")
+        if schedule is not None:
+            fixed = _load_schedule(schedule)
+            self.register_to_config(schedule=fixed.to_dict())
+            self._fixed: SolverSchedule | None = fixed
+        else:
+            check_preset(preset)
+            self._fixed = None
+        self.noise_schedule = NoiseSchedule.from_scheduler_config(
+            {"num_train_timesteps": num_train_timesteps, "beta_start": beta_start, "beta_end": beta_end,
+             "beta_schedule": beta_schedule, "trained_betas": trained_betas})
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.zeros(0)
+        self.schedule: SolverSchedule | None = None
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
+        self._reset_state()
+
+    # ------------------------------------------------------------------ protocol: state
+    @property
+    def step_index(self) -> int | None:
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start at evaluation ``begin_index`` (img2img strength, teleportation); history starts empty."""
+        if begin_index and self.schedule is not None and self.schedule.afs != "none":
+            raise ValueError("set_begin_index > 0 (teleport/img2img) cannot follow a schedule with an analytical "
+                             "first step; use a schedule with afs='none'.")
+        self._begin_index = begin_index
+
+    def _reset_state(self) -> None:
+        self._history: list[_Point] = []
+        self._pending: tuple[int, int, torch.Tensor] | None = None  # (step, order used, sample at its start)
+        self._afs_done = False
+
+    def base_config(self) -> dict[str, Any]:
+        """The config the reproduced diffusers solvers are built from (``None`` entries = their defaults)."""
+        cfg = {k: v for k, v in dict(self.config).items() if not k.startswith("_")}
+        cfg.pop("preset", None)
+        cfg.pop("schedule", None)
+        for key in _BASE_KEYS:
+            if cfg.get(key) is None:
+                cfg.pop(key, None)
+        return cfg
+
+    # ------------------------------------------------------------------ protocol: timesteps
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      timesteps: list[float] | None = None) -> None:
+        """Build the schedule for this call (a preset expanded for ``num_inference_steps``, or the fixed one).
+
+        A fixed schedule runs its own grid; ``num_inference_steps`` must then equal its NFE (or its number
+        of steps). Custom ``timesteps`` replace a preset's grid (last target: clean data).
+        """
+        if self._fixed is not None:
+            schedule = self._fixed
+            if timesteps is not None:
+                raise ValueError("timesteps cannot be given with a fixed schedule; it carries its own grid.")
+            if num_inference_steps is not None and num_inference_steps not in (schedule.nfe, schedule.num_steps):
+                raise ValueError(f"num_inference_steps must match the schedule's NFE ({schedule.nfe}); got "
+                                 f"{num_inference_steps}. Search or load a schedule for that NFE instead.")
+        elif timesteps is not None:
+            times = [float(t) for t in timesteps]
+            schedule = preset_schedule(self.config.preset, len(times), self.base_config())
+            schedule = SolverSchedule(times, schedule.steps, final_timestep=None, afs=schedule.afs,
+                                      clip_denoised=schedule.clip_denoised, name=schedule.name)
+        else:
+            if num_inference_steps is None or isinstance(num_inference_steps, bool) or int(num_inference_steps) < 1:
+                raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
+            schedule = preset_schedule(self.config.preset, int(num_inference_steps), self.base_config())
+        self.schedule = schedule
+        self._afs = int(schedule.afs != "none")
+        evals = schedule.timesteps[self._afs:]
+        integral = all(float(t).is_integer() for t in evals)
+        self.timesteps = torch.tensor(evals, dtype=torch.int64 if integral else torch.float32, device=device)
+        self.num_inference_steps = len(evals)
+        self._step_index = None
+        self._begin_index = None
+        self._reset_state()
+
+    def _ab(self, t: float | None) -> tuple[float, float, float]:
+        """(alpha, sigma, lambda) in float64 at network time ``t`` (``None`` = clean data)."""
+        if t is None:
+            return 1.0, 0.0, float("inf")
+        a, s = self.noise_schedule.alpha_sigma(torch.tensor(float(t), dtype=torch.float64))
+        lam = self.noise_schedule.lambda_(torch.tensor(float(t), dtype=torch.float64))
+        return float(a), float(s), float(lam)
+
+    def index_for_timestep(self, timestep) -> int:
+        matches = (self.timesteps.double() == float(timestep)).nonzero()
+        if len(matches) == 0:
+            raise ValueError(f"timestep {float(timestep)} is not in this scheduler's timesteps {self.timesteps.tolist()}.")
+        return int(matches[0])
+
+    def _init_step_index(self, timestep) -> None:
+        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+
+    # ------------------------------------------------------------------ protocol: model input
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """VP samples are the model input; with an analytical first step, the very first call returns the
+        sample after that (network-free) step, which is where the first evaluation happens."""
+        if self._afs and not self._afs_done and (self._step_index in (None, 0)) and not self._begin_index:
+            return self._afs_jump(sample)
+        return sample
+
+    def _afs_jump(self, x: torch.Tensor) -> torch.Tensor:
+        """S³'s ``zero_x0`` analytical first step: DDIM from t_0 with eps(x_T) := x_T."""
+        a0, s0, l0 = self._ab(self.schedule.timesteps[0])
+        a1, s1, l1 = self._ab(self.schedule.timesteps[1])
+        c_x, (c_eps,) = taylor_coefficients("noise", 1, l0, l1, a0, s0, a1, s1, [])
+        return (c_x + c_eps) * x
+
+    # ------------------------------------------------------------------ protocol: step
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        """Advance ``sample`` from ``timestep`` to the step's target (UniC-style correction of the previous
+        step first, when that step asked for a pseudo corrector)."""
+        if self.schedule is None:
+            raise ValueError("call set_timesteps before step.")
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        if self._step_index >= self.num_inference_steps:
+            raise ValueError(f"step called {self._step_index + 1} times for {self.num_inference_steps} timesteps.")
+        i = self._step_index + self._afs
+        if self._afs and not self._afs_done and self._step_index == 0:
+            sample = self._afs_jump(sample)
+        self._afs_done = True
+        point = self._convert(model_output, sample, i)
+        if self._pending is not None:
+            sample = self._correct(point)
+        self._history = (self._history + [point])[-4:]
+        prev = self._predict(i, sample)
+        self._step_index += 1
+        if not return_dict:
+            return (prev, point.x0)
+        return USFSchedulerOutput(prev_sample=prev, pred_original_sample=point.x0)
+
+    def _convert(self, out: torch.Tensor, x: torch.Tensor, i: int) -> _Point:
+        """x0 and eps from the raw output at evaluation ``i`` (x0 thresholded/clipped, eps consistent)."""
+        a, s, lam = self._ab(self.schedule.timesteps[i])
+        p = self.config.prediction_type
+        if p == "epsilon":
+            x0, eps = (x - s * out) / a, out
+        elif p == "v_prediction":
+            x0, eps = a * x - s * out, a * out + s * x
+        else:
+            x0, eps = out, (x - a * out) / s
+        eps_raw = eps
+        if self.config.thresholding:
+            x0 = _threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+            eps = (x - a * x0) / s
+        elif self.schedule.clip_denoised is not None:
+            c = float(self.schedule.clip_denoised)
+            x0 = x0.clamp(-c, c)
+            eps = (x - a * x0) / s
+        return _Point(lam, x0, eps, eps_raw)
+
+    def _update(self, decision, order: int, x: torch.Tensor, t_from: float, t_to: float | None,
+                base: _Point, others: list[_Point], relaxation: str) -> torch.Tensor:
+        """One exponential-integrator update of ``x`` from ``t_from`` to ``t_to`` (usf.taylor_coefficients)."""
+        a_s, s_s, l_s = self._ab(t_from)
+        a_t, s_t, l_t = self._ab(t_to)
+        pred = decision.prediction
+        if pred == "ddim":  # DDIM (Song et al. 2021, eq. 12): alpha_t x0 + sigma_t eps
+            return a_t * base.x0 + s_t * base.eps_raw
+        if t_to is None:  # clean-data target: the order-1 limit (h = inf); diffusers also steps first order here
+            return base.x0 if pred == "data" else (x - s_s * base.eps) / a_s
+        c_x, coefs = taylor_coefficients(pred, order, l_s, l_t, a_s, s_s, a_t, s_t, [p.lam for p in others],
+                                         relaxation, decision.relaxation_coef)
+        values = [base] + others
+        out = c_x * x
+        for c, p in zip(coefs, values):
+            out = out + c * (p.x0 if pred == "data" else p.eps)
+        return out
+
+    def _predict(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        d = self.schedule.steps[i]
+        order = min(d.order, len(self._history))
+        others = self._history[-order:-1][::-1] if order > 1 else []
+        last = i == self.schedule.num_steps - 1
+        target = self.schedule.target(i)
+        self._pending = (i, order, x) if (d.corrector == "pseudo" and not last and d.prediction != "ddim") else None
+        return self._update(d, order, x, self.schedule.timesteps[i], target, self._history[-1], others, d.relaxation)
+
+    def _correct(self, new: _Point) -> torch.Tensor:
+        """Pseudo corrector (UniC): redo step j at order k+1 from its start, adding the new evaluation."""
+        j, order, x_start = self._pending
+        self._pending = None
+        d = self.schedule.steps[j]
+        base = self._history[-1]
+        older = self._history[-order:-1][::-1] if order > 1 else []
+        relaxation = d.corrector_relaxation if order == 1 else "none"
+        return self._update(d, order + 1, x_start, self.schedule.timesteps[j], self.schedule.target(j), base,
+                            [new] + older, relaxation)
+
+    # ------------------------------------------------------------------ protocol: misc
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        a, s = self.noise_schedule.alpha_sigma(timesteps.detach().cpu().double())
+        shape = (-1,) + (1,) * (original_samples.ndim - 1)
+        a = a.to(original_samples.device, original_samples.dtype).reshape(shape)
+        s = s.to(original_samples.device, original_samples.dtype).reshape(shape)
+        return a * original_samples + s * noise
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+
+def _threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Dynamic thresholding (Saharia et al. 2022, Imagen), as diffusers' ``_threshold_sample``."""
+    dtype = x0.dtype
+    b = x0.shape[0]
+    flat = x0.float().reshape(b, -1) if dtype not in (torch.float32, torch.float64) else x0.reshape(b, -1)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)
+
+
+def _load_schedule(schedule) -> SolverSchedule:
+    if isinstance(schedule, SolverSchedule):
+        return schedule
+    if isinstance(schedule, dict):
+        return SolverSchedule.from_dict(schedule)
+    if isinstance(schedule, (str, os.PathLike)):
+        return SolverSchedule.load(Path(schedule))
+    raise ValueError(f"schedule must be a SolverSchedule, its dict, or a path to its JSON; got {type(schedule).__name__}.")
+
+
+__all__ = ["USFScheduler", "USFSchedulerOutput"]

@@ -1,0 +1,462 @@
+"""USF: a unified sampling framework of per-step solver decisions (Liu et al. 2024, S³).
+
+Liu, Ning, Yang, Wang, *A Unified Sampling Framework for Solver Searching of Diffusion Probabilistic
+Models* (ICLR 2024, arXiv:2312.07243). Every step of an exponential-integrator sampler is a Taylor
+expansion of the data (x0) or noise (eps) prediction in the half log-SNR ``lambda = log(alpha/sigma)``;
+with ``h = lambda_t - lambda_s`` and ``phi_0(z) = e^z``, ``phi_{n+1}(z) = (phi_n(z) - 1/n!) / z``:
+
+* data prediction:  ``x_t = (sigma_t/sigma_s) x_s + alpha_t sum_n h^{n+1} phi_{n+1}(-h) x0^{(n)}(lambda_s)``
+* noise prediction: ``x_t = (alpha_t/alpha_s) x_s - sigma_t sum_n h^{n+1} phi_{n+1}(h) eps^{(n)}(lambda_s)``
+
+The derivatives come from the multistep history (Lagrange / finite differences in lambda), the first
+derivative may be *relaxed* by a factor, and a *pseudo corrector* (UniC, Zhao et al. 2023) redoes the
+previous step one order higher once the model has been evaluated at its end point (no extra NFE).
+Special cases are the diffusers solvers the presets are named after:
+
+* DDIM (Song et al. 2021, arXiv:2010.02502): order 1.
+* DPM-Solver / DPM-Solver++ 2M (Lu et al. 2022, arXiv:2206.00927 / 2211.01095): order 2, ``heun`` =
+  no relaxation, ``midpoint`` = relaxation ``dpmsolver-2``.
+* DEIS (Zhang & Chen 2022, arXiv:2204.13902), log-rho: noise prediction, order k, full Lagrange.
+* UniPC (Zhao et al. 2023, arXiv:2302.04867): data prediction, relaxation ``unipc-bh1``/``unipc-bh2``,
+  pseudo corrector.
+
+A :class:`SolverSchedule` holds the per-step decisions; it round-trips through JSON. Presets are
+recipes: :func:`preset_schedule` expands one for a number of steps and a diffusers scheduler config, so
+final-step and ``lower_order_final`` handling follow the diffusers solver it reproduces.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+PREDICTIONS = ("data", "noise", "ddim")
+RELAXATIONS = ("none", "dpmsolver-2", "unipc-bh1", "unipc-bh2", "linear")
+CORRECTORS = ("none", "pseudo")
+AFS_TYPES = ("none", "zero_x0")
+MAX_ORDER = 3
+SCHEMA = "fastgen.solver_schedule/1"
+
+
+# ---------------------------------------------------------------------------------------------- maths
+def phi(n: int, z: float) -> float:
+    """``phi_n(z)`` with ``phi_0 = exp`` and ``phi_{n+1}(z) = (phi_n(z) - 1/n!) / z`` (float64).
+
+    The recursion cancels catastrophically for small ``|z|``; there the power series
+    ``phi_n(z) = sum_k z^k / (k + n)!`` is used instead.
+    """
+    if n == 0:
+        return math.exp(z)
+    if abs(z) < 0.5:
+        return sum(z**k / math.factorial(k + n) for k in range(24))
+    value = math.exp(z)
+    for m in range(n):
+        value = (value - 1.0 / math.factorial(m)) / z
+    return value
+
+
+def relaxation_factor(kind: str, z: float, coef: float = 0.0) -> float:
+    """Factor on the first derivative; ``z = h`` for noise prediction and ``-h`` for data prediction.
+
+    ``dpmsolver-2`` (= ``unipc-bh2``): ``z (e^z - 1) / (2 (e^z - 1 - z))`` turns the Taylor-2 step into
+    DPM-Solver's midpoint form; ``unipc-bh1``: ``z^2 / (2 (e^z - 1 - z))``; ``linear``: ``1 + coef z``.
+    """
+    if kind == "none":
+        return 1.0
+    if kind == "linear":
+        return 1.0 + coef * z
+    e2 = z * z * phi(2, z)  # e^z - 1 - z, without cancellation
+    if kind in ("dpmsolver-2", "unipc-bh2"):
+        return 0.5 * z * (z * phi(1, z)) / e2
+    if kind == "unipc-bh1":
+        return 0.5 * z * z / e2
+    raise ValueError(f"relaxation must be one of {RELAXATIONS}, got {kind!r}.")
+
+
+def derivative_weights(offsets: Sequence[float]) -> list[list[float]]:
+    """Weights ``W`` with ``D_n = sum_j W[n-1][j] (f_j - f_0)``, ``D_n = h^n f^{(n)}``, from points at
+    relative offsets ``r_j = (lambda_j - lambda_s) / h`` (solves ``f_j - f_0 = sum_n D_n r_j^n / n!``)."""
+    m = len(offsets)
+    if m == 0:
+        return []
+    a = [[r ** (n + 1) / math.factorial(n + 1) for n in range(m)] for r in offsets]
+    return _invert(a)
+
+
+def _invert(a: list[list[float]]) -> list[list[float]]:
+    """Inverse of a small dense matrix (Gauss-Jordan with partial pivoting, float64)."""
+    m = len(a)
+    aug = [list(row) + [1.0 if i == j else 0.0 for j in range(m)] for i, row in enumerate(a)]
+    for col in range(m):
+        piv = max(range(col, m), key=lambda r: abs(aug[r][col]))
+        if abs(aug[piv][col]) < 1e-300:
+            raise ValueError("derivative estimation needs distinct history points (two steps share a lambda).")
+        aug[col], aug[piv] = aug[piv], aug[col]
+        p = aug[col][col]
+        aug[col] = [v / p for v in aug[col]]
+        for r in range(m):
+            if r != col and aug[r][col] != 0.0:
+                f = aug[r][col]
+                aug[r] = [v - f * w for v, w in zip(aug[r], aug[col])]
+    return [row[m:] for row in aug]
+
+
+def taylor_coefficients(prediction: str, order: int, lam_s: float, lam_t: float, alpha_s: float, sigma_s: float,
+                        alpha_t: float, sigma_t: float, lam_points: Sequence[float], relaxation: str = "none",
+                        relaxation_coef: float = 0.0) -> tuple[float, list[float]]:
+    """Coefficients ``(c_x, [c_0, c_1, ...])`` of ``x_t = c_x x_s + sum_j c_j f_j``.
+
+    ``f_0`` is the prediction at the expansion point ``lambda_s``; ``f_j`` (j >= 1) are the predictions at
+    ``lam_points[j-1]`` used to estimate derivatives ``1 .. order-1`` (exactly ``order - 1`` points).
+    ``prediction`` is ``"data"`` (f = x0) or ``"noise"`` (f = eps).
+    """
+    h = lam_t - lam_s
+    if prediction == "data":
+        z, c_x, scale = -h, sigma_t / sigma_s, alpha_t
+    else:
+        z, c_x, scale = h, alpha_t / alpha_s, -sigma_t
+    # h^{n+1} phi_{n+1}(z) / h^n = h phi_{n+1}(z): the weight of D_n = h^n f^{(n)}.
+    weights = [scale * h * phi(n + 1, z) for n in range(order)]
+    coefs = [weights[0]] + [0.0] * (order - 1)
+    if order > 1:
+        offsets = [(lam - lam_s) / h for lam in lam_points]
+        inv = derivative_weights(offsets)
+        for n in range(1, order):
+            w = weights[n] * (relaxation_factor(relaxation, z, relaxation_coef) if n == 1 else 1.0)
+            for j in range(order - 1):
+                coefs[0] -= w * inv[n - 1][j]
+                coefs[j + 1] += w * inv[n - 1][j]
+    return c_x, coefs
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+@dataclass
+class StepDecision:
+    """What one solver step does (S³'s per-step decisions).
+
+    Args:
+        prediction: ``"data"`` (x0), ``"noise"`` (eps) or ``"ddim"`` (order 1 only: ``alpha_t x0 +
+            sigma_t eps`` with the raw network eps, DDIM's update when x0 is clipped or thresholded).
+        order: Taylor order k in 1..3, capped by the history available at run time.
+        relaxation: factor on the first derivative (``"none"``, ``"dpmsolver-2"``, ``"unipc-bh1"``,
+            ``"unipc-bh2"``, ``"linear"`` with ``relaxation_coef``).
+        corrector: ``"none"`` or ``"pseudo"`` (after the next evaluation, redo this step at order k+1
+            with that evaluation included; UniC, no extra NFE). Ignored on the final step.
+        corrector_relaxation: relaxation of the corrector's first derivative (used when it has order 2).
+    """
+
+    prediction: str = "data"
+    order: int = 1
+    relaxation: str = "none"
+    relaxation_coef: float = 0.0
+    corrector: str = "none"
+    corrector_relaxation: str = "none"
+
+    def validate(self, where: str = "step") -> "StepDecision":
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"{where}.prediction must be one of {PREDICTIONS}, got {self.prediction!r}.")
+        if isinstance(self.order, bool) or not isinstance(self.order, int) or not 1 <= self.order <= MAX_ORDER:
+            raise ValueError(f"{where}.order must be an integer in 1..{MAX_ORDER}, got {self.order!r}.")
+        if self.prediction == "ddim" and self.order != 1:
+            raise ValueError(f"{where}.prediction 'ddim' needs order 1, got order {self.order}.")
+        for name in ("relaxation", "corrector_relaxation"):
+            if getattr(self, name) not in RELAXATIONS:
+                raise ValueError(f"{where}.{name} must be one of {RELAXATIONS}, got {getattr(self, name)!r}.")
+        if self.corrector not in CORRECTORS:
+            raise ValueError(f"{where}.corrector must be one of {CORRECTORS}, got {self.corrector!r}.")
+        self.relaxation_coef = float(self.relaxation_coef)
+        return self
+
+
+@dataclass
+class SolverSchedule:
+    """Per-step decisions plus the time grid: a complete, serialisable sampler (S³'s search space).
+
+    Args:
+        timesteps: network timesteps (the model's time input) at which step i evaluates the model,
+            one per step. With ``afs="zero_x0"`` the first one is only the start time (no evaluation).
+        steps: one :class:`StepDecision` per step.
+        targets: where step i lands (network timesteps; ``None`` = clean data, sigma = 0). Default:
+            the next timestep, and ``final_timestep`` for the last step. Only DDIM with a spacing whose
+            grid does not match its own ``t - T/N`` rule needs explicit targets.
+        final_timestep: the last target (``None`` = sigma 0; ``0.0`` = diffusers' ``sigma_min``).
+        afs: analytical first step: ``"none"`` or ``"zero_x0"`` (eps(x_T) := x_T, saves 1 NFE).
+        clip_denoised: clamp x0 predictions to ``[-c, c]`` (DDIM's ``clip_sample``); ``None`` = off.
+        name: a label (preset name, or how the schedule was found).
+    """
+
+    timesteps: list[float]
+    steps: list[StepDecision]
+    targets: list[float | None] | None = None
+    final_timestep: float | None = None
+    afs: str = "none"
+    clip_denoised: float | None = None
+    name: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.steps = [s if isinstance(s, StepDecision) else StepDecision(**s) for s in self.steps]
+        self.validate()
+
+    # ------------------------------------------------------------------ checks and facts
+    def validate(self) -> "SolverSchedule":
+        if not self.steps:
+            raise ValueError("steps must list at least one StepDecision.")
+        if len(self.timesteps) != len(self.steps):
+            raise ValueError(f"timesteps must have one entry per step ({len(self.steps)}), got {len(self.timesteps)}.")
+        self.timesteps = [float(t) for t in self.timesteps]
+        if any(b >= a for a, b in zip(self.timesteps, self.timesteps[1:])):
+            raise ValueError(f"timesteps must be strictly decreasing, got {self.timesteps}.")
+        if self.targets is not None:
+            if len(self.targets) != len(self.steps):
+                raise ValueError(f"targets must have one entry per step ({len(self.steps)}), got {len(self.targets)}.")
+            self.targets = [None if t is None else float(t) for t in self.targets]
+        if self.final_timestep is not None:
+            self.final_timestep = float(self.final_timestep)
+            if self.final_timestep >= self.timesteps[-1]:
+                raise ValueError(f"final_timestep must be below the last timestep {self.timesteps[-1]}, got {self.final_timestep}.")
+        if self.afs not in AFS_TYPES:
+            raise ValueError(f"afs must be one of {AFS_TYPES}, got {self.afs!r}.")
+        if self.afs != "none" and len(self.steps) < 2:
+            raise ValueError("afs needs at least two steps (the first one is analytical).")
+        for i, s in enumerate(self.steps):
+            s.validate(f"steps[{i}]")
+        return self
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per sample (without guidance): steps minus the analytical first step;
+        pseudo correctors are free (S³ §3 accounting)."""
+        return self.num_steps - (self.afs != "none")
+
+    def target(self, i: int) -> float | None:
+        if self.targets is not None:
+            return self.targets[i]
+        return self.timesteps[i + 1] if i + 1 < self.num_steps else self.final_timestep
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "name": self.name, "nfe": self.nfe, "timesteps": list(self.timesteps),
+                "targets": None if self.targets is None else list(self.targets),
+                "final_timestep": self.final_timestep, "afs": self.afs, "clip_denoised": self.clip_denoised,
+                "steps": [asdict(s) for s in self.steps], "meta": dict(self.meta)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SolverSchedule":
+        if not isinstance(data, Mapping) or "steps" not in data or "timesteps" not in data:
+            raise ValueError("a solver schedule must be a JSON object with 'timesteps' and 'steps'.")
+        known = {"timesteps", "steps", "targets", "final_timestep", "afs", "clip_denoised", "name", "meta"}
+        schedule = cls(**{k: v for k, v in data.items() if k in known})
+        if "nfe" in data and int(data["nfe"]) != schedule.nfe:
+            raise ValueError(f"schedule states nfe={data['nfe']} but its steps give {schedule.nfe}.")
+        return schedule
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SolverSchedule":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SolverSchedule":
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"schedule file {str(path)!r} does not exist.")
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"schedule file {str(path)!r} is not valid JSON: {err}.") from None
+        return cls.from_dict(data)
+
+
+# ---------------------------------------------------------------------------------------------- presets
+def _dpm(algorithm: str, solver_type: str):
+    prediction = "data" if algorithm == "dpmsolver++" else "noise"
+    relax = "dpmsolver-2" if solver_type == "midpoint" else "none"
+
+    def build(n, cfg):
+        from diffusers import DPMSolverMultistepScheduler
+        over = {"algorithm_type": algorithm, "solver_type": solver_type, "solver_order": 2}
+        if algorithm == "dpmsolver" and cfg.get("final_sigmas_type", "zero") == "zero":
+            over["final_sigmas_type"] = "sigma_min"  # diffusers refuses sigma 0 for noise prediction
+        ref = DPMSolverMultistepScheduler.from_config(cfg, **over)
+        times, final = _reference_grid(ref, n)
+        last = n - 1
+        lower_final = bool(ref.config.euler_at_final or (ref.config.lower_order_final and n < 15)
+                           or ref.config.final_sigmas_type == "zero")
+        steps = [StepDecision(prediction, 1 if (i == 0 or (i == last and lower_final)) else 2, relax) for i in range(n)]
+        return SolverSchedule(times, steps, final_timestep=final), over
+    return build
+
+
+def _unipc(variant: str, order: int, corrector: bool):
+    def build(n, cfg):
+        from diffusers import UniPCMultistepScheduler
+        over = {"solver_type": variant, "solver_order": order, "predict_x0": True,
+                "disable_corrector": [] if corrector else list(range(n))}
+        ref = UniPCMultistepScheduler.from_config(cfg, **over)
+        times, final = _reference_grid(ref, n)
+        steps = []
+        for i in range(n):
+            k = min(order, n - i) if ref.config.lower_order_final else order
+            k = min(k, i + 1)
+            # UniP's order-2 predictor uses rho = 1/2, a relaxed Taylor-2 step; order 3 solves the full system.
+            # UniC of order 1 uses rho = 1/2 (relaxed); of order >= 2 the full system (plain Taylor).
+            steps.append(StepDecision("data", k, f"unipc-{variant}" if k == 2 else "none",
+                                      corrector="pseudo" if corrector else "none",
+                                      corrector_relaxation=f"unipc-{variant}" if k == 1 else "none"))
+        return SolverSchedule(times, steps, final_timestep=final), over
+    return build
+
+
+def _deis(order: int):
+    def build(n, cfg):
+        from diffusers import DEISMultistepScheduler
+        over = {"solver_order": order, "algorithm_type": "deis", "solver_type": "logrho"}
+        ref = DEISMultistepScheduler.from_config(cfg, **over)
+        times, final = _reference_grid(ref, n)
+        lof = bool(ref.config.lower_order_final) and n < 15
+        steps = []
+        for i in range(n):
+            k = min(order, i + 1)
+            if lof and i == n - 1:
+                k = 1
+            elif lof and i == n - 2:
+                k = min(k, 2)
+            steps.append(StepDecision("noise", k))
+        return SolverSchedule(times, steps, final_timestep=final), over
+    return build
+
+
+def _ddim(n, cfg):
+    from diffusers import DDIMScheduler
+    ref = DDIMScheduler.from_config(cfg)
+    ref.set_timesteps(n)
+    times = [float(t) for t in ref.timesteps]
+    ratio = ref.config.num_train_timesteps // n
+    targets = []
+    for t in times:
+        prev = t - ratio  # DDIM's own rule, whatever the spacing of its grid
+        targets.append(prev if prev >= 0 else (None if ref.config.set_alpha_to_one else 0.0))
+    clip = None if ref.config.thresholding or not ref.config.clip_sample else float(ref.config.clip_sample_range)
+    return SolverSchedule(times, [StepDecision("ddim", 1) for _ in range(n)], targets=targets, clip_denoised=clip), {}
+
+
+def _usf_default(n, cfg):
+    """fastgen's default: logSNR-uniform grid, data prediction, multistep order up to 3 with a UniC
+    pseudo corrector, lower orders at the end (a UniPC-3 style schedule)."""
+    from ..schedule import NoiseSchedule
+    ns = NoiseSchedule.from_scheduler_config(cfg)
+    times = logsnr_uniform_timesteps(ns, n)
+    steps = []
+    for i in range(n):
+        k = min(3, i + 1, n - i)
+        steps.append(StepDecision("data", k, "unipc-bh2" if k == 2 else "none", corrector="pseudo",
+                                  corrector_relaxation="unipc-bh2" if k == 1 else "none"))
+    return SolverSchedule(times, steps, final_timestep=None), {}
+
+
+def logsnr_uniform_timesteps(ns, n: int, t_max: float | None = None, t_min: float | None = None) -> list[float]:
+    """``n`` network timesteps uniform in lambda from ``t_max`` (default: the model's largest) down to the
+    step before ``t_min`` (default: the smallest), so that the last target is clean data."""
+    import torch
+    t_max = ns.t_max if t_max is None else t_max
+    t_min = ns.t_min if t_min is None else t_min
+    lam = torch.linspace(float(ns.lambda_(t_max)), float(ns.lambda_(t_min)), n + 1, dtype=torch.float64)[:-1]
+    return [float(t) for t in ns.t_from_lambda(lam)]
+
+
+def _reference_grid(ref, n: int) -> tuple[list[float], float | None]:
+    """The diffusers scheduler's own timesteps for ``n`` steps, and its final target (None = sigma 0)."""
+    ref.set_timesteps(n)
+    times = [float(t) for t in ref.timesteps]
+    final_sigma = float(ref.sigmas[-1])
+    return times, (None if final_sigma == 0.0 else 0.0)
+
+
+PRESETS = {
+    "usf-ddim": _ddim,
+    "usf-dpmsolver++-2m": _dpm("dpmsolver++", "midpoint"),
+    "usf-dpmsolver++-2m-heun": _dpm("dpmsolver++", "heun"),
+    "usf-dpmsolver-2m": _dpm("dpmsolver", "midpoint"),
+    "usf-dpmsolver-2m-heun": _dpm("dpmsolver", "heun"),
+    "usf-unipc-bh2-2p": _unipc("bh2", 2, False),
+    "usf-unipc-bh1-2p": _unipc("bh1", 2, False),
+    "usf-unipc-bh2-1pc": _unipc("bh2", 1, True),
+    "usf-unipc-bh1-1pc": _unipc("bh1", 1, True),
+    "usf-unipc-bh2-2pc": _unipc("bh2", 2, True),
+    "usf-unipc-bh1-2pc": _unipc("bh1", 2, True),
+    "usf-deis-2": _deis(2),
+    "usf-deis-3": _deis(3),
+    "usf-default": _usf_default,
+}
+"""Preset name -> recipe; each ``usf-<solver>`` reproduces that diffusers solver (see the module doc)."""
+
+PRESET_REFERENCES = {
+    "usf-ddim": ("DDIMScheduler", {}),
+    "usf-dpmsolver++-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_type": "midpoint", "solver_order": 2}),
+    "usf-dpmsolver++-2m-heun": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_type": "heun", "solver_order": 2}),
+    "usf-dpmsolver-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "solver_type": "midpoint", "solver_order": 2}),
+    "usf-dpmsolver-2m-heun": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "solver_type": "heun", "solver_order": 2}),
+    "usf-unipc-bh2-2p": ("UniPCMultistepScheduler", {"solver_type": "bh2", "solver_order": 2, "predict_x0": True}),
+    "usf-unipc-bh1-2p": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 2, "predict_x0": True}),
+    "usf-unipc-bh2-1pc": ("UniPCMultistepScheduler", {"solver_type": "bh2", "solver_order": 1, "predict_x0": True}),
+    "usf-unipc-bh1-1pc": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 1, "predict_x0": True}),
+    "usf-unipc-bh2-2pc": ("UniPCMultistepScheduler", {"solver_type": "bh2", "solver_order": 2, "predict_x0": True}),
+    "usf-unipc-bh1-2pc": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 2, "predict_x0": True}),
+    "usf-deis-2": ("DEISMultistepScheduler", {"solver_order": 2}),
+    "usf-deis-3": ("DEISMultistepScheduler", {"solver_order": 3}),
+}
+"""The diffusers scheduler (class name, overrides of the base config) each preset reproduces; the
+``-p`` UniPC presets also set ``disable_corrector`` to every step."""
+
+
+def available_presets() -> list[str]:
+    return sorted(PRESETS)
+
+
+def check_preset(name) -> str:
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ValueError(f"preset must be one of {available_presets()}, got {name!r}.")
+    return name
+
+
+def preset_schedule(name: str, num_steps: int, config: Mapping[str, Any]) -> SolverSchedule:
+    """Expand preset ``name`` for ``num_steps`` steps of a model with diffusers scheduler ``config``."""
+    check_preset(name)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
+    schedule, _ = PRESETS[name](num_steps, dict(config))
+    schedule.name = name
+    return schedule
+
+
+def reference_scheduler(name: str, config: Mapping[str, Any], num_steps: int):
+    """The diffusers scheduler that preset ``name`` reproduces, built from ``config``."""
+    import diffusers
+    check_preset(name)
+    if name not in PRESET_REFERENCES:
+        raise ValueError(f"preset {name!r} has no diffusers counterpart; presets with one: {sorted(PRESET_REFERENCES)}.")
+    cls_name, over = PRESET_REFERENCES[name]
+    over = dict(over)
+    if name.startswith("usf-dpmsolver-") and dict(config).get("final_sigmas_type", "zero") == "zero":
+        over["final_sigmas_type"] = "sigma_min"
+    if name.endswith("-2p"):
+        over["disable_corrector"] = list(range(num_steps))
+    return getattr(diffusers, cls_name).from_config(config, **over)
+
+
+__all__ = ["StepDecision", "SolverSchedule", "PRESETS", "available_presets", "preset_schedule",
+           "reference_scheduler", "taylor_coefficients", "phi", "relaxation_factor", "logsnr_uniform_timesteps"]

@@ -1,0 +1,181 @@
+"""USF solver schedules and USFScheduler: exact reproduction of diffusers solvers, serialisation, errors."""
+import copy
+import json
+
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler,
+                       StableDiffusionPipeline)
+
+from fastgen import FastGenClassPipeline
+from fastgen.solvers import SolverSchedule, StepDecision, USFScheduler, available_presets, resolve_solver
+from fastgen.solvers.usf import PRESET_REFERENCES, phi, preset_schedule, reference_scheduler, taylor_coefficients
+from tiny import tiny_class_unet, tiny_sd
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_class_unet()
+
+
+def digits_config(**over):
+    """The built-in digits model's scheduler config: DPM-Solver from a linear DDPM, x0 thresholding on."""
+    ddpm = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+    return DPMSolverMultistepScheduler.from_config(ddpm.config, thresholding=True, sample_max_value=1.0, **over).config
+
+
+def run_loop(unet, scheduler, n, x, scale=3.0):
+    """A plain diffusers-protocol loop (scaled outputs stand in for CFG, pushing x0 past the threshold).
+    In float64, diffusers' float32 ``sigmas`` are upcast too."""
+    scheduler.set_timesteps(n)
+    if x.dtype == torch.float64 and hasattr(scheduler, "sigmas"):
+        scheduler.sigmas = scheduler.sigmas.double()
+    labels = torch.arange(x.shape[0]) % 10
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(x, t)
+        with torch.no_grad():
+            out = scale * unet(x_in, t.expand(x.shape[0]), class_labels=labels).sample
+        x = scheduler.step(out, t, x, return_dict=False)[0]
+    return x
+
+
+# ---------------------------------------------------------------- exact reproduction
+@pytest.mark.parametrize("name,n", [(p, 5) for p in sorted(PRESET_REFERENCES)]
+                         + [("usf-dpmsolver++-2m", 15), ("usf-deis-3", 15), ("usf-unipc-bh2-2pc", 15)])
+def test_presets_reproduce_diffusers(unet, name, n):
+    # diffusers' UniPC bh1 turns NaN when the last sigma is 0 (B(h) = -h = -inf); compare it at sigma_min.
+    cfg = digits_config(final_sigmas_type="sigma_min") if "bh1" in name else digits_config()
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(n))
+    if name == "usf-deis-3" and n >= 15:
+        # diffusers' DEIS-3 coefficients lose ~1e-4 to float32 sigmas (cancellation in its ind_fn with
+        # short steps); with float64 sigmas it agrees to ~6e-7, so compare the algorithms in float64.
+        unet, x = copy.deepcopy(unet).double(), x.double()
+    ref = run_loop(unet, reference_scheduler(name, cfg, n), n, x.clone())
+    usf = run_loop(unet, USFScheduler.from_config(cfg, preset=name), n, x.clone())
+    assert torch.isfinite(ref).all()
+    assert (ref - usf).abs().max() <= TOL
+
+
+def test_presets_change_the_result(unet):
+    """The reproduction test can fail: different decisions give clearly different samples."""
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    cfg = digits_config()
+    outs = {p: run_loop(unet, USFScheduler.from_config(cfg, preset=p), 5, x.clone())
+            for p in ("usf-dpmsolver++-2m", "usf-dpmsolver++-2m-heun", "usf-unipc-bh2-2pc", "usf-ddim")}
+    vals = list(outs.values())
+    for i in range(len(vals)):
+        for j in range(i + 1, len(vals)):
+            assert (vals[i] - vals[j]).abs().max() > 1e-3
+
+
+def test_unipc_bh1_zero_final_sigma_is_finite(unet):
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = run_loop(unet, USFScheduler.from_config(digits_config(), preset="usf-unipc-bh1-2pc"), 6, x)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("preset,solver", [("usf-dpmsolver++-2m", "dpmsolver++"), ("usf-unipc-bh2-2pc", "unipc"),
+                                           ("usf-deis-2", "deis"), ("usf-ddim", "ddim")])
+def test_fastgen_loop_reproduces_diffusers(unet, preset, solver):
+    pipe = FastGenClassPipeline(scheduler=DPMSolverMultistepScheduler.from_config(digits_config()), unet=unet)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(class_labels=[1, 7], num_inference_steps=6, seed=0, guidance_scale=3.0, output_type="pt")
+    ref = pipe(solver=solver, **kw)
+    out = pipe(solver=preset, **kw)
+    assert out.nfe == ref.nfe == 12
+    assert (ref.images - out.images).abs().max() <= TOL
+
+
+def test_stock_pipeline_runs_usf_and_saves_it(tmp_path):
+    sd = tiny_sd(tmp_path / "tok", scheduler=DPMSolverMultistepScheduler())
+    kw = dict(prompt=["a cat"], num_inference_steps=5, guidance_scale=5.0, output_type="np")
+    ref = sd(generator=torch.Generator().manual_seed(0), **kw).images
+    sd.scheduler = USFScheduler.from_config(sd.scheduler.config, preset="usf-dpmsolver++-2m")
+    out = sd(generator=torch.Generator().manual_seed(0), **kw).images
+    assert abs(ref - out).max() <= TOL
+    sd.save_pretrained(tmp_path / "saved")
+    cfg = json.loads((tmp_path / "saved" / "scheduler" / "scheduler_config.json").read_text())
+    assert cfg["_class_name"] == "USFScheduler" and cfg["preset"] == "usf-dpmsolver++-2m"
+    for loader in (StableDiffusionPipeline, DiffusionPipeline):
+        back = loader.from_pretrained(tmp_path / "saved")
+        back.set_progress_bar_config(disable=True)
+        assert isinstance(back.scheduler, USFScheduler)
+        assert abs(back(generator=torch.Generator().manual_seed(0), **kw).images - out).max() == 0
+
+
+# ---------------------------------------------------------------- schedules
+def searched_like(afs="zero_x0") -> SolverSchedule:
+    steps = [StepDecision("data", 1), StepDecision("noise", 2, "linear", 0.3, "pseudo", "unipc-bh1"),
+             StepDecision("data", 3, corrector="pseudo"), StepDecision("data", 2, "dpmsolver-2"),
+             StepDecision("data", 1)]
+    return SolverSchedule([999.0, 700.5, 400.25, 150.0, 40.0], steps, afs=afs, name="test")
+
+
+def test_schedule_json_round_trip_and_nfe(tmp_path):
+    s = searched_like()
+    assert s.nfe == 4 and s.num_steps == 5
+    s.save(tmp_path / "s.json")
+    back = SolverSchedule.load(tmp_path / "s.json")
+    assert back.to_dict() == s.to_dict()
+    assert SolverSchedule.from_json(s.to_json()).steps == s.steps
+
+
+def test_fixed_schedule_in_pipeline_uses_its_nfe(unet, tmp_path):
+    pipe = FastGenClassPipeline(scheduler=DPMSolverMultistepScheduler.from_config(digits_config()), unet=unet)
+    pipe.set_progress_bar_config(disable=True)
+    path = tmp_path / "nfe4.json"
+    searched_like().save(path)
+    for solver in (path, str(path), searched_like()):
+        out = pipe([3], num_inference_steps=4, seed=0, guidance_scale=1.0, solver=solver, output_type="pt")
+        assert out.nfe == 4 and torch.isfinite(out.images).all()
+    no_afs = pipe([3], num_inference_steps=5, seed=0, guidance_scale=1.0, solver=searched_like("none"), output_type="pt")
+    assert no_afs.nfe == 5
+    with pytest.raises(ValueError, match="num_inference_steps must match the schedule's NFE"):
+        pipe([3], num_inference_steps=7, seed=0, solver=path)
+
+
+def test_taylor_order1_is_ddim_and_phi_is_stable():
+    a_s, s_s, a_t, s_t = 0.3, (1 - 0.09) ** 0.5, 0.8, 0.6
+    import math
+    l_s, l_t = math.log(a_s / s_s), math.log(a_t / s_t)
+    cx, (c0,) = taylor_coefficients("data", 1, l_s, l_t, a_s, s_s, a_t, s_t, [])
+    # DDIM: x_t = a_t x0 + s_t eps with eps = (x_s - a_s x0) / s_s
+    assert abs(cx - s_t / s_s) < 1e-14 and abs(c0 - (a_t - s_t * a_s / s_s)) < 1e-14
+    for n in (1, 2, 3, 4):
+        assert abs(phi(n, 1e-9) - (1 / math.factorial(n) + 1e-9 / math.factorial(n + 1))) < 1e-15
+        assert abs(phi(n, 0.49) - phi(n, 0.51)) < 0.02
+
+
+# ---------------------------------------------------------------- errors
+def test_bad_inputs_are_clear_value_errors(tmp_path):
+    base = DPMSolverMultistepScheduler()
+    with pytest.raises(ValueError, match="usf-dpmsolver\\+\\+-2m"):
+        resolve_solver("usf-nope", base)
+    with pytest.raises(ValueError, match="preset must be one of"):
+        USFScheduler(preset="dpm")
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_solver(str(tmp_path / "missing.json"), base)
+    with pytest.raises(ValueError, match="order must be"):
+        StepDecision("data", 5).validate()
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        SolverSchedule([999.0], [StepDecision("x0", 1)])
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        SolverSchedule([500.0, 600.0], [StepDecision(), StepDecision()])
+    bad = searched_like().to_dict()
+    bad["nfe"] = 9
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="nfe=9"):
+        SolverSchedule.load(tmp_path / "bad.json")
+    (tmp_path / "junk.json").write_text("{nope")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        SolverSchedule.load(tmp_path / "junk.json")
+
+
+def test_every_preset_expands():
+    cfg = digits_config()
+    for name in available_presets():
+        s = preset_schedule(name, 7, cfg)
+        assert s.num_steps == 7 and s.name == name
+    assert DDIMScheduler.from_config(cfg).config.thresholding  # DDIM from this config thresholds x0 too

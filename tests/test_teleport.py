@@ -1,0 +1,142 @@
+"""Analytical teleportation: closed form vs accurate ODE integration, statistics, pipeline use."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import solve_ivp
+
+from fastgen.teleport import GaussianStats, resolve_teleport, teleport
+
+D, RANK = 16, 5
+
+
+def gaussian_stats(residual=0.0) -> GaussianStats:
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
+    lam = torch.tensor([4.0, 2.0, 1.0, 0.5, 0.1], dtype=torch.float64)  # rank 5 of 16: rank-deficient
+    return GaussianStats(torch.randn(D, generator=g, dtype=torch.float64) * 0.5, lam, u[:, :RANK], residual)
+
+
+# alpha(lambda), sigma(lambda), d log alpha / d lambda for each schedule family
+SCHEDULES = {
+    "vp": (lambda l: math.sqrt(1 / (1 + math.exp(-2 * l))), lambda l: math.sqrt(1 / (1 + math.exp(2 * l))),
+           lambda l: 1 / (1 + math.exp(2 * l))),
+    "edm": (lambda l: 1.0, lambda l: math.exp(-l), lambda l: 0.0),
+    "flow": (lambda l: 1 / (1 + math.exp(-l)), lambda l: 1 / (1 + math.exp(l)), lambda l: 1 / (1 + math.exp(l))),
+}
+
+
+def exact_eps(x, lam_t, kind, stats):
+    """E[eps | x_t] for data N(mu, Sigma) (posterior mean of the Gaussian model)."""
+    alpha, sigma, _ = SCHEDULES[kind]
+    a, s = alpha(lam_t), sigma(lam_t)
+    mu, u, ev, lr = stats.mean.numpy(), stats.eigenvectors.numpy(), stats.eigenvalues.numpy(), stats.residual_variance
+    dev = x - a * mu
+    c = u.T @ dev
+    x0 = mu + u @ (a * ev / (a * a * ev + s * s) * c) + a * lr / (a * a * lr + s * s) * (dev - u @ c)
+    return (x - a * x0) / s
+
+
+def ode_solve(x, lam_from, lam_to, kind, stats):
+    """DPM-Solver's semi-linear PF-ODE dx/dlambda = (d log alpha/d lambda) x - sigma eps(x), DOP853 at 1e-12."""
+    _, sigma, dlog_alpha = SCHEDULES[kind]
+
+    def f(lam, y):
+        return dlog_alpha(lam) * y - sigma(lam) * exact_eps(y, lam, kind, stats)
+
+    sol = solve_ivp(f, (lam_from, lam_to), x, method="DOP853", rtol=1e-12, atol=1e-12)
+    assert sol.success
+    return sol.y[:, -1]
+
+
+# (lambda at the start, at the teleport target, at the end of sampling)
+LAMBDAS = {"vp": (-5.0, -1.0, 3.0), "edm": (-math.log(80.0), -math.log(1.5), -math.log(0.01)),
+           "flow": (-6.0, -1.5, 4.0)}
+
+
+@pytest.mark.parametrize("kind", ["vp", "edm", "flow"])
+@pytest.mark.parametrize("residual", [0.0, 0.3])
+def test_closed_form_matches_ode(kind, residual):
+    stats = gaussian_stats(residual)
+    alpha, sigma, _ = SCHEDULES[kind]
+    l0, l1, l2 = LAMBDAS[kind]
+    x_start = np.random.default_rng(1).standard_normal((1, D)) * sigma(l0) + alpha(l0) * stats.mean.numpy()
+
+    def jump(x, la, lb):
+        return teleport(torch.from_numpy(x), stats, alpha_from=alpha(la), sigma_from=sigma(la),
+                        alpha_to=alpha(lb), sigma_to=sigma(lb)).numpy()
+
+    for x in x_start:
+        ref_mid = ode_solve(x, l0, l1, kind, stats)
+        assert np.abs(jump(x[None], l0, l1)[0] - ref_mid).max() < 1e-8
+        # teleport to the intermediate level, then solve the rest: equals the full ODE solution
+        full = ode_solve(x, l0, l2, kind, stats)
+        tele_then_solve = ode_solve(jump(x[None], l0, l1)[0], l1, l2, kind, stats)
+        assert np.abs(tele_then_solve - full).max() < 1e-5
+
+
+def test_zero_step_teleport_is_identity_and_wrong_jump_fails():
+    stats = gaussian_stats()
+    x = torch.randn(2, D, dtype=torch.float64)
+    same = teleport(x, stats, alpha_from=0.3, sigma_from=0.9539392014169457, alpha_to=0.3, sigma_to=0.9539392014169457)
+    assert torch.equal(same, x) or (same - x).abs().max() < 1e-15
+    # a naive DDIM-style rescaling is not the Gaussian flow: the comparison above can fail
+    naive = x * 0.5
+    moved = teleport(x, stats, alpha_from=0.3, sigma_from=0.95, alpha_to=0.8, sigma_to=0.6)
+    assert (moved - naive).abs().max() > 1e-2
+
+
+def test_stats_from_samples_full_and_low_rank(tmp_path):
+    stats = gaussian_stats()
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(4000, RANK, generator=g, dtype=torch.float64)
+    x = stats.mean + (z * stats.eigenvalues.sqrt()) @ stats.eigenvectors.T
+    full = GaussianStats.from_samples(x.reshape(-1, 1, 4, 4))
+    assert full.shape == (1, 4, 4) and full.rank == D
+    emp_total = float(x.var(0, unbiased=True).sum())
+    assert abs(full.total_variance - emp_total) < 1e-8  # eigenvalue sum = total variance
+    assert full.eigenvalues.min() >= 0 and full.eigenvalues[RANK:].max() < 1e-10  # rank-deficient, clamped
+    low = GaussianStats.from_samples(x, max_full_dim=4, explained_variance=0.95)
+    assert low.rank < RANK + 1 and float(low.eigenvalues.sum()) / low.total_variance >= 0.95
+    assert abs(low.total_variance - emp_total) < 1e-8
+    for suffix in (".safetensors", ".npz"):
+        low.save(tmp_path / f"s{suffix}")
+        back = GaussianStats.load(tmp_path / f"s{suffix}")
+        assert torch.equal(back.eigenvectors, low.eigenvectors) and back.residual_variance == low.residual_variance
+        assert back.shape == low.shape
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        GaussianStats.load(tmp_path / "missing.npz")
+    with pytest.raises(ValueError, match="must be a .safetensors or .npz"):
+        GaussianStats.load(tmp_path / "stats.pt")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="could not be read"):
+        GaussianStats.load(tmp_path / "bad.npz")
+    with pytest.raises(ValueError, match="x must have shape"):
+        teleport(torch.zeros(2, 3), gaussian_stats(), alpha_from=0.1, sigma_from=0.99, alpha_to=0.5, sigma_to=0.8)
+    with pytest.raises(ValueError, match="teleport must be None"):
+        resolve_teleport(3)
+    with pytest.raises(ValueError, match="eigenvectors must have shape"):
+        GaussianStats(torch.zeros(4), torch.ones(2), torch.zeros(4, 3))
+
+
+def test_pipeline_accepts_stats_and_path(tmp_path):
+    from diffusers import DPMSolverMultistepScheduler
+
+    from fastgen import FastGenClassPipeline
+    from tiny import tiny_class_unet
+    pipe = FastGenClassPipeline(scheduler=DPMSolverMultistepScheduler(), unet=tiny_class_unet())
+    pipe.set_progress_bar_config(disable=True)
+    stats = GaussianStats.from_samples(torch.rand(64, 1, 8, 8) * 2 - 1)
+    stats.save(tmp_path / "t.safetensors")
+    kw = dict(class_labels=[1, 2], num_inference_steps=10, seed=0, guidance_scale=1.0, output_type="pt")
+    base = pipe(**kw)
+    out = pipe(teleport=stats, teleport_fraction=0.3, **kw)
+    assert out.nfe == 7 and base.nfe == 10
+    loaded = pipe(teleport=resolve_teleport(str(tmp_path / "t.safetensors")), teleport_fraction=0.3, **kw)
+    assert torch.equal(out.images, loaded.images)
+    zero = pipe(teleport=stats, teleport_fraction=0.0, **kw)
+    assert torch.equal(zero.images, base.images)  # a zero-step teleport is bit-identical to the baseline
