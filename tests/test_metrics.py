@@ -19,6 +19,7 @@ from fastgen import FastGenClassPipeline  # noqa: E402
 from fastgen.cli import main  # noqa: E402
 from fastgen.metrics import (FeatureStats, ReferenceStats, clipped_fraction, fid_from_features,  # noqa: E402
                              frechet_distance, get_extractor, mean_abs_intensity, mean_saturation, precision_recall)
+from fastgen.metrics.features import ModuleExtractor  # noqa: E402
 from fastgen.metrics.fid import kernel_inception_distance, torchmetrics_fid  # noqa: E402
 from tiny import tiny_class_unet, write_clip_tokenizer  # noqa: E402
 
@@ -241,6 +242,22 @@ def test_clip_extractor_gives_projected_image_features(tiny_clip):
     feats = extractor(torch.rand(3, 1, 16, 16))
     assert feats.shape == (3, 8) and feats.dtype == torch.float64
     assert extractor.name == f"clip:{tiny_clip}"
+
+
+def test_any_module_is_an_extractor_for_torchmetrics_fid():
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
+    with pytest.raises(ValueError, match="probe_shape"):
+        get_extractor(module)  # probed with an RGB image, which this 1-channel module rejects
+    extractor = ModuleExtractor(module, probe_shape=(1, 8, 8))  # width probed: 4 channels x 2 x 2
+    assert extractor.num_features == 16
+    real = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    fake = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(2)) ** 2
+    metric = torchmetrics_fid(extractor)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    expected = fid_from_features(module(real).detach(), module(fake).detach())
+    assert expected > 0 and float(metric.compute()) == pytest.approx(expected, rel=1e-6)
 
 
 def test_inception_without_extra_is_a_clear_error():

@@ -223,8 +223,13 @@ class ModuleExtractor(FeatureExtractor):
         if num_features is None:
             num_features = getattr(module, "num_features", None)
         if num_features is None:
-            with torch.no_grad():
-                num_features = self.extract(torch.rand(1, *probe_shape)).shape[-1]
+            try:
+                with torch.no_grad():
+                    num_features = self.extract(torch.rand(1, *probe_shape)).shape[-1]
+            except Exception as err:
+                raise ValueError(f"could not find the feature width of {type(module).__name__} by running one image of "
+                                 f"shape {probe_shape}: {err}; pass num_features=... or probe_shape=(C, H, W), or give "
+                                 f"the module an int attribute num_features.") from err
         self.num_features = int(num_features)
 
     def extract(self, images: torch.Tensor) -> torch.Tensor:
