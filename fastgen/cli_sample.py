@@ -29,6 +29,8 @@ def register(subparsers) -> None:
                    help="guidance scale (default: 3.0 for class models, the pipeline's own default otherwise)")
     p.add_argument("--solver", default=None, help="solver name (default: the pipeline's scheduler)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--teleport", default=None, help="Gaussian statistics (.safetensors/.npz, `fastgen teleport-stats`) for analytical teleportation")
+    p.add_argument("--teleport-fraction", type=float, default=0.2, help="share of steps replaced by the teleport (with --teleport)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward batch")
     p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "xformers"], help="attention backend")
     p.add_argument("--device", default="cpu", help="torch device")
@@ -100,12 +102,12 @@ def run(args) -> int:
         bad = [c for c in classes if not 0 <= c < pipe.num_classes]
         if bad:
             raise ValueError(f"--classes must be in [0, {pipe.num_classes}), got {bad}.")
-        conds = [c for c in classes for _ in range(args.count)]
+        conds = [c for _ in range(args.count) for c in classes]  # one row per repeat, one column per class
         scale = 3.0 if args.scale is None else args.scale
     else:
         if not args.prompt:
             raise ValueError("--prompt is required for text-to-image models.")
-        conds = [p for p in args.prompt for _ in range(args.count)]
+        conds = [p for _ in range(args.count) for p in args.prompt]
         scale = 7.5 if args.scale is None else args.scale
     if guidance is None:
         scale = 1.0
@@ -117,6 +119,9 @@ def run(args) -> int:
         chunk = conds[start:start + args.batch_size]
         seeds = [args.seed + start + i for i in range(len(chunk))]
         kw = dict(num_inference_steps=args.steps, guidance=guidance, guidance_scale=scale, solver=args.solver, seed=seeds)
+        if args.teleport:  # analytical teleportation over the first steps (fastgen.teleport)
+            from .teleport import GaussianStats
+            kw.update(teleport=GaussianStats.load(args.teleport), teleport_fraction=args.teleport_fraction)
         with torch.no_grad():
             if is_class:
                 out = pipe(class_labels=chunk, **kw)
@@ -128,9 +133,10 @@ def run(args) -> int:
     bar.close()
     sample_seconds = time.perf_counter() - t1
 
-    captions = [pipe.label_name(c) for c in conds] if is_class else None
-    ncols = args.count if len(set(conds)) > 1 else min(len(conds), 8)
-    title = f"{args.model}  steps={args.steps}  guidance={args.guidance}  scale={scale:g}  NFE/img={nfe}"
+    ncols = len(conds) // args.count if len(set(conds)) > 1 else min(len(conds), 8)
+    captions = [pipe.label_name(c) if i < ncols else "" for i, c in enumerate(conds)] if is_class else None
+    name = args.model.split(":")[-1] if args.model.startswith("builtin:") else Path(args.model).name
+    title = f"{name} | {args.steps} steps | {args.guidance} {scale:g} | NFE {nfe}/img"
     grid = image_grid(images, ncols=ncols, captions=captions, title=title,
                       cell_size=64 if is_class else max(64, images[0].size[0]))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

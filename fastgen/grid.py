@@ -38,7 +38,7 @@ def image_grid(
     scale = max(1, cell_size // max(tiles[0].size))
     tiles = [t.resize((t.width * scale, t.height * scale), PIL.Image.NEAREST) for t in tiles]
     w, h = tiles[0].size
-    caption_h = 12 if captions else 0
+    caption_h = 12 if captions and any(captions) else 0
     left = 28 if row_labels else 0
     top = 16 if title else 0
     pad = 2
@@ -51,7 +51,7 @@ def image_grid(
         r, c = divmod(i, ncols)
         x, y = left + pad + c * (w + pad), top + pad + r * (h + caption_h + pad)
         canvas.paste(tile, (x, y))
-        if captions:
+        if caption_h:
             draw.text((x + 1, y + h), str(captions[i])[: max(1, w // 6)], fill="black")
     for r, label in enumerate(row_labels or []):
         draw.text((3, top + pad + r * (h + caption_h + pad) + h // 2 - 5), str(label)[:4], fill="black")

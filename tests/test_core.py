@@ -119,7 +119,7 @@ def test_solver_resolution():
     assert resolve_solver(None, base) is base
     euler = resolve_solver("euler", base)
     assert type(euler).__name__ == "EulerDiscreteScheduler" and euler.config.beta_schedule == "scaled_linear"
-    with pytest.raises(ValueError, match=r"solver must be None .* one of \["):
+    with pytest.raises(ValueError, match=r"solver must be None .* one of \[.*rk45"):
         resolve_solver("rk45", base)
 
 

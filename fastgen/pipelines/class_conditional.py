@@ -37,7 +37,7 @@ class FastGenClassPipeline(FastGenPipelineMixin, DiffusionPipeline):
         unet: UNet2DModel | None = None,
         transformer: DiTTransformer2DModel | Transformer2DModel | None = None,
         vae: AutoencoderKL | None = None,
-        id2label: dict[int, str] | None = None,
+        id2label: dict | None = None,
     ):
         super().__init__()
         if (unet is None) == (transformer is None):

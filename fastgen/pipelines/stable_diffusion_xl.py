@@ -2,7 +2,11 @@
 from typing import Any, Callable
 
 import torch
-from diffusers import StableDiffusionXLPipeline
+
+from .common import quiet_transformers_import
+
+with quiet_transformers_import():  # transformers warns that torchvision is absent; it is optional
+    from diffusers import StableDiffusionXLPipeline
 
 from ..denoiser import Denoiser
 from ..sampling import sample_loop
