@@ -75,7 +75,7 @@ def plot(record: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     floor = record["noise_floor"]
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     for guidance, style, color in (("cfg", "o-", "C0"), ("none", "s--", "C1")):
         cells = sorted((c for c in record["cells"] if c["guidance"] == guidance), key=lambda c: c["nfe"])
@@ -104,6 +104,8 @@ def plot(record: dict, path: Path) -> None:
     for ax in axes:
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.suptitle(f"built-in digits model, {record['n']} samples per cell, same seeds; {record['hardware']}", fontsize=9)
