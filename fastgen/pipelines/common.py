@@ -9,6 +9,7 @@ reads the list form back as the plain class name (no code from the folder is exe
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -41,6 +42,19 @@ class FastGenPipelineOutput(BaseOutput):
     nfe: int = 0
     nsfw_content_detected: list[bool] | None = None
     steps: list[dict[str, Any]] | None = None
+
+
+@contextlib.contextmanager
+def quiet_transformers_import():
+    """Silence transformers' 'torchvision not installed, falling back to PIL' notices while importing."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def check_positive_int(name: str, value) -> int:
