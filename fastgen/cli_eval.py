@@ -460,7 +460,7 @@ def evaluate_fid(args, state=None) -> FidResult:
     if grid is not None and state is not None and state.num_processes > 1:
         from accelerate.utils import gather_object
 
-        grid = gather_object([(item[0], *[x for x in item[1:]]) for item in grid])
+        grid = gather_object(grid)  # (index, image[, label]) from every process
 
     # ---- metrics
     metrics = {"fid": frechet_distance(mu_r, sigma_r, fake_stats.mu, fake_stats.sigma)}

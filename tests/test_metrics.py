@@ -416,11 +416,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_process_accelerate_evaluation_equals_single_process(tiny_pipe_folder, capsys):
+def test_two_process_accelerate_evaluation_equals_single_process(tiny_pipe_folder, tmp_path, capsys):
+    grid = tmp_path / "grid.png"
     args = ["--fake", str(tiny_pipe_folder), "--n", "10", "--steps", "2", "--batch-size", "3", "--json",
-            "--no-progress", "--kid-subset-size", "8", "--kid-subsets", "5", "--device", "cpu"]
+            "--no-progress", "--kid-subset-size", "8", "--kid-subsets", "5", "--device", "cpu", "--grid", str(grid)]
     assert main(["eval", "fid", *args]) == 0
     single = _record(capsys)
+    single_grid = np.asarray(PIL.Image.open(grid))
+    grid.unlink()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     # accelerate 1.x runs `launch --cpu` through its single-process launcher (multi-CPU needs mpirun); the
     # torchrun-based launcher (--multi_gpu) starts 2 processes, and --device cpu makes them MULTI_CPU (gloo).
@@ -435,6 +438,7 @@ def test_two_process_accelerate_evaluation_equals_single_process(tiny_pipe_folde
     assert double["processes"] == 2 and single["processes"] == 1 and double["n"] == single["n"] == 10
     for key in ("fid", "kid", "precision", "recall", "class_accuracy", "mean_abs", "clipped_fraction"):
         assert abs(double[key] - single[key]) <= 1e-6 * max(1.0, abs(single[key])), key
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(grid)), single_grid)  # samples gathered in seed order
 
 
 def test_importing_fastgen_does_not_import_torchvision_or_torch_fidelity():
