@@ -179,3 +179,50 @@ def test_every_preset_expands():
         s = preset_schedule(name, 7, cfg)
         assert s.num_steps == 7 and s.name == name
     assert DDIMScheduler.from_config(cfg).config.thresholding  # DDIM from this config thresholds x0 too
+
+
+# ---------------------------------------------------------------- S³ search (toy metric, no model)
+def toy_space(nfe=4):
+    from fastgen.schedule import NoiseSchedule
+    from fastgen.solvers.search import SearchSpace
+    ns = NoiseSchedule.from_scheduler_config(digits_config())
+    return SearchSpace(nfe=nfe, t_max=ns.t_max, t_min=ns.t_min, lambda_of=ns.lambda_, t_of_lambda=ns.t_from_lambda)
+
+
+def test_search_is_resumable_logs_and_improves(tmp_path):
+    from fastgen.solvers.search import search
+    target = [0.0, 0.5, 0.7, 0.85]
+
+    def metric(s):  # prefers a grid near `target` and data prediction: a known optimum to move towards
+        u = s.meta["u"]
+        pad = u + [1.0] * (len(target) - len(u))
+        return 0.01 + sum((a - b) ** 2 for a, b in zip(pad, target)) + 0.1 * sum(x.prediction != "data" for x in s.steps)
+
+    state, log = tmp_path / "s.state.json", tmp_path / "s.log.jsonl"
+    first = search(toy_space(), metric, budget=14, state_path=state, log_path=log, seed=1)
+    assert len(first) == 14 and len(log.read_text().splitlines()) == 14
+    more = search(toy_space(), metric, budget=30, state_path=state, log_path=log, seed=1)
+    assert len(more) == 30 and len(log.read_text().splitlines()) == 30  # resumed, not restarted
+    seeds_best = min(r["metric"] for r in more if r["round"] == 0)
+    assert more[0]["metric"] < seeds_best  # the search found something better than its starting points
+    best = SolverSchedule.from_dict(more[0]["schedule"])
+    assert best.nfe == 4
+
+
+def test_cli_errors_name_the_argument(tmp_path, capsys):
+    from fastgen.cli import main
+    assert main(["search-schedule", "--nfe", "0", "--out", str(tmp_path / "a.json")]) == 2
+    assert "--nfe" in capsys.readouterr().err
+    assert main(["search-schedule", "--nfe", "5", "--out", str(tmp_path / "a.txt")]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main(["teleport-stats", "--out", str(tmp_path / "a.pt")]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_cli_teleport_stats_from_data(tmp_path):
+    from fastgen.cli import main
+    from fastgen.teleport import GaussianStats
+    out = tmp_path / "stats.npz"
+    assert main(["teleport-stats", "--out", str(out), "--json"]) == 0
+    stats = GaussianStats.load(out)
+    assert stats.shape == (1, 16, 16) and stats.rank == 256 and stats.total_variance > 1

@@ -1,0 +1,119 @@
+"""Solver benchmark on the built-in digits model: FID (digits features) vs NFE, with and without teleport.
+
+Compares diffusers' DPM-Solver++(2M), UniPC, DEIS and DDIM (built from the model's scheduler config, as
+``solver=`` resolves them), the USF default schedule, and S³-searched schedules
+(``fastgen/assets/digits-schedules/nfe{N}.json``), each at equal NFE with and without analytical
+teleportation (``fastgen/assets/digits-teleport/stats.safetensors``, teleport_fraction ~0.2: the grid has
+M steps with M - round(0.2 M) = NFE). CFG scale 3; identical seeds and labels for every configuration.
+
+Resumable: finished configurations are kept in the results JSON and skipped on re-runs.
+
+    python benchmarks/solvers.py --samples 2000 --nfe 4 5 6 8 10 20
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEDULES = REPO / "fastgen" / "assets" / "digits-schedules"
+STATS = REPO / "fastgen" / "assets" / "digits-teleport" / "stats.safetensors"
+SOLVERS = ["dpmsolver++", "unipc", "deis", "ddim", "usf-default", "s3"]
+
+
+def teleport_grid(nfe: int, fraction: float) -> int:
+    """Smallest grid M whose teleport skips round(fraction*M) steps and leaves exactly ``nfe`` evaluations."""
+    m = nfe
+    while m - int(round(fraction * m)) != nfe:
+        m += 1
+    return m
+
+
+def run_config(pipe, fid, solver: str, nfe: int, teleport: bool, samples: int, scale: float, fraction: float):
+    from fastgen.solvers import SolverSchedule
+    from fastgen.solvers.evaluate import run_schedule
+    from fastgen.teleport import GaussianStats
+    labels = [i % pipe.num_classes for i in range(samples)]
+    seeds = list(range(samples))
+    stats = GaussianStats.load(STATS) if teleport else None
+    if solver == "s3":
+        path = SCHEDULES / (f"nfe{nfe}-teleport.json" if teleport else f"nfe{nfe}.json")
+        if not path.is_file():
+            return None
+        spec = SolverSchedule.load(path)
+    elif teleport:
+        spec = (solver, teleport_grid(nfe, fraction), stats, fraction)
+    else:
+        spec = (solver, nfe, None, 0.0)
+    t0 = time.time()
+    x = run_schedule(pipe, spec, labels, seeds, scale, teleport=stats if solver == "s3" else None)
+    return {"solver": solver, "nfe": nfe, "teleport": teleport, "fid": fid(x), "samples": samples,
+            "seconds": round(time.time() - t0, 1)}
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, solver in enumerate(SOLVERS):
+        for tele in (False, True):
+            pts = sorted((r["nfe"], r["fid"]) for r in results if r["solver"] == solver and r["teleport"] == tele)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", color=f"C{i}", linestyle="--" if tele else "-",
+                        label=f"{solver}{' + teleport' if tele else ''}")
+    ax.set_xlabel("NFE (per sample, guidance excluded)")
+    ax.set_ylabel("FID (digits features)")
+    ax.set_yscale("log")
+    ax.set_title("digits, CFG 3: FID vs NFE")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=2000)
+    p.add_argument("--nfe", type=int, nargs="+", default=[4, 5, 6, 8, 10, 20])
+    p.add_argument("--solvers", nargs="+", default=SOLVERS, choices=SOLVERS)
+    p.add_argument("--teleport-max-nfe", type=int, default=20, help="run teleport variants up to this NFE")
+    p.add_argument("--fraction", type=float, default=0.2, help="teleport fraction")
+    p.add_argument("--scale", type=float, default=3.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "solvers.json"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    import fastgen
+    from fastgen.solvers.evaluate import DigitsFID
+    out = Path(args.out)
+    data = json.loads(out.read_text()) if out.is_file() else {"results": []}
+    done = {(r["solver"], r["nfe"], r["teleport"], r["samples"]) for r in data["results"]}
+    pipe = fastgen.load_builtin("digits")
+    pipe.set_progress_bar_config(disable=True)
+    fid = DigitsFID()
+    for nfe in args.nfe:
+        for tele in (False, True):
+            if tele and nfe > args.teleport_max_nfe:
+                continue
+            for solver in args.solvers:
+                if (solver, nfe, tele, args.samples) in done:
+                    continue
+                rec = run_config(pipe, fid, solver, nfe, tele, args.samples, args.scale, args.fraction)
+                if rec is None:
+                    continue
+                data["results"].append(rec)
+                data["config"] = {"guidance_scale": args.scale, "teleport_fraction": args.fraction,
+                                  "teleport_stats": str(STATS.relative_to(REPO)), "fid_reference": "eval/digits_train_stats.npz",
+                                  "features": "digits-features"}
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(data, indent=1) + "\n")
+                print(json.dumps(rec), flush=True)
+                plot(data["results"], out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

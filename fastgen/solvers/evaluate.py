@@ -1,0 +1,88 @@
+"""Scoring solver schedules on a model: the S³ search's cheap metric and the FID re-scoring.
+
+Cheap metric: RMS distance (model space) between a schedule's samples and a high-NFE DPM-Solver++(2M)
+reference from the same noise, labels and guidance. FID: Fréchet distance of digits features
+(``fastgen.load_builtin("digits-features")``) to ``eval/digits_train_stats.npz``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..schedule import NoiseSchedule
+from .usf import SolverSchedule
+
+REFERENCE_STATS = Path(__file__).resolve().parents[2] / "eval" / "digits_train_stats.npz"
+
+
+def run_schedule(pipe, schedule, labels, seeds, scale: float, teleport=None, batch: int = 500) -> torch.Tensor:
+    """Samples (model space) of ``schedule`` (a SolverSchedule, a preset or a diffusers solver name), batched.
+    With ``teleport``, a SolverSchedule's first step is replaced by the jump (``teleport_fraction = 1/steps``)."""
+    out = []
+    for start in range(0, len(labels), batch):
+        lab, sd = labels[start:start + batch], seeds[start:start + batch]
+        if isinstance(schedule, SolverSchedule):
+            kw = dict(num_inference_steps=schedule.num_steps if teleport is not None else schedule.nfe, solver=schedule)
+            if teleport is not None:
+                kw.update(teleport=teleport, teleport_fraction=1.0 / schedule.num_steps)
+        else:
+            name, steps, tele, frac = schedule
+            kw = dict(num_inference_steps=steps, solver=name, teleport=tele, teleport_fraction=frac)
+        res = pipe(class_labels=lab, seed=sd, guidance_scale=scale, output_type="latent", **kw)
+        out.append(res.images.float().cpu())
+    return torch.cat(out)
+
+
+class DigitsFID:
+    """FID on the built-in digits features against the shipped training-split statistics."""
+
+    def __init__(self, stats_path: str | Path = REFERENCE_STATS):
+        from ..builtin import load_builtin
+        from ..metrics.fid import frechet_distance
+        if not Path(stats_path).is_file():
+            raise ValueError(f"reference statistics {str(stats_path)!r} do not exist.")
+        with np.load(stats_path, allow_pickle=False) as f:
+            self.mu, self.sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+        self.net = load_builtin("digits-features").eval()
+        self._fd = frechet_distance
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> float:
+        feats = torch.cat([self.net.features(x[i:i + 1000].clamp(-1, 1)) for i in range(0, len(x), 1000)]).double().numpy()
+        return float(self._fd(feats.mean(0), np.cov(feats, rowvar=False), self.mu, self.sigma))
+
+
+class ScheduleEvaluator:
+    """Callable ``schedule -> RMS to the reference`` for :func:`fastgen.solvers.search.search`."""
+
+    def __init__(self, pipe, *, samples: int = 128, reference_steps: int = 50, scale: float = 3.0, teleport=None):
+        self.pipe = pipe
+        self.scale = scale
+        self.teleport = teleport
+        self.noise_schedule = NoiseSchedule.from_scheduler_config(pipe.scheduler)
+        n = pipe.num_classes
+        self.labels = [i % n for i in range(samples)]
+        self.seeds = list(range(10_000, 10_000 + samples))  # disjoint from the benchmark's seeds
+        self.reference = run_schedule(pipe, ("dpmsolver++", reference_steps, None, 0.0), self.labels, self.seeds, scale)
+
+    def __call__(self, schedule: SolverSchedule) -> float:
+        x = run_schedule(self.pipe, schedule, self.labels, self.seeds, self.scale, self.teleport)
+        return float(((x - self.reference) ** 2).mean().sqrt())
+
+    def rescore(self, records: list[dict], samples: int) -> SolverSchedule:
+        """FID (digits features, ``samples`` images) of the top records; the best by FID, with its scores in meta."""
+        fid = DigitsFID()
+        n = self.pipe.num_classes
+        labels = [i % n for i in range(samples)]
+        seeds = list(range(20_000, 20_000 + samples))
+        best, best_fid = None, float("inf")
+        for r in records:
+            s = SolverSchedule.from_dict(r["schedule"])
+            value = fid(run_schedule(self.pipe, s, labels, seeds, self.scale, self.teleport))
+            r["fid"] = value
+            if value < best_fid:
+                best, best_fid = s, value
+                best.meta.update({"rms": r["metric"], "fid": value, "fid_samples": samples})
+        return best

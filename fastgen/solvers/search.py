@@ -1,0 +1,291 @@
+"""S³ search: evolutionary search over USF solver schedules, screened by a learned performance predictor.
+
+Liu, Ning, Yang, Wang, *A Unified Sampling Framework for Solver Searching of Diffusion Probabilistic
+Models* (ICLR 2024, arXiv:2312.07243). The released evolutionary search (parents by rank from the top
+15, crossover 0.3, per-decision mutation 0.3, timestep noise sigma 0.08) is used as the proposal
+distribution; the paper's predictor (an MLP on the encoded schedule) ranks many proposals and only the
+most promising are evaluated with the model, in rounds of evaluate -> retrain -> propose.
+
+Cheap metric (what a true evaluation costs): the RMS distance, in model space, between the candidate's
+samples and a high-NFE reference from the *same* initial noise and labels. It is deterministic (fixed
+seeds), has no small-sample bias (unlike a few-hundred-sample FID), and measures exactly what a solver
+schedule controls: the error of solving the same probability-flow ODE. The final top candidates are
+re-scored with FID on the digits features (search hygiene: re-evaluate on a larger sample), and the
+best by FID is returned.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .usf import SolverSchedule, StepDecision, logsnr_uniform_timesteps
+
+SEARCH_RELAXATIONS = ("none", "dpmsolver-2", "unipc-bh1", "linear")
+ORDER_PROBS = {1: 0.25, 2: 0.45, 3: 0.30}
+
+
+@dataclass
+class SearchSpace:
+    """What the search may choose, for one model and one NFE.
+
+    Args:
+        nfe: network evaluations per sample (guidance excluded).
+        t_max, t_min: the model's network-time range (first timestep is fixed at ``t_max``).
+        lambda_of, t_of_lambda: the model's ``lambda(t)`` and its inverse (a :class:`NoiseSchedule`).
+        teleport_steps: 1 when a Gaussian teleport replaces the first step (its target is searched);
+            the analytical first step is then not used.
+    """
+
+    nfe: int
+    t_max: float
+    t_min: float
+    lambda_of: Callable
+    t_of_lambda: Callable
+    teleport_steps: int = 0
+
+    def lam_range(self) -> tuple[float, float]:
+        return float(self.lambda_of(self.t_max)), float(self.lambda_of(self.t_min))
+
+    def to_u(self, t: float) -> float:
+        lo, hi = self.lam_range()
+        return (float(self.lambda_of(t)) - lo) / (hi - lo)
+
+    def from_u(self, u: float) -> float:
+        lo, hi = self.lam_range()
+        return float(self.t_of_lambda(lo + u * (hi - lo)))
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+def encode(schedule: SolverSchedule, max_steps: int) -> list[float]:
+    """Fixed-length feature vector of a schedule (per step: position in lambda, prediction, order,
+    relaxation, corrector), the predictor's input."""
+    feats: list[float] = [float(schedule.afs != "none"), float(schedule.final_timestep is None), schedule.num_steps / max_steps]
+    lam = [float(x) for x in schedule.meta.get("u", [0.0] * schedule.num_steps)]
+    for i in range(max_steps):
+        if i < schedule.num_steps:
+            s = schedule.steps[i]
+            feats += [1.0, lam[i], float(s.prediction == "data"), s.order / 3.0,
+                      *[float(s.relaxation == r) for r in SEARCH_RELAXATIONS], s.relaxation_coef,
+                      float(s.corrector == "pseudo"), float(s.corrector_relaxation != "none")]
+        else:
+            feats += [0.0] * 11
+    return feats
+
+
+class Predictor:
+    """The S³ performance predictor: a small MLP from encoded schedules to log(metric)."""
+
+    def __init__(self, dim: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+        self.net = torch.nn.Sequential(torch.nn.Linear(dim, 64), torch.nn.SiLU(), torch.nn.Linear(64, 64),
+                                       torch.nn.SiLU(), torch.nn.Linear(64, 1)).double()
+        self.trained = False
+
+    def fit(self, x: list[list[float]], y: list[float], iters: int = 400) -> None:
+        xt = torch.tensor(x, dtype=torch.float64)
+        yt = torch.log(torch.tensor(y, dtype=torch.float64).clamp(min=1e-8))
+        self.mu, self.sd = yt.mean(), yt.std().clamp(min=1e-6)
+        opt = torch.optim.Adam(self.net.parameters(), lr=3e-3, weight_decay=1e-4)
+        for _ in range(iters):
+            pred = self.net(xt).squeeze(-1)
+            # MSE plus a pairwise ranking term: the search needs the order more than the values.
+            target = (yt - self.mu) / self.sd
+            diff_p = pred[:, None] - pred[None, :]
+            diff_t = target[:, None] - target[None, :]
+            rank = torch.nn.functional.softplus(-diff_p * torch.sign(diff_t)).mean()
+            loss = ((pred - target) ** 2).mean() + rank
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        self.trained = True
+
+    @torch.no_grad()
+    def predict(self, x: list[list[float]]) -> list[float]:
+        return self.net(torch.tensor(x, dtype=torch.float64)).squeeze(-1).tolist()
+
+
+# ---------------------------------------------------------------------------------------------- candidates
+def make_schedule(space: SearchSpace, u: list[float], steps: list[StepDecision], afs: str,
+                  final_zero: bool) -> SolverSchedule:
+    """A schedule from lambda-positions ``u`` (0 = t_max ... 1 = t_min) of its timesteps."""
+    times = [space.from_u(x) for x in u]
+    times[0] = space.t_max
+    for i in range(1, len(times)):  # keep strictly decreasing after rounding to the network's range
+        times[i] = min(times[i], times[i - 1] - 1e-3)
+    final = None if final_zero else max(space.t_min, 0.0)
+    if final is not None and final >= times[-1]:
+        final = None
+    return SolverSchedule([round(t, 4) for t in times], steps, final_timestep=final, afs=afs,
+                          meta={"u": [round(x, 6) for x in u], "teleport_steps": space.teleport_steps})
+
+
+def seed_candidates(space: SearchSpace) -> list[SolverSchedule]:
+    """Hand-made starting points: the diffusers-style solvers on logSNR-uniform grids, with and
+    without an analytical first step."""
+    n_steps = space.nfe + space.teleport_steps
+    out = []
+    for afs in ("none", "zero_x0") if space.teleport_steps == 0 else ("none",):
+        n = n_steps + (afs != "none")
+        u = [i / n for i in range(n)]
+        for kind in ("dpm++", "unipc", "unipc3", "deis"):
+            steps = []
+            for i in range(n):
+                k = min(2 if kind in ("dpm++", "unipc", "deis") else 3, i + 1, n - i)
+                if kind == "deis":
+                    steps.append(StepDecision("noise", k))
+                elif kind == "dpm++":
+                    steps.append(StepDecision("data", k, "dpmsolver-2" if k == 2 else "none"))
+                else:
+                    steps.append(StepDecision("data", k, "unipc-bh2" if k == 2 else "none", corrector="pseudo",
+                                              corrector_relaxation="unipc-bh2" if k == 1 else "none"))
+            out.append(make_schedule(space, u, steps, afs, True))
+    return out
+
+
+def mutate(space: SearchSpace, parent: SolverSchedule, rng: random.Random, p: float = 0.3) -> SolverSchedule:
+    """S³'s mutation: each decision changes with probability ``p``; timesteps get N(0, 0.08) in lambda."""
+    u = list(parent.meta["u"])
+    afs = parent.afs
+    if space.teleport_steps == 0 and rng.random() < 0.1:
+        afs = "none" if afs != "none" else "zero_x0"
+    n = space.nfe + space.teleport_steps + (afs != "none")
+    if len(u) != n:  # afs toggled: re-space the grid
+        u = [i / n for i in range(n)]
+    u = [0.0] + sorted(min(max(x + (rng.gauss(0, 0.08) if rng.random() < p else 0.0), 1e-3), 0.995) for x in u[1:])
+    for i in range(1, n):
+        u[i] = max(u[i], u[i - 1] + 1e-3)
+    steps = []
+    old = parent.steps
+    for i in range(n):
+        s = StepDecision(**vars(old[min(i, len(old) - 1)]))
+        if rng.random() < p:
+            s.prediction = rng.choice(["data", "noise"])
+        if rng.random() < p:
+            s.order = rng.choices(list(ORDER_PROBS), weights=list(ORDER_PROBS.values()))[0]
+        if rng.random() < p:
+            s.relaxation = rng.choice(SEARCH_RELAXATIONS)
+            s.relaxation_coef = round(rng.uniform(-0.5, 0.5), 3) if s.relaxation == "linear" else 0.0
+        if rng.random() < p:
+            s.corrector = rng.choice(["none", "pseudo"])
+        if rng.random() < p:
+            s.corrector_relaxation = rng.choice(["none", "unipc-bh1", "unipc-bh2"])
+        if s.prediction == "ddim":
+            s.prediction = "data"
+        steps.append(s)
+    final_zero = parent.final_timestep is None
+    if rng.random() < 0.1:
+        final_zero = not final_zero
+    return make_schedule(space, u, steps, afs, final_zero)
+
+
+def crossover(space: SearchSpace, a: SolverSchedule, b: SolverSchedule, rng: random.Random) -> SolverSchedule:
+    """Uniform crossover of per-step decisions and timesteps (same step count only)."""
+    if a.num_steps != b.num_steps or a.afs != b.afs:
+        return mutate(space, a, rng)
+    pick = [rng.random() < 0.5 for _ in range(a.num_steps)]
+    u = sorted((x if k else y) for k, x, y in zip(pick, a.meta["u"], b.meta["u"]))
+    u[0] = 0.0
+    for i in range(1, len(u)):
+        u[i] = max(u[i], u[i - 1] + 1e-3)
+    steps = [StepDecision(**vars(x if k else y)) for k, x, y in zip(pick, a.steps, b.steps)]
+    return make_schedule(space, u, steps, a.afs, rng.random() < 0.5 and a.final_timestep is None or b.final_timestep is None)
+
+
+def key(schedule: SolverSchedule) -> str:
+    d = schedule.to_dict()
+    d.pop("meta", None)
+    d.pop("name", None)
+    return json.dumps(d, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------- search
+def search(space: SearchSpace, evaluate: Callable[[SolverSchedule], float], *, budget: int, state_path: str | os.PathLike,
+           log_path: str | os.PathLike, seed: int = 0, per_round: int = 4, proposals: int = 96,
+           progress: Callable | None = None) -> list[dict[str, Any]]:
+    """Run S³ until ``budget`` true evaluations are in the state file; resumable (state is re-read).
+
+    Returns the evaluated records ``{"schedule", "metric", "round", "seconds"}``, best first.
+    """
+    state_path, log_path = Path(state_path), Path(log_path)
+    records: list[dict[str, Any]] = []
+    if state_path.is_file():
+        records = json.loads(state_path.read_text())["records"]
+    seen = {key(SolverSchedule.from_dict(r["schedule"])) for r in records}
+    max_steps = space.nfe + space.teleport_steps + 1
+    rng = random.Random(seed * 1000003 + len(records))
+    bar = progress(total=budget, initial=min(len(records), budget)) if progress else None
+
+    def run(cands: list[SolverSchedule], rnd: int) -> None:
+        for c in cands:
+            if len(records) >= budget:
+                return
+            k = key(c)
+            if k in seen:
+                continue
+            seen.add(k)
+            t0 = time.time()
+            try:
+                metric = float(evaluate(c))
+            except (ValueError, RuntimeError) as err:  # an unstable schedule: record it as a failure
+                metric = float("inf")
+                c.meta["error"] = str(err)[:200]
+            if not math.isfinite(metric):
+                metric = 1e6
+            rec = {"schedule": c.to_dict(), "metric": metric, "round": rnd, "seconds": round(time.time() - t0, 3)}
+            records.append(rec)
+            with log_path.open("a") as f:
+                f.write(json.dumps({"round": rnd, "metric": metric, "nfe": c.nfe, "seconds": rec["seconds"],
+                                    "schedule": rec["schedule"]}) + "\n")
+            tmp = state_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"space": {"nfe": space.nfe, "teleport_steps": space.teleport_steps},
+                                       "records": records}))
+            os.replace(tmp, state_path)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(best=f"{min(r['metric'] for r in records):.4g}")
+
+    if not records:
+        run(seed_candidates(space), 0)
+    rnd = max((r["round"] for r in records), default=0)
+    while len(records) < budget:
+        rnd += 1
+        ranked = sorted(records, key=lambda r: r["metric"])
+        parents = [SolverSchedule.from_dict(r["schedule"]) for r in ranked[:15]]
+        weights = [1.0 / (i + 1) for i in range(len(parents))]
+        pool = []
+        for _ in range(proposals):
+            a = rng.choices(parents, weights=weights)[0]
+            if rng.random() < 0.3 and len(parents) > 1:
+                pool.append(crossover(space, a, rng.choices(parents, weights=weights)[0], rng))
+            else:
+                pool.append(mutate(space, a, rng))
+        pool = [c for c in pool if key(c) not in seen]
+        if len(records) >= 12 and pool:
+            pred = Predictor(len(encode(pool[0], max_steps)), seed=rnd)
+            pred.fit([encode(SolverSchedule.from_dict(r["schedule"]), max_steps) for r in records],
+                     [r["metric"] for r in records])
+            scores = pred.predict([encode(c, max_steps) for c in pool])
+            pool = [c for _, c in sorted(zip(scores, pool), key=lambda z: z[0])]
+            # exploit the predictor's best, keep one random proposal for exploration
+            chosen = pool[: per_round - 1] + ([rng.choice(pool[per_round - 1:])] if len(pool) >= per_round else [])
+        else:
+            chosen = pool[:per_round]
+        if not chosen:
+            continue
+        run(chosen, rnd)
+    if bar is not None:
+        bar.close()
+    return sorted(records, key=lambda r: r["metric"])
+
+
+__all__ = ["SearchSpace", "Predictor", "search", "encode", "mutate", "crossover", "seed_candidates",
+           "make_schedule", "logsnr_uniform_timesteps"]
