@@ -9,8 +9,9 @@ evaluations per sample (exact per-sample counts, averaged). Methods:
 - ``cfg``: diffusers' CFG (uncond + w (cond - uncond)).
 - ``apg``: APG (Sadat et al. 2024, arXiv:2410.02416) on x0 with η = 0, β = −0.5 and a norm threshold r
   calibrated for 16x16x1 images (``--apg-threshold``; the paper's SDXL r = 15 is for 128x128x4 latents).
-- ``ag``: Adaptive Guidance (Castillo et al. 2023, arXiv:2312.12487), per-sample truncation, γ on ε,
-  threshold ``--ag-threshold``.
+- ``ag``: Adaptive Guidance (Castillo et al. 2023, arXiv:2312.12487), per-sample truncation, γ on x0
+  (``--ag-space``; on this model cos(ε_c, ε_u) starts at 0.9999 and falls, so the paper's ε rule with
+  γ̄ = 0.991 would stop guidance at step 0), threshold ``--ag-threshold`` (0.95: about half-way at w = 1.5).
 - ``linear-ag``: LinearAG fitted per scale on ``--calib-n`` calibration trajectories (seeds from 1,000,000,
   disjoint from the evaluation seeds), replacing steps 1-9, then AG.
 
@@ -44,14 +45,27 @@ RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("cfg", "apg", "ag", "linear-ag")
 
 
+def load_digits():
+    """The built-in digits pipeline (built from its components if the folder has no model_index.json yet)."""
+    from fastgen.builtin import builtin_path
+    path = builtin_path("digits")
+    if (path / "model_index.json").is_file():
+        return load_builtin("digits")
+    from diffusers import DPMSolverMultistepScheduler, UNet2DModel
+    from fastgen import FastGenClassPipeline
+    return FastGenClassPipeline(scheduler=DPMSolverMultistepScheduler.from_pretrained(path / "scheduler"),
+                                unet=UNet2DModel.from_pretrained(path / "unet").eval(),
+                                id2label={i: str(i) for i in range(10)})
+
+
 def make_guider(method: str, scale: float, args, fits: dict):
     if method == "cfg":
         return CFG(guidance_scale=scale)
     if method == "apg":
         return APG(guidance_scale=scale, eta=0.0, norm_threshold=args.apg_threshold, momentum=-0.5)
     if method == "ag":
-        return AdaptiveGuidance(guidance_scale=scale, threshold=args.ag_threshold, space="eps")
-    return LinearAG(coefficients=fits[scale], threshold=args.ag_threshold, space="eps")
+        return AdaptiveGuidance(guidance_scale=scale, threshold=args.ag_threshold, space=args.ag_space)
+    return LinearAG(coefficients=fits[scale], threshold=args.ag_threshold, space=args.ag_space)
 
 
 def run_cell(pipe, extractor, reference, guider, args) -> dict:
@@ -168,7 +182,8 @@ def main() -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=[1.5, 3.0, 5.0, 8.0, 12.0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--apg-threshold", type=float, default=1.0)
-    parser.add_argument("--ag-threshold", type=float, default=0.991)
+    parser.add_argument("--ag-threshold", type=float, default=0.95)
+    parser.add_argument("--ag-space", default="x0", choices=["eps", "x0"])
     parser.add_argument("--calib-n", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1)
@@ -177,7 +192,7 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    pipe = load_builtin("digits")
+    pipe = load_digits()
     pipe.set_progress_bar_config(disable=True)
     if args.probe:
         probe(pipe, args)
@@ -187,7 +202,7 @@ def main() -> None:
     json_path, png_path = out / "guidance.json", out / "guidance.png"
     config = {"n": args.n, "steps": args.steps, "scales": args.scales, "apg": {"eta": 0.0, "momentum": -0.5,
               "norm_threshold": args.apg_threshold, "space": "x0"},
-              "ag": {"threshold": args.ag_threshold, "space": "eps", "batch_rule": "sample"},
+              "ag": {"threshold": args.ag_threshold, "space": args.ag_space, "batch_rule": "sample"},
               "linear_ag": {"calibration_samples": args.calib_n, "calibration_seeds_from": 1_000_000,
                             "replaced_steps": f"1..{args.steps // 2 - 1}"},
               "scheduler": type(pipe.scheduler).__name__, "seeds": f"0..{args.n - 1}, digit = seed % 10",
