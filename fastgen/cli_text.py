@@ -278,7 +278,8 @@ def cmd_eval_prophet(args) -> int:
         print(json.dumps(result, indent=2))
     else:
         for c in result["comparisons"]:
-            print(f"{c['method']:>20} steps/block {c['steps_per_block']:>3}: {c['nfe_reduction']:.2f}x fewer forward passes, "
+            print(f"{c['method']:>20} steps/block {c['steps_per_block']:>3}: "
+                  f"{c['nfe_reduction']:.2f}x fewer forward passes, "
                   f"accuracy {c['accuracy_delta_points']:+.1f} points, target met: {c['meets_target']}")
         print(f"wrote {out_json} and {out_png}")
     return 0

@@ -4,9 +4,9 @@ Task: "What is 47+58? " -> "The answer is 105." and "Which is larger, 312 or 98?
 (see ``fastgen.prophet.arith_problem``; 10% of all problems are held out by a fixed hash and never trained on).
 
 Objective (LLaDA, Nie et al. 2025): t ~ U(0, 1], every generated token is masked with probability t, cross-entropy
-on the masked tokens weighted by 1/t; prompt tokens are never masked. The generation is the completion followed by
+on the masked tokens weighted by 1/t (capped at 10, see ``make_batch``); prompt tokens are never masked. The generation is the completion followed by
 EOS padding. So that the same network also runs inside diffusers' ``LLaDA2Pipeline`` (which feeds the prompt, the
-committed blocks and the current block only, with an attention-masked tail past ``prompt + gen_length``), 60% of
+committed blocks and the current block only, with an attention-masked tail past ``prompt + gen_length``), half of
 the examples are cut at a random block boundary: tokens before the current block are clean, the current block is
 masked with probability t, later tokens are dropped, and positions past the generation are mask tokens hidden from
 attention whose target is EOS.
@@ -32,7 +32,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastgen.prophet import ARITH_WORDS, arith_extract_answer, arith_is_heldout, arith_problem, arith_problems  # noqa: E402
+from fastgen.prophet import (  # noqa: E402
+    ARITH_WORDS,
+    arith_extract_answer,
+    arith_is_heldout,
+    arith_problem,
+    arith_problems,
+)
 
 GEN_REGION = 24  # generated tokens per training example (completion + EOS padding)
 BLOCK_CHOICES = (4, 8, 16, 32)
@@ -76,18 +82,26 @@ def build_model(vocab_size: int, *, hidden: int, layers: int, heads: int, seed: 
     return BertForMaskedLM(config)
 
 
-def make_batch(problems: list[dict], tokenizer, rng: random.Random, eps: float = 1e-3):
-    """Masked-diffusion training batch: (input_ids, attention_mask, labels, weights, n_positions)."""
+def make_batch(problems: list[dict], tokenizer, rng: random.Random, eps: float = 1e-3, max_weight: float = 10.0):
+    """Masked-diffusion training batch: (input_ids, attention_mask, labels, weights, n_positions).
+
+    t is drawn stratified over the batch (one draw per 1/batch interval of (0, 1]) and the 1/t loss weight is capped
+    at ``max_weight``: with 64 examples per step, uncapped weights of up to 1/eps let a single nearly clean example
+    dominate the (clipped) gradient. Capping changes the weighting of noise levels, not the optimal predictions.
+    """
     mask_id, eos_id, pad_id = tokenizer.mask_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     rows = []
-    for p in problems:
+    offset = rng.random()
+    for index, p in enumerate(problems):
         prompt = tokenizer(p["prompt"]).input_ids
         completion = tokenizer(p["completion"]).input_ids + [eos_id]
         gen_len = rng.randint(len(completion), GEN_REGION)  # effective gen_length; past it: hidden tail
         target = prompt + completion + [eos_id] * (GEN_REGION - len(completion))
         g0, g_end = len(prompt), len(prompt) + gen_len
-        p_mask = (1 - eps) * rng.random() + eps  # t ~ U(0, 1]
-        if rng.random() < 0.4:  # whole-sequence masking (LLaDA-1 style, also the generic decode loop)
+        u = (offset + index / len(problems)) % 1.0
+        p_mask = (1 - eps) * (1.0 - u) + eps  # t ~ U(0, 1], stratified
+        weight = min(1.0 / p_mask, max_weight)
+        if rng.random() < 0.5:  # whole-sequence masking (LLaDA-1 style, also the generic decode loop)
             lo, hi = g0, g_end
         else:  # semi-autoregressive window as LLaDA2Pipeline feeds it (absolute block grid)
             block = rng.choice(BLOCK_CHOICES)
@@ -102,7 +116,7 @@ def make_batch(problems: list[dict], tokenizer, rng: random.Random, eps: float =
             elif not valid:  # block-aligned tail past the generation: hidden from attention, predicts EOS
                 ids.append(mask_id); labels.append(eos_id); weights.append(1.0)
             elif rng.random() < p_mask:
-                ids.append(mask_id); labels.append(target[pos]); weights.append(1.0 / p_mask)
+                ids.append(mask_id); labels.append(target[pos]); weights.append(weight)
             else:
                 ids.append(target[pos]); labels.append(-100); weights.append(0.0)
             attn.append(1 if valid else 0)
@@ -270,10 +284,11 @@ never trained on):
 The completion is followed by `<|eos|>` padding. Tokens: one per digit and punctuation mark, one per known word.
 
 ## Training
-- Objective: t ~ U(0, 1], each generated token masked with probability t, cross-entropy on masked tokens weighted
-  1/t; the prompt is never masked. 60% of the examples are cut at a random block boundary (block sizes 4/8/16/32)
-  as `LLaDA2Pipeline` feeds them (clean earlier blocks, noisy current block, hidden EOS tail), 40% mask the whole
-  generation (LLaDA-1 style).
+- Objective: t ~ U(0, 1] (stratified over the batch), each generated token masked with probability t, cross-entropy
+  on masked tokens weighted 1/t, with the weight capped at 10 (batch of 64: uncapped weights let one nearly clean
+  example dominate the gradient); the prompt is never masked. Half of the examples are cut at a random block
+  boundary (block sizes 4/8/16/32) as `LLaDA2Pipeline` feeds them (clean earlier blocks, noisy current block,
+  hidden EOS tail), half mask the whole generation (LLaDA-1 style).
 - {stats['steps']} steps of batch {stats['batch_size']}, AdamW lr {args.lr}, cosine decay;
   {stats['wall_seconds']} s wall, {stats['cpu_seconds']} CPU seconds ({stats['threads']} thread(s), shared 2-core CPU).
 - Command: `PYTHONPATH=. python scripts/train_arith_dlm.py --out fastgen/assets/arith-dlm
