@@ -75,6 +75,31 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def summarise(results: list[dict]) -> dict:
+    """The issue's targets, from whatever configurations have been measured."""
+    def fid(solver, nfe, tele=False):
+        vals = [r["fid"] for r in results if (r["solver"], r["nfe"], r["teleport"]) == (solver, nfe, tele)]
+        return vals[-1] if vals else None
+    diffusers = ("dpmsolver++", "unipc", "deis", "ddim")
+    out: dict = {}
+    best5 = min((f for f in (fid(s, 5) for s in diffusers) if f is not None), default=None)
+    best10 = min((f for f in (fid(s, 10) for s in diffusers) if f is not None), default=None)
+    s3 = fid("s3", 5)
+    if best5 is not None and s3 is not None:
+        out["s3_nfe5_vs_best_diffusers_nfe5"] = {"s3": s3, "best_diffusers": best5, "reduction": 1 - s3 / best5,
+                                                 "target": ">= 0.25", "met": 1 - s3 / best5 >= 0.25}
+    if best10 is not None and s3 is not None:
+        out["s3_nfe5_vs_best_diffusers_nfe10"] = {"s3": s3, "best_diffusers_nfe10": best10, "met": s3 <= best10}
+    tele = {}
+    for r in results:
+        if r["teleport"] and r["nfe"] <= 8:
+            base = fid(r["solver"], r["nfe"])
+            if base is not None:
+                tele[f"{r['solver']}@{r['nfe']}"] = {"without": base, "with": r["fid"], "lower": r["fid"] < base}
+    out["teleport_lowers_fid"] = {"per_config": tele, "all": all(v["lower"] for v in tele.values()) if tele else None}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=2000)
@@ -85,7 +110,16 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "solvers.json"))
+    p.add_argument("--summarise", action="store_true", help="only recompute the summary and plot of --out")
     args = p.parse_args()
+    if args.summarise:
+        out = Path(args.out)
+        data = json.loads(out.read_text())
+        data["summary"] = summarise(data["results"])
+        out.write_text(json.dumps(data, indent=1) + "\n")
+        plot(data["results"], out.with_suffix(".png"))
+        print(json.dumps(data["summary"], indent=1))
+        return
     torch.set_num_threads(args.threads)
     import fastgen
     from fastgen.solvers.evaluate import DigitsFID
@@ -106,6 +140,7 @@ def main() -> None:
                 if rec is None:
                     continue
                 data["results"].append(rec)
+                data["summary"] = summarise(data["results"])
                 data["config"] = {"guidance_scale": args.scale, "teleport_fraction": args.fraction,
                                   "teleport_stats": str(STATS.relative_to(REPO)), "fid_reference": "eval/digits_train_stats.npz",
                                   "features": "digits-features"}

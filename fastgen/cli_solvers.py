@@ -93,9 +93,9 @@ def run_search(args) -> int:
                                  "wall_seconds_this_run": round(time.time() - t0, 1)}})
     best.name = f"s3-nfe{args.nfe}" + ("-teleport" if stats is not None else "")
     best.save(out)
-    record = {"out": str(out), "nfe": best.nfe, "metric": best.meta.get("rms"), "fid": best.meta.get("fid"),
-              **best.meta["search"]}
-    print(json.dumps(record) if args.json else f"best schedule (nfe {best.nfe}, rms {record['metric']:.4g}, "
+    record = {"out": str(out), "nfe": best.nfe, **best.meta["search"], "rms": best.meta.get("rms"),
+              "fid": best.meta.get("fid")}
+    print(json.dumps(record) if args.json else f"best schedule (nfe {best.nfe}, rms {record['rms']:.4g}, "
           f"FID {record['fid']}) written to {out}")
     return 0
 

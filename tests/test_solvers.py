@@ -199,9 +199,9 @@ def test_search_is_resumable_logs_and_improves(tmp_path):
         return 0.01 + sum((a - b) ** 2 for a, b in zip(pad, target)) + 0.1 * sum(x.prediction != "data" for x in s.steps)
 
     state, log = tmp_path / "s.state.json", tmp_path / "s.log.jsonl"
-    first = search(toy_space(), metric, budget=14, state_path=state, log_path=log, seed=1)
+    first = search(toy_space(), metric, budget=14, state_path=state, log_path=log, seed=1, proposals=32)
     assert len(first) == 14 and len(log.read_text().splitlines()) == 14
-    more = search(toy_space(), metric, budget=30, state_path=state, log_path=log, seed=1)
+    more = search(toy_space(), metric, budget=30, state_path=state, log_path=log, seed=1, proposals=32)
     assert len(more) == 30 and len(log.read_text().splitlines()) == 30  # resumed, not restarted
     seeds_best = min(r["metric"] for r in more if r["round"] == 0)
     assert more[0]["metric"] < seeds_best  # the search found something better than its starting points

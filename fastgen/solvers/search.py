@@ -87,14 +87,14 @@ class Predictor:
         g = torch.Generator().manual_seed(seed)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
         self.net = torch.nn.Sequential(torch.nn.Linear(dim, 64), torch.nn.SiLU(), torch.nn.Linear(64, 64),
-                                       torch.nn.SiLU(), torch.nn.Linear(64, 1)).double()
+                                       torch.nn.SiLU(), torch.nn.Linear(64, 1))
         self.trained = False
 
-    def fit(self, x: list[list[float]], y: list[float], iters: int = 400) -> None:
-        xt = torch.tensor(x, dtype=torch.float64)
-        yt = torch.log(torch.tensor(y, dtype=torch.float64).clamp(min=1e-8))
+    def fit(self, x: list[list[float]], y: list[float], iters: int = 150) -> None:
+        xt = torch.tensor(x, dtype=torch.float32)
+        yt = torch.log(torch.tensor(y, dtype=torch.float32).clamp(min=1e-8))
         self.mu, self.sd = yt.mean(), yt.std().clamp(min=1e-6)
-        opt = torch.optim.Adam(self.net.parameters(), lr=3e-3, weight_decay=1e-4)
+        opt = torch.optim.Adam(self.net.parameters(), lr=1e-2, weight_decay=1e-4)
         for _ in range(iters):
             pred = self.net(xt).squeeze(-1)
             # MSE plus a pairwise ranking term: the search needs the order more than the values.
@@ -110,7 +110,7 @@ class Predictor:
 
     @torch.no_grad()
     def predict(self, x: list[list[float]]) -> list[float]:
-        return self.net(torch.tensor(x, dtype=torch.float64)).squeeze(-1).tolist()
+        return self.net(torch.tensor(x, dtype=torch.float32)).squeeze(-1).tolist()
 
 
 # ---------------------------------------------------------------------------------------------- candidates
@@ -129,25 +129,29 @@ def make_schedule(space: SearchSpace, u: list[float], steps: list[StepDecision],
 
 
 def seed_candidates(space: SearchSpace) -> list[SolverSchedule]:
-    """Hand-made starting points: the diffusers-style solvers on logSNR-uniform grids, with and
-    without an analytical first step."""
+    """Hand-made starting points: DDIM and the diffusers-style multistep solvers on logSNR-uniform and
+    time-uniform grids, with and without an analytical first step."""
     n_steps = space.nfe + space.teleport_steps
     out = []
     for afs in ("none", "zero_x0") if space.teleport_steps == 0 else ("none",):
         n = n_steps + (afs != "none")
-        u = [i / n for i in range(n)]
-        for kind in ("dpm++", "unipc", "unipc3", "deis"):
-            steps = []
-            for i in range(n):
-                k = min(2 if kind in ("dpm++", "unipc", "deis") else 3, i + 1, n - i)
-                if kind == "deis":
-                    steps.append(StepDecision("noise", k))
-                elif kind == "dpm++":
-                    steps.append(StepDecision("data", k, "dpmsolver-2" if k == 2 else "none"))
-                else:
-                    steps.append(StepDecision("data", k, "unipc-bh2" if k == 2 else "none", corrector="pseudo",
-                                              corrector_relaxation="unipc-bh2" if k == 1 else "none"))
-            out.append(make_schedule(space, u, steps, afs, True))
+        grids = {"logsnr": [i / n for i in range(n)],
+                 "time": [space.to_u(space.t_max - i * (space.t_max - space.t_min) / n) for i in range(n)]}
+        for grid, u in grids.items():
+            for kind in ("dpm++", "unipc", "unipc3", "deis", "ddim"):
+                steps = []
+                for i in range(n):
+                    k = min(2 if kind in ("dpm++", "unipc", "deis") else 3, i + 1, n - i)
+                    if kind == "ddim":
+                        steps.append(StepDecision("data", 1))
+                    elif kind == "deis":
+                        steps.append(StepDecision("noise", k))
+                    elif kind == "dpm++":
+                        steps.append(StepDecision("data", k, "dpmsolver-2" if k == 2 else "none"))
+                    else:
+                        steps.append(StepDecision("data", k, "unipc-bh2" if k == 2 else "none", corrector="pseudo",
+                                                  corrector_relaxation="unipc-bh2" if k == 1 else "none"))
+                out.append(make_schedule(space, u, steps, afs, True))
     return out
 
 
@@ -253,8 +257,7 @@ def search(space: SearchSpace, evaluate: Callable[[SolverSchedule], float], *, b
                 bar.update(1)
                 bar.set_postfix(best=f"{min(r['metric'] for r in records):.4g}")
 
-    if not records:
-        run(seed_candidates(space), 0)
+    run(seed_candidates(space), 0)  # already-evaluated seeds are skipped, new ones run on resume
     rnd = max((r["round"] for r in records), default=0)
     while len(records) < budget:
         rnd += 1

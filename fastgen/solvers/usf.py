@@ -232,9 +232,10 @@ class SolverSchedule:
 
     @property
     def nfe(self) -> int:
-        """Network evaluations per sample (without guidance): steps minus the analytical first step;
-        pseudo correctors are free (S³ §3 accounting)."""
-        return self.num_steps - (self.afs != "none")
+        """Network evaluations per sample (without guidance): steps minus the analytical first step and
+        minus the steps a teleport replaces (``meta["teleport_steps"]``, searched with teleportation:
+        run with ``teleport_fraction = teleport_steps / num_steps``); pseudo correctors are free (S³ accounting)."""
+        return self.num_steps - (self.afs != "none") - int(self.meta.get("teleport_steps", 0))
 
     def target(self, i: int) -> float | None:
         if self.targets is not None:
