@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--seed", type=int, default=0, help="sample i uses torch.Generator().manual_seed(seed + i)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--grid", type=Path, default=Path("digits_grid.png"), help="PNG grid path ('' to skip)")
+    p.add_argument("--grid", type=str, default="digits_grid.png", help="PNG grid path ('' to skip)")
     p.add_argument("--json-out", type=Path, default=None, help="also write the results JSON here")
     args = p.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1 or min(args.steps) < 1:
@@ -127,10 +127,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(result, indent=2) + "\n")
-    if str(args.grid):
+    if args.grid:
         grid = first_batch[(max_steps, best_w)]
         acc = table[f"steps={max_steps}"][f"w={best_w:g}"]
-        save_grid(grid, labels[: grid.shape[0]], args.grid, f"{max_steps} steps, CFG w={best_w:g}, acc {acc:.3f}")
+        save_grid(grid, labels[: grid.shape[0]], Path(args.grid), f"{max_steps} steps, CFG w={best_w:g}, acc {acc:.3f}")
     return result
 
 
