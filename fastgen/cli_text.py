@@ -31,7 +31,7 @@ def _validate_text_args(args) -> tuple[float, float, float]:
 
 
 def load_text_pipeline(model: str | None, *, prophet: bool, thresholds, answer_start: int | None = None,
-                       progress_mode: str = "block"):
+                       progress_mode: str = "block", commit_later_blocks: bool = False):
     """``LLaDA2Pipeline`` for the built-in model (``None`` or ``"arith-dlm"``) or an arith-dlm style folder."""
     from . import builtin_path
     from .prophet import load_builtin_dlm
@@ -45,7 +45,8 @@ def load_text_pipeline(model: str | None, *, prophet: bool, thresholds, answer_s
     kwargs = {}
     if prophet:
         kwargs = dict(early_threshold=thresholds[0], mid_threshold=thresholds[1], late_threshold=thresholds[2],
-                      answer_start=answer_start, progress_mode=progress_mode)
+                      answer_start=answer_start, progress_mode=progress_mode,
+                      commit_later_blocks=commit_later_blocks)
     pipe = load_builtin_dlm(path, prophet=prophet, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -138,9 +139,10 @@ def run_prophet_benchmark(*, model=None, n: int = 500, budgets=(8, 4, 2), gen_le
                           seed: int = 0, progress=None) -> dict:
     """Stock ``BlockRefinementScheduler`` vs ``ProphetScheduler`` on the same held-out problems, budgets and seeds.
 
-    Prophet runs with its default monitored set (the masked positions of the active block) and, when
-    ``answer_start`` is given, a second time monitoring the answer span (5 tokens from ``answer_start``, the
-    reference code's choice; 4 = right after "The answer is " in the built-in task).
+    Prophet runs with its default monitored set (the masked positions of the active block), with
+    ``commit_later_blocks=True`` ("all in": after a trigger each later block costs one forward) and, when
+    ``answer_start`` is given, monitoring the answer span (5 tokens from ``answer_start``, the reference code's
+    choice; 4 = right after "The answer is " in the built-in task).
     """
     import platform
 
@@ -159,6 +161,7 @@ def run_prophet_benchmark(*, model=None, n: int = 500, budgets=(8, 4, 2), gen_le
     methods = {
         "baseline": load_text_pipeline(model, prophet=False, thresholds=thresholds),
         "prophet": load_text_pipeline(model, prophet=True, thresholds=thresholds),
+        "prophet-all-in": load_text_pipeline(model, prophet=True, thresholds=thresholds, commit_later_blocks=True),
     }
     if answer_start is not None:
         methods["prophet-answer-span"] = load_text_pipeline(model, prophet=True, thresholds=thresholds,
@@ -219,19 +222,23 @@ def plot_prophet_benchmark(result: dict, path: str | Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     labels = {"baseline": "stock BlockRefinementScheduler", "prophet": "ProphetScheduler (masked positions)",
+              "prophet-all-in": "ProphetScheduler (+ later blocks all in)",
               "prophet-answer-span": "ProphetScheduler (answer span)"}
-    for (name, label), style in zip(labels.items(), ("o-", "s-", "^-")):
+    for (name, label), style in zip(labels.items(), ("o-", "s-", "D-", "^-")):
         rs = sorted((r for r in result["results"] if r["method"] == name), key=lambda r: r["mean_nfe"])
         if not rs:
             continue
         ax.plot([r["mean_nfe"] for r in rs], [100 * r["accuracy"] for r in rs], style, label=label)
-        for r in rs:
-            ax.annotate(f"{r['steps_per_block']} steps", (r["mean_nfe"], 100 * r["accuracy"]),
-                        textcoords="offset points", xytext=(4, -12), fontsize=8)
+        for r in rs:  # label the budget once per method, left of each marker for Prophet, right for the baseline
+            ax.annotate(f"{r['steps_per_block']}", (r["mean_nfe"], 100 * r["accuracy"]), fontsize=7,
+                        textcoords="offset points", xytext=(5, 4) if name == "baseline" else (-4, 5), ha="center")
+    accs = [100 * r["accuracy"] for r in result["results"]]
+    ax.set_ylim(max(0.0, min(accs) - 5.0), min(100.0, max(accs) + 3.0))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("forward passes per problem (mean, log scale)")
     ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title(f"Prophet on arith-dlm: {result['n_problems']} held-out problems, CPU")
+    ax.set_title(f"Prophet on arith-dlm: {result['n_problems']} held-out problems (labels: steps per block)",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -292,7 +292,10 @@ The completion is followed by `<|eos|>` padding. Tokens: one per digit and punct
 - {stats['steps']} steps of batch {stats['batch_size']}, AdamW lr {args.lr}, cosine decay;
   {stats['wall_seconds']} s wall, {stats['cpu_seconds']} CPU seconds ({stats['threads']} thread(s), shared 2-core CPU).
 - Command: `PYTHONPATH=. python scripts/train_arith_dlm.py --out fastgen/assets/arith-dlm
-  --max-seconds {int(args.max_seconds)} --batch-size {args.batch_size}`
+  --max-seconds {int(args.max_seconds)} --batch-size {args.batch_size}` (the learning rate follows a cosine in
+  max(step / max_steps, elapsed / max_seconds); a run can be continued with `--resume` and a larger
+  `--max-seconds`, which is how this one was extended). The wall time is long for the CPU seconds because the
+  2-core machine was shared with other training jobs.
 
 ## Accuracy
 Held-out accuracy with the stock `LLaDA2Pipeline` + `BlockRefinementScheduler` (gen_length 24, block_length 32,

