@@ -49,8 +49,15 @@ def _check(args) -> None:
         raise ValueError(f"--guidance must be one of {['none', *available_guidance()]}, got {args.guidance!r}.")
     if args.solver is not None:
         from .solvers import available_solvers
-        if args.solver not in available_solvers():
-            raise ValueError(f"--solver must be one of {available_solvers()}, got {args.solver!r}.")
+        from .solvers.usf import available_presets
+        names = available_solvers() + available_presets()
+        if args.solver not in names and not (args.solver.endswith(".json") and Path(args.solver).is_file()):
+            raise ValueError(f"--solver must be one of {names} or a schedule .json file, got {args.solver!r}.")
+    if args.teleport is not None and not Path(args.teleport).is_file():
+        raise FileNotFoundError(f"--teleport must be a statistics file written by `fastgen teleport-stats`; "
+                                f"{args.teleport!r} does not exist.")
+    if not 0.0 <= args.teleport_fraction < 1.0:
+        raise ValueError(f"--teleport-fraction must be in [0, 1), got {args.teleport_fraction}.")
     if not args.output.lower().endswith(".png"):
         raise ValueError(f"--output must be a .png path, got {args.output!r}.")
 
@@ -112,6 +119,9 @@ def run(args) -> int:
     if guidance is None:
         scale = 1.0
 
+    from .teleport import resolve_teleport
+
+    teleport = resolve_teleport(args.teleport)
     images, nfe = [], None
     bar = tqdm(total=len(conds), desc="sampling", unit="img", file=sys.stderr, disable=len(conds) <= args.batch_size)
     t1 = time.perf_counter()
@@ -119,9 +129,8 @@ def run(args) -> int:
         chunk = conds[start:start + args.batch_size]
         seeds = [args.seed + start + i for i in range(len(chunk))]
         kw = dict(num_inference_steps=args.steps, guidance=guidance, guidance_scale=scale, solver=args.solver, seed=seeds)
-        if args.teleport:  # analytical teleportation over the first steps (fastgen.teleport)
-            from .teleport import GaussianStats
-            kw.update(teleport=GaussianStats.load(args.teleport), teleport_fraction=args.teleport_fraction)
+        if teleport is not None:  # analytical teleportation over the first steps (fastgen.teleport)
+            kw.update(teleport=teleport, teleport_fraction=args.teleport_fraction)
         with torch.no_grad():
             if is_class:
                 out = pipe(class_labels=chunk, **kw)

@@ -80,3 +80,19 @@ def test_console_script_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "fastgen.cli", "--help"], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0 and "sample" in proc.stdout
+
+
+def test_sample_accepts_usf_presets_and_teleport(class_folder, tmp_path, capsys):
+    import torch
+
+    from fastgen.teleport import GaussianStats
+
+    stats = GaussianStats.from_samples(torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
+    stats.save(tmp_path / "stats.safetensors")
+    assert main(["sample", "--model", str(class_folder), "--steps", "5", "--count", "1", "--solver", "usf-unipc-bh2-2p",
+                 "--teleport", str(tmp_path / "stats.safetensors"), "--teleport-fraction", "0.4",
+                 "--output", str(tmp_path / "t.png"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["nfe"] == 2 * 3  # 2 of 5 steps teleported
+    assert main(["sample", "--model", str(class_folder), "--teleport", str(tmp_path / "none.npz"),
+                 "--output", str(tmp_path / "u.png")]) == 2
+    assert "--teleport must be a statistics file" in capsys.readouterr().err

@@ -148,7 +148,7 @@ class FastGenClassPipeline(FastGenPipelineMixin, DiffusionPipeline):
         bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, got {bad}.")
-        guider, scheduler = self._fastgen_prepare(
+        guider, scheduler, teleport = self._fastgen_prepare(
             num_inference_steps=num_inference_steps, guidance=guidance, guidance_scale=guidance_scale,
             solver=solver, guidance_space=guidance_space, teleport=teleport, teleport_fraction=teleport_fraction,
         )

@@ -117,7 +117,11 @@ class FastGenPipelineMixin:
     # ------------------------------------------------------------------ call helpers
     def _fastgen_prepare(self, *, num_inference_steps, guidance, guidance_scale, solver, guidance_space,
                          teleport, teleport_fraction):
-        """Validate FastGen's own call arguments and resolve guidance and solver (no model work)."""
+        """Validate FastGen's own call arguments; resolve guidance, solver and teleport (no model work).
+
+        Returns ``(guider, scheduler, teleport)``: ``teleport`` is ``None`` or a callable jump
+        (a ``GaussianStats``, loaded from a path when one is given, or the user's own function).
+        """
         check_positive_int("num_inference_steps", num_inference_steps)
         if guidance_space not in GUIDANCE_SPACES:
             raise ValueError(f"guidance_space must be one of {GUIDANCE_SPACES}, got {guidance_space!r}.")
@@ -125,14 +129,12 @@ class FastGenPipelineMixin:
             0.0 <= teleport_fraction < 1.0
         ):
             raise ValueError(f"teleport_fraction must be a number in [0, 1), got {teleport_fraction!r}.")
-        if teleport is not None and not callable(teleport):
-            raise TypeError(
-                "teleport must be None or a callable fn(x, *, alpha_from, sigma_from, alpha_to, sigma_to) -> x; "
-                f"got {type(teleport).__name__}."
-            )
+        from ..teleport import resolve_teleport
+
+        teleport = resolve_teleport(teleport)
         guider = resolve_guidance(guidance, guidance_scale)
         scheduler = resolve_solver(solver, self.scheduler)
-        return guider, scheduler
+        return guider, scheduler, teleport
 
     @staticmethod
     def _step_kwargs(scheduler, generator, eta) -> dict[str, Any]:

@@ -75,7 +75,7 @@ class FastGenStableDiffusionPipeline(FastGenPipelineMixin, StableDiffusionPipeli
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
                           ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end_tensor_inputs)
-        guider, scheduler = self._fastgen_prepare(
+        guider, scheduler, teleport = self._fastgen_prepare(
             num_inference_steps=num_inference_steps, guidance=guidance, guidance_scale=guidance_scale,
             solver=solver, guidance_space=guidance_space, teleport=teleport, teleport_fraction=teleport_fraction,
         )

@@ -80,7 +80,7 @@ class FastGenStableDiffusionXLPipeline(FastGenPipelineMixin, StableDiffusionXLPi
         self.check_inputs(prompt, prompt_2, height, width, None, negative_prompt, negative_prompt_2, prompt_embeds,
                           negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
                           ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end_tensor_inputs)
-        guider, scheduler = self._fastgen_prepare(
+        guider, scheduler, teleport = self._fastgen_prepare(
             num_inference_steps=num_inference_steps, guidance=guidance, guidance_scale=guidance_scale,
             solver=solver, guidance_space=guidance_space, teleport=teleport, teleport_fraction=teleport_fraction,
         )
