@@ -108,7 +108,7 @@ def register(subparsers) -> None:
                     "(Li et al., arXiv:2508.19982), which commits all remaining tokens once the top-2 logit gap "
                     "clears the thresholds.",
     )
-    p.add_argument("--prompt", default="What is 47+58? ", help="prompt text (default: %(default)r)")
+    p.add_argument("--prompt", default="Which is larger, 312 or 98? ", help="prompt text (default: %(default)r)")
     p.add_argument("--prophet", action=argparse.BooleanOptionalAction, default=True,
                    help="use Prophet early commit (default: on); --no-prophet runs the stock scheduler")
     p.add_argument("--thresholds", type=float, nargs=3, default=[7.5, 5.0, 2.5], metavar=("EARLY", "MID", "LATE"),
