@@ -12,7 +12,7 @@ the reference images, so FID against them also rewards reproducing the training 
 symmetric, so the floor is also "train vs held-out").
 
     python benchmarks/digits_fid.py            # writes benchmarks/results/digits_fid.json and .png
-    python benchmarks/digits_fid.py --n 200 --steps 5 10 --out /tmp/quick   # a quick look
+    python benchmarks/digits_fid.py --n 200 --steps 5 10 --out out/quick   # a quick look
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ evaluations per sample (exact per-sample counts, averaged). Methods:
   disjoint from the evaluation seeds), replacing steps 1-9, then AG.
 
     python benchmarks/guidance.py                        # full run: writes results/guidance.json + .png
-    python benchmarks/guidance.py --n 200 --out /tmp/g   # a quick look
+    python benchmarks/guidance.py --n 200 --out out/g   # a quick look
     python benchmarks/guidance.py --probe                # γ_t and ‖Δ‖ statistics used to set thresholds
 
 Partial results are written after every cell; a rerun skips cells already in the JSON (``--fresh`` to redo).

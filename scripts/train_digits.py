@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--beta-schedule", choices=["linear", "squaredcos_cap_v2"], default="linear")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--ckpt-dir", type=Path, default=Path("/tmp/digits_ckpt"))
+    p.add_argument("--ckpt-dir", type=Path, default=Path("out/digits_ckpt"))
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--resume", action="store_true", help="continue from <ckpt-dir>/last.pt if it exists")
     args = p.parse_args(argv)
