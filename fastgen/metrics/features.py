@@ -17,6 +17,7 @@ statistics record it. Available:
 """
 from __future__ import annotations
 
+import abc
 import importlib.util
 import os
 from pathlib import Path
@@ -45,7 +46,7 @@ def _check_images(images: torch.Tensor, channels: tuple[int, ...] = (1, 3)) -> t
     return images.float()
 
 
-class FeatureExtractor(nn.Module):
+class FeatureExtractor(nn.Module, abc.ABC):
     """Base class: ``forward(images in [0, 1]) -> float64 [N, num_features]``.
 
     Attributes:
@@ -58,8 +59,9 @@ class FeatureExtractor(nn.Module):
     resize_mode: str = "none"
     num_features: int
 
-    def extract(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def extract(self, images: torch.Tensor) -> torch.Tensor:
+        """Features ``[N, num_features]`` of images ``[N, C, H, W]`` in [-1, 1]."""
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

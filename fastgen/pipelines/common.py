@@ -136,6 +136,49 @@ class FastGenPipelineMixin:
         scheduler = resolve_solver(solver, self.scheduler)
         return guider, scheduler, teleport
 
+    # ------------------------------------------------------------------ text-to-image helpers (SD, SDXL)
+    def _begin_text_call(self, *, guider, guidance_scale, guidance_rescale, clip_skip, cross_attention_kwargs,
+                         prompt, prompt_embeds, num_images_per_prompt, **extra_state) -> int:
+        """Set the per-call state diffusers' SD pipelines keep on ``self``; return the number of images."""
+        if guider is not None and guidance_rescale > 0 and hasattr(guider, "guidance_rescale"):
+            guider.guidance_rescale = guidance_rescale
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+        for name, value in extra_state.items():
+            setattr(self, f"_{name}", value)
+        if prompt is not None:
+            batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        return batch_size * num_images_per_prompt
+
+    @staticmethod
+    def _add_ip_adapter_embeds(cond: dict, uncond: dict | None, image_embeds) -> None:
+        """Split diffusers' IP-Adapter embeddings ([negative, positive] per adapter under CFG) into the branches."""
+        if uncond is None:
+            cond.setdefault("added_cond_kwargs", {})["image_embeds"] = image_embeds
+            return
+        pairs = [e.chunk(2) for e in image_embeds]
+        uncond.setdefault("added_cond_kwargs", {})["image_embeds"] = [p[0] for p in pairs]
+        cond.setdefault("added_cond_kwargs", {})["image_embeds"] = [p[1] for p in pairs]
+
+    def _add_shared_conditions(self, cond: dict, uncond: dict | None, *, guidance_scale, num_images, device, dtype,
+                               cross_attention_kwargs) -> None:
+        """Arguments both branches pass to the UNet: LCM-style ``timestep_cond`` and ``cross_attention_kwargs``."""
+        extras: dict[str, Any] = {}
+        if self.unet.config.time_cond_proj_dim is not None:
+            scale_tensor = torch.tensor(guidance_scale - 1).repeat(num_images)
+            extras["timestep_cond"] = self.get_guidance_scale_embedding(
+                scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim).to(device=device, dtype=dtype)
+        if cross_attention_kwargs is not None:
+            extras["cross_attention_kwargs"] = cross_attention_kwargs
+        for branch in (cond, uncond):
+            if branch is not None:
+                branch.update(extras)
+
     @staticmethod
     def _step_kwargs(scheduler, generator, eta) -> dict[str, Any]:
         """``scheduler.step`` extras that this scheduler accepts (``generator``, ``eta``)."""

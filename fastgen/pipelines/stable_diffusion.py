@@ -79,21 +79,10 @@ class FastGenStableDiffusionPipeline(FastGenPipelineMixin, StableDiffusionPipeli
             num_inference_steps=num_inference_steps, guidance=guidance, guidance_scale=guidance_scale,
             solver=solver, guidance_space=guidance_space, teleport=teleport, teleport_fraction=teleport_fraction,
         )
-        if guider is not None and guidance_rescale > 0 and hasattr(guider, "guidance_rescale"):
-            guider.guidance_rescale = guidance_rescale
-        self._guidance_scale = guidance_scale
-        self._guidance_rescale = guidance_rescale
-        self._clip_skip = clip_skip
-        self._cross_attention_kwargs = cross_attention_kwargs
-        self._interrupt = False
-
-        if prompt is not None and isinstance(prompt, str):
-            batch_size = 1
-        elif prompt is not None:
-            batch_size = len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
-        num_images = batch_size * num_images_per_prompt
+        num_images = self._begin_text_call(
+            guider=guider, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, clip_skip=clip_skip,
+            cross_attention_kwargs=cross_attention_kwargs, prompt=prompt, prompt_embeds=prompt_embeds,
+            num_images_per_prompt=num_images_per_prompt)
         generator = self._generators_from_seed(seed, generator, num_images)
         device = self._execution_device
 
@@ -109,30 +98,15 @@ class FastGenStableDiffusionPipeline(FastGenPipelineMixin, StableDiffusionPipeli
             image_embeds = self.prepare_ip_adapter_image_embeds(
                 ip_adapter_image, ip_adapter_image_embeds, device, num_images, guider is not None
             )
-            if guider is not None:  # diffusers returns [negative, positive] concatenated per adapter
-                pairs = [e.chunk(2) for e in image_embeds]
-                uncond["added_cond_kwargs"] = {"image_embeds": [p[0] for p in pairs]}
-                cond["added_cond_kwargs"] = {"image_embeds": [p[1] for p in pairs]}
-            else:
-                cond["added_cond_kwargs"] = {"image_embeds": image_embeds}
+            self._add_ip_adapter_embeds(cond, uncond, image_embeds)
 
         timesteps, num_inference_steps = self._set_timesteps(scheduler, num_inference_steps, device, timesteps, sigmas)
         latents = self.prepare_latents(num_images, self.unet.config.in_channels, height, width,
                                        prompt_embeds.dtype, device, generator, latents)
         latents = self._rescale_init_noise(latents, scheduler)
 
-        if self.unet.config.time_cond_proj_dim is not None:
-            scale_tensor = torch.tensor(guidance_scale - 1).repeat(num_images)
-            timestep_cond = self.get_guidance_scale_embedding(
-                scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
-            ).to(device=device, dtype=latents.dtype)
-            cond["timestep_cond"] = timestep_cond
-            if uncond is not None:
-                uncond["timestep_cond"] = timestep_cond
-        if cross_attention_kwargs is not None:
-            cond["cross_attention_kwargs"] = cross_attention_kwargs
-            if uncond is not None:
-                uncond["cross_attention_kwargs"] = cross_attention_kwargs
+        self._add_shared_conditions(cond, uncond, guidance_scale=guidance_scale, num_images=num_images, device=device,
+                                    dtype=latents.dtype, cross_attention_kwargs=cross_attention_kwargs)
 
         self._num_timesteps = len(timesteps)
         result = sample_loop(

@@ -84,22 +84,10 @@ class FastGenStableDiffusionXLPipeline(FastGenPipelineMixin, StableDiffusionXLPi
             num_inference_steps=num_inference_steps, guidance=guidance, guidance_scale=guidance_scale,
             solver=solver, guidance_space=guidance_space, teleport=teleport, teleport_fraction=teleport_fraction,
         )
-        if guider is not None and guidance_rescale > 0 and hasattr(guider, "guidance_rescale"):
-            guider.guidance_rescale = guidance_rescale
-        self._guidance_scale = guidance_scale
-        self._guidance_rescale = guidance_rescale
-        self._clip_skip = clip_skip
-        self._cross_attention_kwargs = cross_attention_kwargs
-        self._denoising_end = denoising_end
-        self._interrupt = False
-
-        if prompt is not None and isinstance(prompt, str):
-            batch_size = 1
-        elif prompt is not None:
-            batch_size = len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
-        num_images = batch_size * num_images_per_prompt
+        num_images = self._begin_text_call(
+            guider=guider, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, clip_skip=clip_skip,
+            cross_attention_kwargs=cross_attention_kwargs, prompt=prompt, prompt_embeds=prompt_embeds,
+            num_images_per_prompt=num_images_per_prompt, denoising_end=denoising_end)
         generator = self._generators_from_seed(seed, generator, num_images)
         device = self._execution_device
         do_cfg = guider is not None
@@ -138,22 +126,13 @@ class FastGenStableDiffusionXLPipeline(FastGenPipelineMixin, StableDiffusionXLPi
         if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
             image_embeds = self.prepare_ip_adapter_image_embeds(
                 ip_adapter_image, ip_adapter_image_embeds, device, num_images, do_cfg)
-            if do_cfg:
-                pairs = [e.chunk(2) for e in image_embeds]
-                uncond["added_cond_kwargs"]["image_embeds"] = [p[0] for p in pairs]
-                cond["added_cond_kwargs"]["image_embeds"] = [p[1] for p in pairs]
-            else:
-                cond["added_cond_kwargs"]["image_embeds"] = image_embeds
+            self._add_ip_adapter_embeds(cond, uncond, image_embeds)
 
         if denoising_end is not None and 0 < denoising_end < 1:
             cutoff = int(round(scheduler.config.num_train_timesteps * (1 - denoising_end)))
             timesteps = timesteps[: len([t for t in timesteps if t >= cutoff])]
-        for extra_name, extra in (("timestep_cond", self._timestep_cond(guidance_scale, num_images, device, latents)),
-                                  ("cross_attention_kwargs", cross_attention_kwargs)):
-            if extra is not None:
-                for c in (cond, uncond):
-                    if c is not None:
-                        c[extra_name] = extra
+        self._add_shared_conditions(cond, uncond, guidance_scale=guidance_scale, num_images=num_images, device=device,
+                                    dtype=latents.dtype, cross_attention_kwargs=cross_attention_kwargs)
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
 
@@ -181,13 +160,6 @@ class FastGenStableDiffusionXLPipeline(FastGenPipelineMixin, StableDiffusionXLPi
         if not return_dict:
             return (image,)
         return FastGenPipelineOutput(images=image, nfe=result.nfe, steps=result.steps)
-
-    def _timestep_cond(self, guidance_scale, num_images, device, latents):
-        if self.unet.config.time_cond_proj_dim is None:
-            return None
-        scale_tensor = torch.tensor(guidance_scale - 1).repeat(num_images)
-        return self.get_guidance_scale_embedding(
-            scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim).to(device=device, dtype=latents.dtype)
 
     def _decode_latents(self, latents: torch.Tensor, output_type: str):
         """VAE decode with SDXL's fp16 upcast and latents mean/std handling, then post-processing."""
