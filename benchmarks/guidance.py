@@ -128,6 +128,7 @@ def plot(record: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     cells = record["cells"]
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
@@ -144,6 +145,7 @@ def plot(record: dict, path: Path) -> None:
         ax.set_xlabel("guidance scale w")
         ax.set_xscale("log")
         ax.set_xticks(record["config"]["scales"], [f"{s:g}" for s in record["config"]["scales"]])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     axes[0].legend(fontsize=8)
     fig.suptitle(f"built-in digits, {record['config']['steps']} steps, n={record['config']['n']} per cell", fontsize=10)
     fig.tight_layout()
