@@ -280,6 +280,7 @@ def test_bad_arguments_name_the_argument():
                         (lambda: AdaptiveGuidance(space="latent"), r"space must be one of \('eps', 'x0', 'input'\)"),
                         (lambda: AdaptiveGuidance(batch_rule="mean"), "batch_rule must be one of"),
                         (lambda: LinearAG(coefficients={"format": "other"}), "fastgen-linear-ag/1"),
+                        (lambda: LinearAG(coefficients=3), "coefficients must be a path, a dict or None"),
                         (lambda: resolve_guidance("apgx", 3.0), r"\['cfg', 'apg', 'ag', 'linear-ag'\]")]:
         with pytest.raises(ValueError, match=match):
             make()

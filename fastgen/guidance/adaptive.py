@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,8 @@ class LinearAG(AdaptiveGuidance):
         stop: float = 1.0,
         enabled: bool = True,
     ):
+        if not isinstance(coefficients, (str, os.PathLike, dict, type(None))):
+            raise ValueError(f"coefficients must be a path, a dict or None, got {type(coefficients).__name__}.")
         self.fit: dict | None = None
         if coefficients is not None:
             self.fit = load_linear_ag_coefficients(coefficients)
@@ -211,8 +214,6 @@ class LinearAG(AdaptiveGuidance):
             elif not math.isclose(float(guidance_scale), self.fit["guidance_scale"]):
                 raise ValueError(f"guidance_scale {guidance_scale} does not match the LinearAG coefficients, fitted at "
                                  f"scale {self.fit['guidance_scale']}; refit with fastgen fit-linear-ag --scale.")
-        elif not isinstance(coefficients, (str, dict, type(None))):
-            raise ValueError(f"coefficients must be a path, a dict or None, got {type(coefficients).__name__}.")
         super().__init__(7.5 if guidance_scale is None else guidance_scale, threshold, space, batch_rule,
                          guidance_rescale, start, stop, enabled)
 

@@ -4,7 +4,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, DiTTransformer2DModel, Transformer2DModel, UNet2DModel
-from diffusers.pipelines.pipeline_utils import ImagePipelineOutput  # noqa: F401  (diffusers-compatible tuple)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
