@@ -1,5 +1,6 @@
 """USF solver schedules and USFScheduler: exact reproduction of diffusers solvers, serialisation, errors."""
 import copy
+import math
 import json
 
 import pytest
@@ -23,7 +24,8 @@ def unet():
 def digits_config(**over):
     """The built-in digits model's scheduler config: DPM-Solver from a linear DDPM, x0 thresholding on."""
     ddpm = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
-    return DPMSolverMultistepScheduler.from_config(ddpm.config, thresholding=True, sample_max_value=1.0, **over).config
+    over = {"thresholding": True, "sample_max_value": 1.0, **over}
+    return DPMSolverMultistepScheduler.from_config(ddpm.config, **over).config
 
 
 def run_loop(unet, scheduler, n, x, scale=3.0):
@@ -226,3 +228,126 @@ def test_cli_teleport_stats_from_data(tmp_path):
     assert main(["teleport-stats", "--out", str(out), "--json"]) == 0
     stats = GaussianStats.load(out)
     assert stats.shape == (1, 16, 16) and stats.rank == 256 and stats.total_variance > 1
+
+
+# ---------------------------------------------------------------- start points, implicit corrector, average_x0
+def _gaussian_vp():
+    """An exact eps-model for Gaussian data (d=16, rank 5) under the digits VP schedule, and its closed-form flow."""
+    from fastgen.schedule import NoiseSchedule
+    from fastgen.teleport import GaussianStats
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))
+    stats = GaussianStats(torch.randn(16, generator=g, dtype=torch.float64) * 0.5,
+                          torch.tensor([4.0, 2.0, 1.0, 0.5, 0.1], dtype=torch.float64), u[:, :5], 0.0)
+    ns = NoiseSchedule.from_scheduler_config(digits_config())
+
+    def ab(t):
+        a, s = ns.alpha_sigma(torch.tensor(float(t), dtype=torch.float64))
+        return float(a), float(s)
+
+    def model(x, t):
+        a, s = ab(t)
+        dev = x - a * stats.mean
+        x0 = stats.mean + (a * stats.eigenvalues / (a * a * stats.eigenvalues + s * s) * (dev @ stats.eigenvectors)) \
+            @ stats.eigenvectors.T
+        return (x - a * x0) / s
+    return ns, stats, ab, model
+
+
+def _solve_gaussian(decide, n, x):
+    """Run a USFScheduler with per-step decisions ``decide(i)`` on n lambda-uniform steps down to t = 0;
+    return (max error against the closed-form PF-ODE solution, NFE, evaluations made)."""
+    from fastgen.solvers.usf import logsnr_uniform_timesteps
+    from fastgen.teleport import teleport
+    ns, stats, ab, model = _gaussian_vp()
+    times = logsnr_uniform_timesteps(ns, n, t_min=0.0)
+    sched = SolverSchedule(times, [decide(i) for i in range(n)], final_timestep=0.0)
+    sc = USFScheduler.from_config(digits_config(thresholding=False), schedule=sched)
+    sc.set_timesteps()
+    y, calls = x.clone(), 0
+    for t in sc.timesteps:
+        y = sc.step(model(y, t), t, y, return_dict=False)[0]
+        calls += 1
+    (a0, s0), (a1, s1) = ab(times[0]), ab(0.0)
+    ref = teleport(x, stats, alpha_from=a0, sigma_from=s0, alpha_to=a1, sigma_to=s1)
+    return float((y - ref).abs().max()), sched.nfe, calls
+
+
+@pytest.mark.parametrize("name,decision,order", [
+    ("ddim", StepDecision("data", 1), 1),
+    ("order 1 + pseudo corrector", StepDecision("data", 1, corrector="pseudo"), 2),
+    ("order 1 + implicit corrector", StepDecision("data", 1, corrector="implicit"), 2),
+    ("order 2", StepDecision("data", 2), 2),
+    ("order 2 + implicit corrector", StepDecision("data", 2, corrector="implicit"), 3),
+    ("order 3 from start point -2", StepDecision("data", 3, start_point=-2), 3),
+])
+def test_usf_decisions_converge_at_their_order(name, decision, order):
+    """On an exact Gaussian model every decision converges to the closed-form ODE solution, at its order
+    (observed slope of log error vs log steps, 20 -> 40 -> 80 steps); implicit correctors cost one NFE each."""
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    runs = [_solve_gaussian(lambda i: decision, n, x) for n in (20, 40, 80)]
+    slopes = [math.log2(runs[j][0] / runs[j + 1][0]) for j in range(2)]
+    assert order - 0.2 <= slopes[-1] <= order + 1.7, (name, slopes)
+    for n, (_, nfe, calls) in zip((20, 40, 80), runs):
+        assert nfe == calls == (2 * n - 1 if decision.corrector == "implicit" else n)
+
+
+def test_start_point_order1_is_a_ddim_jump_from_the_older_point():
+    ns, stats, ab, model = _gaussian_vp()
+    times, final = [999.0, 600.0], 100.0
+    sched = SolverSchedule(times, [StepDecision("data", 1), StepDecision("data", 1, start_point=-2)], final_timestep=final)
+    sc = USFScheduler.from_config(digits_config(thresholding=False), schedule=sched)
+    sc.set_timesteps()
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    y = x.clone()
+    for t in sc.timesteps:
+        y = sc.step(model(y, t), t, y, return_dict=False)[0]
+    (a0, s0), (af, sf) = ab(times[0]), ab(final)
+    x0 = (x - s0 * model(x, times[0])) / a0
+    assert (y - ((sf / s0) * x + (af - sf * a0 / s0) * x0)).abs().max() < 1e-12  # DDIM t0 -> final
+    sched.steps[1].start_point = -1  # the multistep step from the newer point differs
+    sc = USFScheduler.from_config(digits_config(thresholding=False), schedule=sched)
+    sc.set_timesteps()
+    z = x.clone()
+    for t in sc.timesteps:
+        z = sc.step(model(z, t), t, z, return_dict=False)[0]
+    assert (z - y).abs().max() > 1e-3
+
+
+def test_average_x0_first_step_and_round_trip(unet, tmp_path):
+    mean = [[[0.25 * ((i + j) % 3 - 1) for j in range(8)] for i in range(8)]]
+    steps = [StepDecision("data", 1), StepDecision("data", 2, corrector="implicit", start_point=-1),
+             StepDecision("data", 2, corrector="pseudo"), StepDecision("data", 1)]
+    sched = SolverSchedule([999.0, 700.0, 400.0, 150.0], steps, afs="average_x0", afs_x0=mean)
+    assert sched.nfe == 4 and sched.num_evals == 4  # 4 steps - analytical first + 1 implicit
+    sched.save(tmp_path / "s.json")
+    assert SolverSchedule.load(tmp_path / "s.json").to_dict() == sched.to_dict()
+    sc = USFScheduler.from_config(digits_config(), schedule=tmp_path / "s.json")
+    sc.set_timesteps(4)
+    assert sc.timesteps.tolist() == [700, 400, 400, 150]  # the implicit corrector re-evaluates at 400
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    first = sc.scale_model_input(x, sc.timesteps[0])
+    ns = sc.noise_schedule
+    (a0, s0), (a1, s1) = (tuple(float(v) for v in ns.alpha_sigma(torch.tensor(t, dtype=torch.float64))) for t in (999.0, 700.0))
+    expect = (s1 / s0) * x + (a1 - s1 * a0 / s0) * torch.tensor(mean)  # DDIM with x0 := mean
+    assert (first - expect).abs().max() < 1e-6
+    pipe = FastGenClassPipeline(scheduler=DPMSolverMultistepScheduler.from_config(digits_config()), unet=unet)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe([3, 5], num_inference_steps=4, seed=0, guidance_scale=2.0, solver=sched, output_type="pt")
+    assert out.nfe == 8 and torch.isfinite(out.images).all()  # 4 evaluations x 2 (CFG)
+
+
+def test_new_decisions_reject_bad_values():
+    with pytest.raises(ValueError, match="start_point"):
+        StepDecision("data", 2, start_point=0).validate()
+    with pytest.raises(ValueError, match="corrector"):
+        StepDecision("data", 2, corrector="explicit").validate()
+    with pytest.raises(ValueError, match="afs_x0"):
+        SolverSchedule([999.0, 500.0], [StepDecision(), StepDecision()], afs="average_x0")
+    with pytest.raises(ValueError, match="implicit"):
+        SolverSchedule([999.0, 500.0], [StepDecision(corrector="implicit"), StepDecision()], targets=[400.0, None])
+    sched = SolverSchedule([999.0, 500.0, 200.0], [StepDecision(corrector="implicit"), StepDecision(), StepDecision()])
+    sc = USFScheduler.from_config(digits_config(), schedule=sched)
+    sc.set_timesteps()
+    with pytest.raises(ValueError, match="implicit-corrector evaluation"):
+        sc.set_begin_index(1)

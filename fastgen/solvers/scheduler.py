@@ -42,10 +42,25 @@ class USFSchedulerOutput(BaseOutput):
 
 @dataclass
 class _Point:
+    """One evaluation in the history: its time, lambda, predictions, and the sample it was taken at."""
+
+    t: float
     lam: float
     x0: torch.Tensor
     eps: torch.Tensor
     eps_raw: torch.Tensor
+    x: torch.Tensor
+
+
+@dataclass
+class _Pending:
+    """A step waiting for its corrector: what it expanded around and where it started."""
+
+    step: int
+    order: int
+    x_start: torch.Tensor
+    base: _Point
+    others: list
 
 
 class USFScheduler(SchedulerMixin, ConfigMixin):
@@ -125,11 +140,13 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         if begin_index and self.schedule is not None and self.schedule.afs != "none":
             raise ValueError("set_begin_index > 0 (teleport/img2img) cannot follow a schedule with an analytical "
                              "first step; use a schedule with afs='none'.")
+        if begin_index and self.schedule is not None and self._plan[begin_index][1] != "main":
+            raise ValueError(f"set_begin_index({begin_index}) falls on an implicit-corrector evaluation; start at a step.")
         self._begin_index = begin_index
 
     def _reset_state(self) -> None:
         self._history: list[_Point] = []
-        self._pending: tuple[int, int, torch.Tensor] | None = None  # (step, order used, sample at its start)
+        self._pending: _Pending | None = None
         self._afs_done = False
 
     def base_config(self) -> dict[str, Any]:
@@ -154,21 +171,23 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
             schedule = self._fixed
             if timesteps is not None:
                 raise ValueError("timesteps cannot be given with a fixed schedule; it carries its own grid.")
-            if num_inference_steps is not None and num_inference_steps not in (schedule.nfe, schedule.num_steps):
+            if num_inference_steps is not None and num_inference_steps not in (schedule.nfe, schedule.num_steps,
+                                                                               schedule.num_evals):
                 raise ValueError(f"num_inference_steps must match the schedule's NFE ({schedule.nfe}); got "
                                  f"{num_inference_steps}. Search or load a schedule for that NFE instead.")
         elif timesteps is not None:
             times = [float(t) for t in timesteps]
             schedule = preset_schedule(self.config.preset, len(times), self.base_config())
             schedule = SolverSchedule(times, schedule.steps, final_timestep=None, afs=schedule.afs,
-                                      clip_denoised=schedule.clip_denoised, name=schedule.name)
+                                      afs_x0=schedule.afs_x0, clip_denoised=schedule.clip_denoised, name=schedule.name)
         else:
             if num_inference_steps is None or isinstance(num_inference_steps, bool) or int(num_inference_steps) < 1:
                 raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
             schedule = preset_schedule(self.config.preset, int(num_inference_steps), self.base_config())
         self.schedule = schedule
         self._afs = int(schedule.afs != "none")
-        evals = schedule.timesteps[self._afs:]
+        self._plan = schedule.eval_plan()
+        evals = [schedule.timesteps[i] if kind == "main" else schedule.target(i) for i, kind in self._plan]
         integral = all(float(t).is_integer() for t in evals)
         self.timesteps = torch.tensor(evals, dtype=torch.int64 if integral else torch.float32, device=device)
         self.num_inference_steps = len(evals)
@@ -202,39 +221,49 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         return sample
 
     def _afs_jump(self, x: torch.Tensor) -> torch.Tensor:
-        """S³'s ``zero_x0`` analytical first step: DDIM from t_0 with eps(x_T) := x_T."""
+        """S³'s analytical first step, a DDIM step from t_0 without the network: ``zero_x0`` takes
+        eps(x_T) := x_T, ``average_x0`` takes x0 := the data mean ``afs_x0``."""
         a0, s0, l0 = self._ab(self.schedule.timesteps[0])
         a1, s1, l1 = self._ab(self.schedule.timesteps[1])
-        c_x, (c_eps,) = taylor_coefficients("noise", 1, l0, l1, a0, s0, a1, s1, [])
-        return (c_x + c_eps) * x
+        if self.schedule.afs == "zero_x0":
+            c_x, (c_eps,) = taylor_coefficients("noise", 1, l0, l1, a0, s0, a1, s1, [])
+            return (c_x + c_eps) * x
+        c_x, (c_x0,) = taylor_coefficients("data", 1, l0, l1, a0, s0, a1, s1, [])
+        mean = torch.as_tensor(self.schedule.afs_x0, dtype=x.dtype, device=x.device)
+        return c_x * x + c_x0 * mean
 
     # ------------------------------------------------------------------ protocol: step
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """Advance ``sample`` from ``timestep`` to the step's target (UniC-style correction of the previous
-        step first, when that step asked for a pseudo corrector)."""
+        step first, when that step asked for a pseudo corrector). At an implicit-corrector evaluation the
+        returned sample is the corrected end point of the previous step, at the same time."""
         if self.schedule is None:
             raise ValueError("call set_timesteps before step.")
         if self._step_index is None:
             self._init_step_index(timestep)
         if self._step_index >= self.num_inference_steps:
             raise ValueError(f"step called {self._step_index + 1} times for {self.num_inference_steps} timesteps.")
-        i = self._step_index + self._afs
+        i, kind = self._plan[self._step_index]
         if self._afs and not self._afs_done and self._step_index == 0:
             sample = self._afs_jump(sample)
         self._afs_done = True
-        point = self._convert(model_output, sample, i)
-        if self._pending is not None:
-            sample = self._correct(point)
-        self._history = (self._history + [point])[-4:]
-        prev = self._predict(i, sample)
+        point = self._convert(model_output, sample, float(self.timesteps[self._step_index]))
+        if kind == "implicit":  # correct step i with this evaluation; the next call re-evaluates there
+            prev = self._correct(point)
+        else:
+            if self._pending is not None:
+                sample = self._correct(point)
+                point.x = sample
+            self._history = (self._history + [point])[-6:]
+            prev = self._predict(i, sample)
         self._step_index += 1
         if not return_dict:
             return (prev, point.x0)
         return USFSchedulerOutput(prev_sample=prev, pred_original_sample=point.x0)
 
-    def _convert(self, out: torch.Tensor, x: torch.Tensor, i: int) -> _Point:
-        """x0 and eps from the raw output at evaluation ``i`` (x0 thresholded/clipped, eps consistent)."""
-        a, s, lam = self._ab(self.schedule.timesteps[i])
+    def _convert(self, out: torch.Tensor, x: torch.Tensor, t: float) -> _Point:
+        """x0 and eps from the raw output at network time ``t`` (x0 thresholded/clipped, eps consistent)."""
+        a, s, lam = self._ab(t)
         p = self.config.prediction_type
         if p == "epsilon":
             x0, eps = (x - s * out) / a, out
@@ -250,7 +279,7 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
             c = float(self.schedule.clip_denoised)
             x0 = x0.clamp(-c, c)
             eps = (x - a * x0) / s
-        return _Point(lam, x0, eps, eps_raw)
+        return _Point(t, lam, x0, eps, eps_raw, x)
 
     def _update(self, decision, order: int, x: torch.Tensor, t_from: float, t_to: float | None,
                 base: _Point, others: list[_Point], relaxation: str) -> torch.Tensor:
@@ -271,24 +300,29 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         return out
 
     def _predict(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Step ``i``: expand around its start point (capped by the history), derivatives from the most
+        recent other points."""
         d = self.schedule.steps[i]
-        order = min(d.order, len(self._history))
-        others = self._history[-order:-1][::-1] if order > 1 else []
+        hist = self._history
+        b = max(len(hist) + d.start_point, 0)
+        base = hist[b]
+        order = min(d.order, len(hist))
+        others = [p for j, p in enumerate(hist) if j != b][::-1][: order - 1]
+        x_start = x if b == len(hist) - 1 else base.x
         last = i == self.schedule.num_steps - 1
         target = self.schedule.target(i)
-        self._pending = (i, order, x) if (d.corrector == "pseudo" and not last and d.prediction != "ddim") else None
-        return self._update(d, order, x, self.schedule.timesteps[i], target, self._history[-1], others, d.relaxation)
+        wants = d.corrector in ("pseudo", "implicit") and not last and d.prediction != "ddim"
+        self._pending = _Pending(i, order, x_start, base, others) if wants else None
+        return self._update(d, order, x_start, base.t, target, base, others, d.relaxation)
 
     def _correct(self, new: _Point) -> torch.Tensor:
-        """Pseudo corrector (UniC): redo step j at order k+1 from its start, adding the new evaluation."""
-        j, order, x_start = self._pending
+        """Corrector (UniC): redo step j at order k+1 from its start, adding the new evaluation."""
+        pend = self._pending
         self._pending = None
-        d = self.schedule.steps[j]
-        base = self._history[-1]
-        older = self._history[-order:-1][::-1] if order > 1 else []
-        relaxation = d.corrector_relaxation if order == 1 else "none"
-        return self._update(d, order + 1, x_start, self.schedule.timesteps[j], self.schedule.target(j), base,
-                            [new] + older, relaxation)
+        d = self.schedule.steps[pend.step]
+        relaxation = d.corrector_relaxation if pend.order == 1 else "none"
+        return self._update(d, pend.order + 1, pend.x_start, pend.base.t, self.schedule.target(pend.step),
+                            pend.base, [new] + pend.others, relaxation)
 
     # ------------------------------------------------------------------ protocol: misc
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

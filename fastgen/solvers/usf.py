@@ -8,9 +8,13 @@ with ``h = lambda_t - lambda_s`` and ``phi_0(z) = e^z``, ``phi_{n+1}(z) = (phi_n
 * data prediction:  ``x_t = (sigma_t/sigma_s) x_s + alpha_t sum_n h^{n+1} phi_{n+1}(-h) x0^{(n)}(lambda_s)``
 * noise prediction: ``x_t = (alpha_t/alpha_s) x_s - sigma_t sum_n h^{n+1} phi_{n+1}(h) eps^{(n)}(lambda_s)``
 
-The derivatives come from the multistep history (Lagrange / finite differences in lambda), the first
-derivative may be *relaxed* by a factor, and a *pseudo corrector* (UniC, Zhao et al. 2023) redoes the
-previous step one order higher once the model has been evaluated at its end point (no extra NFE).
+The derivatives come from the multistep history (Lagrange / finite differences in lambda), the
+expansion point may be an older history point (*start point* -p: a single-step-like jump from there),
+the first derivative may be *relaxed* by a factor, and a corrector redoes the previous step one order
+higher once the model has been evaluated at its end point: *pseudo* (UniC, Zhao et al. 2023) keeps that
+evaluation for the next step (no extra NFE), *implicit* evaluates again at the corrected point (+1 NFE).
+An *analytical first step* replaces the first evaluation by ``eps(x_T) := x_T`` (``zero_x0``) or
+``x0 := the data mean`` (``average_x0``).
 Special cases are the diffusers solvers the presets are named after:
 
 * DDIM (Song et al. 2021, arXiv:2010.02502): order 1.
@@ -35,9 +39,10 @@ from typing import Any, Mapping, Sequence
 
 PREDICTIONS = ("data", "noise", "ddim")
 RELAXATIONS = ("none", "dpmsolver-2", "unipc-bh1", "unipc-bh2", "linear")
-CORRECTORS = ("none", "pseudo")
-AFS_TYPES = ("none", "zero_x0")
+CORRECTORS = ("none", "pseudo", "implicit")
+AFS_TYPES = ("none", "zero_x0", "average_x0")
 MAX_ORDER = 3
+MAX_START = 3  # start points -1 .. -MAX_START
 SCHEMA = "fastgen.solver_schedule/1"
 
 
@@ -143,9 +148,13 @@ class StepDecision:
         order: Taylor order k in 1..3, capped by the history available at run time.
         relaxation: factor on the first derivative (``"none"``, ``"dpmsolver-2"``, ``"unipc-bh1"``,
             ``"unipc-bh2"``, ``"linear"`` with ``relaxation_coef``).
-        corrector: ``"none"`` or ``"pseudo"`` (after the next evaluation, redo this step at order k+1
-            with that evaluation included; UniC, no extra NFE). Ignored on the final step.
+        corrector: ``"none"``, ``"pseudo"`` (after the next evaluation, redo this step at order k+1
+            with that evaluation included; UniC, no extra NFE) or ``"implicit"`` (the same, then evaluate
+            the model again at the corrected point for the next step: +1 NFE). Ignored on the final step.
         corrector_relaxation: relaxation of the corrector's first derivative (used when it has order 2).
+        start_point: the history point the step expands around: ``-1`` the latest evaluation (multistep),
+            ``-p`` the p-th latest (the step then starts from the sample at that point's time, a
+            single-step-like jump over the newer points, which still enter the derivative estimate).
     """
 
     prediction: str = "data"
@@ -154,6 +163,7 @@ class StepDecision:
     relaxation_coef: float = 0.0
     corrector: str = "none"
     corrector_relaxation: str = "none"
+    start_point: int = -1
 
     def validate(self, where: str = "step") -> "StepDecision":
         if self.prediction not in PREDICTIONS:
@@ -167,6 +177,9 @@ class StepDecision:
                 raise ValueError(f"{where}.{name} must be one of {RELAXATIONS}, got {getattr(self, name)!r}.")
         if self.corrector not in CORRECTORS:
             raise ValueError(f"{where}.corrector must be one of {CORRECTORS}, got {self.corrector!r}.")
+        if (isinstance(self.start_point, bool) or not isinstance(self.start_point, int)
+                or not -MAX_START <= self.start_point <= -1):
+            raise ValueError(f"{where}.start_point must be an integer in -{MAX_START}..-1, got {self.start_point!r}.")
         self.relaxation_coef = float(self.relaxation_coef)
         return self
 
@@ -183,7 +196,10 @@ class SolverSchedule:
             the next timestep, and ``final_timestep`` for the last step. Only DDIM with a spacing whose
             grid does not match its own ``t - T/N`` rule needs explicit targets.
         final_timestep: the last target (``None`` = sigma 0; ``0.0`` = diffusers' ``sigma_min``).
-        afs: analytical first step: ``"none"`` or ``"zero_x0"`` (eps(x_T) := x_T, saves 1 NFE).
+        afs: analytical first step (saves 1 NFE): ``"none"``, ``"zero_x0"`` (eps(x_T) := x_T) or
+            ``"average_x0"`` (x0 := ``afs_x0``, the data mean in model space).
+        afs_x0: the mean image for ``"average_x0"``: a number or a nested list broadcastable to a sample
+            (e.g. ``GaussianStats.mean`` as a list); stored in the JSON, so the schedule is self-contained.
         clip_denoised: clamp x0 predictions to ``[-c, c]`` (DDIM's ``clip_sample``); ``None`` = off.
         name: a label (preset name, or how the schedule was found).
     """
@@ -193,6 +209,7 @@ class SolverSchedule:
     targets: list[float | None] | None = None
     final_timestep: float | None = None
     afs: str = "none"
+    afs_x0: Any = None
     clip_denoised: float | None = None
     name: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
@@ -222,20 +239,45 @@ class SolverSchedule:
             raise ValueError(f"afs must be one of {AFS_TYPES}, got {self.afs!r}.")
         if self.afs != "none" and len(self.steps) < 2:
             raise ValueError("afs needs at least two steps (the first one is analytical).")
+        if self.afs == "average_x0" and self.afs_x0 is None:
+            raise ValueError("afs='average_x0' needs afs_x0 (the data mean in model space, a number or nested list).")
+        if self.afs_x0 is not None and not isinstance(self.afs_x0, (int, float, list)):
+            raise ValueError(f"afs_x0 must be a number or a nested list, got {type(self.afs_x0).__name__}.")
         for i, s in enumerate(self.steps):
             s.validate(f"steps[{i}]")
+            if s.corrector == "implicit" and i + 1 < len(self.steps) and self.target(i) != self.timesteps[i + 1]:
+                raise ValueError(f"steps[{i}].corrector 'implicit' needs the step to land on the next timestep "
+                                 f"({self.timesteps[i + 1]}), but its target is {self.target(i)}.")
         return self
 
     @property
     def num_steps(self) -> int:
         return len(self.steps)
 
+    def eval_plan(self) -> list[tuple[int, str]]:
+        """The evaluations a run makes, in order: ``(step, "main")`` evaluates at ``timesteps[step]`` and
+        then takes the step; ``(step, "implicit")`` evaluates at the step's end point to correct it."""
+        plan = []
+        for i, s in enumerate(self.steps):
+            if i == 0 and self.afs != "none":
+                continue
+            plan.append((i, "main"))
+            if s.corrector == "implicit" and i + 1 < self.num_steps and s.prediction != "ddim":
+                plan.append((i, "implicit"))
+        return plan
+
+    @property
+    def num_evals(self) -> int:
+        """Evaluations a scheduler run requests (the length of its ``timesteps``)."""
+        return len(self.eval_plan())
+
     @property
     def nfe(self) -> int:
-        """Network evaluations per sample (without guidance): steps minus the analytical first step and
-        minus the steps a teleport replaces (``meta["teleport_steps"]``, searched with teleportation:
-        run with ``teleport_fraction = teleport_steps / num_steps``); pseudo correctors are free (S³ accounting)."""
-        return self.num_steps - (self.afs != "none") - int(self.meta.get("teleport_steps", 0))
+        """Network evaluations per sample (without guidance), S³ accounting: steps, minus the analytical
+        first step, plus implicit correctors (pseudo ones are free), minus the evaluations a teleport
+        replaces (``meta["teleport_steps"]``, searched with teleportation: run with
+        ``teleport_fraction = teleport_steps / num_evals``)."""
+        return self.num_evals - int(self.meta.get("teleport_steps", 0))
 
     def target(self, i: int) -> float | None:
         if self.targets is not None:
@@ -246,14 +288,15 @@ class SolverSchedule:
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "name": self.name, "nfe": self.nfe, "timesteps": list(self.timesteps),
                 "targets": None if self.targets is None else list(self.targets),
-                "final_timestep": self.final_timestep, "afs": self.afs, "clip_denoised": self.clip_denoised,
+                "final_timestep": self.final_timestep, "afs": self.afs, "afs_x0": self.afs_x0,
+                "clip_denoised": self.clip_denoised,
                 "steps": [asdict(s) for s in self.steps], "meta": dict(self.meta)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SolverSchedule":
         if not isinstance(data, Mapping) or "steps" not in data or "timesteps" not in data:
             raise ValueError("a solver schedule must be a JSON object with 'timesteps' and 'steps'.")
-        known = {"timesteps", "steps", "targets", "final_timestep", "afs", "clip_denoised", "name", "meta"}
+        known = {"timesteps", "steps", "targets", "final_timestep", "afs", "afs_x0", "clip_denoised", "name", "meta"}
         schedule = cls(**{k: v for k, v in data.items() if k in known})
         if "nfe" in data and int(data["nfe"]) != schedule.nfe:
             raise ValueError(f"schedule states nfe={data['nfe']} but its steps give {schedule.nfe}.")
