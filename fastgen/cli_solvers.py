@@ -12,20 +12,29 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "search-schedule", help="search a per-step solver schedule for a model and NFE (S³)",
         description="S³ search (Liu et al. 2024): evolutionary search over USF solver schedules, screened by a learned "
-                    "predictor and scored by the RMS distance to a high-NFE reference from the same noise. Resumable: "
-                    "state in OUT.state.json, every evaluation logged to OUT.log.jsonl.",
+                    "predictor and scored by FID of a few hundred samples on fixed seeds (digits features; the paper's "
+                    "fitness) or by the RMS distance to a high-NFE reference from the same noise. The top candidates "
+                    "are re-scored by FID on disjoint seeds. Resumable: state in OUT.state.json, every evaluation "
+                    "logged to OUT.log.jsonl.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="builtin:digits", help="'builtin:digits' or a diffusers folder")
     p.add_argument("--nfe", type=int, required=True, help="network evaluations per sample (guidance excluded)")
     p.add_argument("--budget", type=int, default=40, help="true evaluations (model runs) of candidate schedules")
     p.add_argument("--out", required=True, help="where to write the best schedule (.json)")
-    p.add_argument("--samples", type=int, default=128, help="samples per evaluation (fixed seeds and labels)")
-    p.add_argument("--reference-steps", type=int, default=50, help="steps of the reference solver (DPM-Solver++ 2M)")
+    p.add_argument("--metric", default="auto", choices=["auto", "fid", "rms"],
+                   help="search fitness: 'fid' (digits features; 16x16 one-channel models), 'rms' (distance to a "
+                        "high-NFE reference); 'auto' = fid for builtin:digits, rms otherwise")
+    p.add_argument("--samples", type=int, default=500, help="samples per evaluation (fixed seeds and labels)")
+    p.add_argument("--reference-steps", type=int, default=50, help="steps of the reference solver for --metric rms")
+    p.add_argument("--data-mean", default="auto",
+                   help="Gaussian statistics file whose mean enables the 'average_x0' first step; 'auto' = the "
+                        "shipped digits statistics for builtin:digits, 'none' = leave that option out")
+    p.add_argument("--initial", nargs="*", default=[], help="schedule JSONs to evaluate with the seed candidates")
     p.add_argument("--scale", type=float, default=3.0, help="CFG guidance scale used while searching")
     p.add_argument("--teleport", default=None, help="Gaussian statistics file: search schedules whose first step is "
                                                      "this teleport (its target is searched too)")
     p.add_argument("--rescore", type=int, default=3, help="re-score this many top candidates with digits FID")
-    p.add_argument("--rescore-samples", type=int, default=500, help="samples for the FID re-scoring")
+    p.add_argument("--rescore-samples", type=int, default=1000, help="samples for the FID re-scoring")
     p.add_argument("--seed", type=int, default=0, help="search seed")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -60,22 +69,34 @@ def run_search(args) -> int:
         raise ValueError(f"--nfe must be in 1..20 for a schedule search, got {args.nfe}.")
     if not args.out.endswith(".json"):
         raise ValueError(f"--out must be a .json path, got {args.out!r}.")
-    stats = None
-    if args.teleport is not None:
-        from .teleport import GaussianStats
-        stats = GaussianStats.load(args.teleport)
+    builtin = args.model == "builtin:digits"
+    metric = ("fid" if builtin else "rms") if args.metric == "auto" else args.metric
+    if metric == "fid" and not builtin:
+        raise ValueError("--metric fid scores with the digits feature network, so it needs --model builtin:digits; "
+                         "use --metric rms for other models.")
+    from .solvers.usf import SolverSchedule
+    from .teleport import GaussianStats
+    initial = [SolverSchedule.load(path) for path in args.initial]
+    stats = GaussianStats.load(args.teleport) if args.teleport is not None else None
+    mean_path = args.data_mean
+    if mean_path == "auto":
+        mean_path = str(Path(__file__).resolve().parent / "assets" / "digits-teleport" / "stats.safetensors") if builtin else "none"
+    data_mean = None if mean_path == "none" else GaussianStats.load(mean_path).mean.float().tolist()
     import torch
     from .cli_sample import load_pipeline
     from .solvers.search import SearchSpace, search
-    from .solvers.evaluate import ScheduleEvaluator
+    from .solvers.evaluate import FIDEvaluator, ScheduleEvaluator
     torch.manual_seed(args.seed)
     pipe = load_pipeline(args.model, "auto", args.device)
     pipe.set_progress_bar_config(disable=True)
-    ev = ScheduleEvaluator(pipe, samples=args.samples, reference_steps=args.reference_steps, scale=args.scale,
-                           teleport=stats)
+    if metric == "fid":
+        ev = FIDEvaluator(pipe, samples=args.samples, scale=args.scale, teleport=stats)
+    else:
+        ev = ScheduleEvaluator(pipe, samples=args.samples, reference_steps=args.reference_steps, scale=args.scale,
+                               teleport=stats)
     ns = ev.noise_schedule
     space = SearchSpace(nfe=args.nfe, t_max=ns.t_max, t_min=ns.t_min, lambda_of=ns.lambda_, t_of_lambda=ns.t_from_lambda,
-                        teleport_steps=int(stats is not None))
+                        teleport_steps=int(stats is not None), data_mean=data_mean)
     out = Path(args.out)
     progress = None
     if not args.no_progress:
@@ -83,20 +104,21 @@ def run_search(args) -> int:
         progress = lambda **kw: tqdm(desc=f"S3 nfe={args.nfe}", unit="eval", file=sys.stderr, **kw)  # noqa: E731
     t0, c0 = time.time(), time.process_time()
     records = search(space, ev, budget=args.budget, state_path=str(out) + ".state.json",
-                     log_path=str(out) + ".log.jsonl", seed=args.seed, progress=progress)
+                     log_path=str(out) + ".log.jsonl", seed=args.seed, progress=progress, initial=initial)
     best = ev.rescore(records[: args.rescore], args.rescore_samples)
     best.meta.update({"search": {"evaluations": len(records), "budget": args.budget, "samples": args.samples,
-                                 "metric": "rms_to_reference", "reference": f"dpmsolver++-2m@{args.reference_steps}",
+                                 "metric": ev.name,
+                                 "reference": f"dpmsolver++-2m@{args.reference_steps}" if metric == "rms" else "eval/digits_train_stats.npz",
                                  "guidance_scale": args.scale, "teleport": args.teleport,
                                  "eval_seconds": round(sum(r["seconds"] for r in records), 1),
                                  "cpu_seconds_this_run": round(time.process_time() - c0, 1),
                                  "wall_seconds_this_run": round(time.time() - t0, 1)}})
     best.name = f"s3-nfe{args.nfe}" + ("-teleport" if stats is not None else "")
     best.save(out)
-    record = {"out": str(out), "nfe": best.nfe, **best.meta["search"], "rms": best.meta.get("rms"),
+    record = {"out": str(out), "nfe": best.nfe, **best.meta["search"], "search_metric": best.meta.get("search_metric"),
               "fid": best.meta.get("fid")}
-    print(json.dumps(record) if args.json else f"best schedule (nfe {best.nfe}, rms {record['rms']:.4g}, "
-          f"FID {record['fid']}) written to {out}")
+    print(json.dumps(record) if args.json else f"best schedule (nfe {best.nfe}, {ev.name} {record['search_metric']:.4g}, "
+          f"FID {record['fid']:.4g} on {args.rescore_samples} re-scoring samples) written to {out}")
     return 0
 
 

@@ -351,3 +351,24 @@ def test_new_decisions_reject_bad_values():
     sc.set_timesteps()
     with pytest.raises(ValueError, match="implicit-corrector evaluation"):
         sc.set_begin_index(1)
+
+
+def test_search_moves_keep_the_nfe_with_implicit_correctors_and_afs():
+    """Mutation and crossover may add implicit correctors (+1 NFE each), change the analytical first step
+    or the start points; the step count must follow so every candidate costs exactly the searched NFE."""
+    import random
+    from fastgen.solvers.search import crossover, mutate, seed_candidates
+    for nfe in (2, 5):
+        space = toy_space(nfe)
+        space.data_mean = 0.1
+        rng = random.Random(nfe)
+        pop = seed_candidates(space)
+        assert {c.afs for c in pop} == {"none", "zero_x0", "average_x0"}
+        seen = set()
+        for _ in range(400):
+            a = rng.choice(pop)
+            c = mutate(space, a, rng) if rng.random() < 0.7 else crossover(space, a, rng.choice(pop), rng)
+            assert c.nfe == nfe, c.to_dict()
+            seen |= {s.corrector for s in c.steps} | {f"start{s.start_point}" for s in c.steps} | {c.afs}
+            pop.append(c)
+        assert {"implicit", "pseudo", "start-2", "average_x0", "zero_x0"} <= seen

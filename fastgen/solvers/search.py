@@ -6,12 +6,15 @@ Models* (ICLR 2024, arXiv:2312.07243). The released evolutionary search (parents
 distribution; the paper's predictor (an MLP on the encoded schedule) ranks many proposals and only the
 most promising are evaluated with the model, in rounds of evaluate -> retrain -> propose.
 
-Cheap metric (what a true evaluation costs): the RMS distance, in model space, between the candidate's
-samples and a high-NFE reference from the *same* initial noise and labels. It is deterministic (fixed
-seeds), has no small-sample bias (unlike a few-hundred-sample FID), and measures exactly what a solver
-schedule controls: the error of solving the same probability-flow ODE. The final top candidates are
-re-scored with FID on the digits features (search hygiene: re-evaluate on a larger sample), and the
-best by FID is returned.
+The search space is USF's (:mod:`fastgen.solvers.usf`): the lambda-positions of the timesteps, and per
+step the prediction type, Taylor order, start point, relaxation, corrector (none / pseudo / implicit,
+an implicit one costing a step elsewhere at fixed NFE) and the analytical first step (none / zero_x0 /
+average_x0 when a data mean is given).
+
+The metric is whatever ``evaluate`` returns (lower is better); :mod:`fastgen.solvers.evaluate` offers
+FID of a few hundred samples on fixed seeds (what the paper optimises, and what the benchmark reports)
+and the RMS distance to a high-NFE reference from the same noise (no features needed; measures the ODE
+error only). The final top candidates are re-scored on a larger, disjoint sample (search hygiene).
 """
 from __future__ import annotations
 
@@ -41,7 +44,9 @@ class SearchSpace:
         t_max, t_min: the model's network-time range (first timestep is fixed at ``t_max``).
         lambda_of, t_of_lambda: the model's ``lambda(t)`` and its inverse (a :class:`NoiseSchedule`).
         teleport_steps: 1 when a Gaussian teleport replaces the first step (its target is searched);
-            the analytical first step is then not used.
+            the analytical first step and implicit correctors are then not used.
+        data_mean: the data mean in model space (a nested list) for the ``average_x0`` first step;
+            ``None`` leaves that option out.
     """
 
     nfe: int
@@ -50,6 +55,12 @@ class SearchSpace:
     lambda_of: Callable
     t_of_lambda: Callable
     teleport_steps: int = 0
+    data_mean: Any = None
+
+    def afs_options(self) -> tuple[str, ...]:
+        if self.teleport_steps:
+            return ("none",)
+        return ("none", "zero_x0") + (("average_x0",) if self.data_mean is not None else ())
 
     def lam_range(self) -> tuple[float, float]:
         return float(self.lambda_of(self.t_max)), float(self.lambda_of(self.t_min))
@@ -67,16 +78,18 @@ class SearchSpace:
 def encode(schedule: SolverSchedule, max_steps: int) -> list[float]:
     """Fixed-length feature vector of a schedule (per step: position in lambda, prediction, order,
     relaxation, corrector), the predictor's input."""
-    feats: list[float] = [float(schedule.afs != "none"), float(schedule.final_timestep is None), schedule.num_steps / max_steps]
+    feats: list[float] = [float(schedule.afs == "zero_x0"), float(schedule.afs == "average_x0"),
+                          float(schedule.final_timestep is None), schedule.num_steps / max_steps]
     lam = [float(x) for x in schedule.meta.get("u", [0.0] * schedule.num_steps)]
     for i in range(max_steps):
         if i < schedule.num_steps:
             s = schedule.steps[i]
             feats += [1.0, lam[i], float(s.prediction == "data"), s.order / 3.0,
                       *[float(s.relaxation == r) for r in SEARCH_RELAXATIONS], s.relaxation_coef,
-                      float(s.corrector == "pseudo"), float(s.corrector_relaxation != "none")]
+                      float(s.corrector == "pseudo"), float(s.corrector == "implicit"),
+                      float(s.corrector_relaxation != "none"), -1.0 - s.start_point]
         else:
-            feats += [0.0] * 11
+            feats += [0.0] * 13
     return feats
 
 
@@ -125,20 +138,60 @@ def make_schedule(space: SearchSpace, u: list[float], steps: list[StepDecision],
     if final is not None and final >= times[-1]:
         final = None
     return SolverSchedule([round(t, 4) for t in times], steps, final_timestep=final, afs=afs,
+                          afs_x0=space.data_mean if afs == "average_x0" else None,
                           meta={"u": [round(x, 6) for x in u], "teleport_steps": space.teleport_steps})
+
+
+def _implicit_count(steps: list[StepDecision], afs: str = "none") -> int:
+    """Implicit correctors that cost an evaluation (not on the final step, nor on an analytical first step)."""
+    first = int(afs != "none")
+    return sum(s.corrector == "implicit" and s.prediction != "ddim" for s in steps[first:-1])
+
+
+def _fit_nfe(space: SearchSpace, u: list[float], steps: list[StepDecision], afs: str,
+             rng: random.Random) -> tuple[list[float], list[StepDecision]]:
+    """Change the step count until the schedule costs exactly ``space.nfe`` (an implicit corrector costs
+    one evaluation): too expensive -> drop an implicit corrector (to pseudo) or a random interior step;
+    too cheap -> split the widest lambda gap (the new step copies its neighbour, without implicit)."""
+    def cost() -> int:
+        return len(steps) - (afs != "none") - space.teleport_steps + _implicit_count(steps, afs)
+
+    for attempt in range(2):
+        for _ in range(4 * space.nfe + 8):
+            if cost() == space.nfe:
+                return u, steps
+            implicit = [i for i, s in enumerate(steps[:-1]) if s.corrector == "implicit" and (i or afs == "none")]
+            if cost() > space.nfe:
+                if implicit and (len(steps) <= 2 or rng.random() < 0.5):
+                    steps[rng.choice(implicit)].corrector = "pseudo"
+                elif len(steps) > 2:
+                    j = rng.randrange(1, len(steps))
+                    u.pop(j)
+                    steps.pop(j)
+            else:
+                _, i = max((b - a, i) for i, (a, b) in enumerate(zip(u, u[1:] + [1.0])))
+                hi = u[i + 1] if i + 1 < len(u) else min(1.0, u[i] + 2 * (1.0 - u[i]) / 3)
+                u.insert(i + 1, (u[i] + hi) / 2)
+                new = StepDecision(**vars(steps[i]))
+                new.corrector = "pseudo" if new.corrector == "implicit" else new.corrector
+                steps.insert(i + 1, new)
+        for s in steps:  # fallback: without implicit correctors every add/remove changes the cost by one
+            s.corrector = "pseudo" if s.corrector == "implicit" else s.corrector
+    raise RuntimeError(f"could not fit a schedule to nfe={space.nfe}")  # unreachable: the fallback converges
 
 
 def seed_candidates(space: SearchSpace) -> list[SolverSchedule]:
     """Hand-made starting points: DDIM and the diffusers-style multistep solvers on logSNR-uniform and
-    time-uniform grids, with and without an analytical first step."""
-    n_steps = space.nfe + space.teleport_steps
+    time-uniform grids; UniPC-style schedules with each analytical first step."""
     out = []
-    for afs in ("none", "zero_x0") if space.teleport_steps == 0 else ("none",):
-        n = n_steps + (afs != "none")
+    for afs in space.afs_options():
+        n = space.nfe + space.teleport_steps + (afs != "none")
         grids = {"logsnr": [i / n for i in range(n)],
                  "time": [space.to_u(space.t_max - i * (space.t_max - space.t_min) / n) for i in range(n)]}
         for grid, u in grids.items():
             for kind in ("dpm++", "unipc", "unipc3", "deis", "ddim"):
+                if afs != "none" and (grid != "logsnr" or kind not in ("unipc", "unipc3")):
+                    continue
                 steps = []
                 for i in range(n):
                     k = min(2 if kind in ("dpm++", "unipc", "deis") else 3, i + 1, n - i)
@@ -156,21 +209,17 @@ def seed_candidates(space: SearchSpace) -> list[SolverSchedule]:
 
 
 def mutate(space: SearchSpace, parent: SolverSchedule, rng: random.Random, p: float = 0.3) -> SolverSchedule:
-    """S³'s mutation: each decision changes with probability ``p``; timesteps get N(0, 0.08) in lambda."""
+    """S³'s mutation: each decision changes with probability ``p``; timesteps get N(0, 0.08) in lambda;
+    the analytical first step and the final target change with probability 0.1; the step count follows
+    from the NFE (implicit correctors cost a step)."""
     u = list(parent.meta["u"])
+    steps = [StepDecision(**vars(s)) for s in parent.steps]
     afs = parent.afs
-    if space.teleport_steps == 0 and rng.random() < 0.1:
-        afs = "none" if afs != "none" else "zero_x0"
-    n = space.nfe + space.teleport_steps + (afs != "none")
-    if len(u) != n:  # afs toggled: re-space the grid
-        u = [i / n for i in range(n)]
+    options = space.afs_options()
+    if len(options) > 1 and rng.random() < 0.1:
+        afs = rng.choice([a for a in options if a != afs])
     u = [0.0] + sorted(min(max(x + (rng.gauss(0, 0.08) if rng.random() < p else 0.0), 1e-3), 0.995) for x in u[1:])
-    for i in range(1, n):
-        u[i] = max(u[i], u[i - 1] + 1e-3)
-    steps = []
-    old = parent.steps
-    for i in range(n):
-        s = StepDecision(**vars(old[min(i, len(old) - 1)]))
+    for s in steps:
         if rng.random() < p:
             s.prediction = rng.choice(["data", "noise"])
         if rng.random() < p:
@@ -179,12 +228,16 @@ def mutate(space: SearchSpace, parent: SolverSchedule, rng: random.Random, p: fl
             s.relaxation = rng.choice(SEARCH_RELAXATIONS)
             s.relaxation_coef = round(rng.uniform(-0.5, 0.5), 3) if s.relaxation == "linear" else 0.0
         if rng.random() < p:
-            s.corrector = rng.choice(["none", "pseudo"])
+            s.corrector = rng.choice(["none", "pseudo"] + (["implicit"] if not space.teleport_steps else []))
         if rng.random() < p:
             s.corrector_relaxation = rng.choice(["none", "unipc-bh1", "unipc-bh2"])
+        if rng.random() < p / 2:
+            s.start_point = rng.choices([-1, -2, -3], weights=[0.6, 0.3, 0.1])[0]
         if s.prediction == "ddim":
             s.prediction = "data"
-        steps.append(s)
+    u, steps = _fit_nfe(space, u, steps, afs, rng)
+    for i in range(1, len(u)):
+        u[i] = max(u[i], u[i - 1] + 1e-3)
     final_zero = parent.final_timestep is None
     if rng.random() < 0.1:
         final_zero = not final_zero
@@ -198,9 +251,10 @@ def crossover(space: SearchSpace, a: SolverSchedule, b: SolverSchedule, rng: ran
     pick = [rng.random() < 0.5 for _ in range(a.num_steps)]
     u = sorted((x if k else y) for k, x, y in zip(pick, a.meta["u"], b.meta["u"]))
     u[0] = 0.0
+    steps = [StepDecision(**vars(x if k else y)) for k, x, y in zip(pick, a.steps, b.steps)]
+    u, steps = _fit_nfe(space, u, steps, a.afs, rng)
     for i in range(1, len(u)):
         u[i] = max(u[i], u[i - 1] + 1e-3)
-    steps = [StepDecision(**vars(x if k else y)) for k, x, y in zip(pick, a.steps, b.steps)]
     return make_schedule(space, u, steps, a.afs, rng.random() < 0.5 and a.final_timestep is None or b.final_timestep is None)
 
 
@@ -214,8 +268,9 @@ def key(schedule: SolverSchedule) -> str:
 # ---------------------------------------------------------------------------------------------- search
 def search(space: SearchSpace, evaluate: Callable[[SolverSchedule], float], *, budget: int, state_path: str | os.PathLike,
            log_path: str | os.PathLike, seed: int = 0, per_round: int = 4, proposals: int = 96,
-           progress: Callable | None = None) -> list[dict[str, Any]]:
+           progress: Callable | None = None, initial: list[SolverSchedule] = ()) -> list[dict[str, Any]]:
     """Run S³ until ``budget`` true evaluations are in the state file; resumable (state is re-read).
+    ``initial`` schedules (e.g. an earlier search's best) are evaluated with the seed candidates.
 
     Returns the evaluated records ``{"schedule", "metric", "round", "seconds"}``, best first.
     """
@@ -225,6 +280,12 @@ def search(space: SearchSpace, evaluate: Callable[[SolverSchedule], float], *, b
         records = json.loads(state_path.read_text())["records"]
     seen = {key(SolverSchedule.from_dict(r["schedule"])) for r in records}
     max_steps = space.nfe + space.teleport_steps + 1
+    initial = [SolverSchedule.from_dict(c.to_dict()) for c in initial]
+    for c in initial:
+        if c.nfe != space.nfe:
+            raise ValueError(f"initial schedules must have nfe={space.nfe}, got one with nfe={c.nfe}.")
+        if "u" not in c.meta:
+            c.meta["u"] = [round(space.to_u(t), 6) for t in c.timesteps]
     rng = random.Random(seed * 1000003 + len(records))
     bar = progress(total=budget, initial=min(len(records), budget)) if progress else None
 
@@ -257,7 +318,7 @@ def search(space: SearchSpace, evaluate: Callable[[SolverSchedule], float], *, b
                 bar.update(1)
                 bar.set_postfix(best=f"{min(r['metric'] for r in records):.4g}")
 
-    run(seed_candidates(space), 0)  # already-evaluated seeds are skipped, new ones run on resume
+    run(seed_candidates(space) + initial, 0)  # already-evaluated seeds are skipped, new ones run on resume
     rnd = max((r["round"] for r in records), default=0)
     while len(records) < budget:
         rnd += 1
