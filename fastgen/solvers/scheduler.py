@@ -8,6 +8,15 @@ fastgen's own sampling loop::
     pipe.scheduler = USFScheduler.from_config(pipe.scheduler.config, schedule="nfe5.json")
 
 The schedule is stored in ``scheduler_config.json``, so ``save_pretrained``/``from_pretrained`` keep it.
+
+VP (DDPM-beta) models and flow-matching (rectified-flow, velocity-predicting) models are supported; for the
+latter, pass the model's FlowMatchEuler config (SD3, Flux)::
+
+    pipe.scheduler = USFScheduler.from_config(pipe.scheduler.config, preset="usf-unipc-bh2-2p")
+
+and the scheduler accepts ``set_timesteps(n, sigmas=..., mu=...)`` as stock flow pipelines call it, building
+the flow grid of the preset's diffusers solver (DPM-Solver++ / UniPC with ``use_flow_sigmas=True``).
+EDM / VE-form (``EDM*``) schedulers are not supported.
 Method: Liu et al. 2024, *A Unified Sampling Framework for Solver Searching of Diffusion Probabilistic
 Models* (S³, arXiv:2312.07243); see :mod:`fastgen.solvers.usf` for the update rule.
 """
@@ -26,10 +35,16 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 
 from ..schedule import NoiseSchedule
-from .usf import SolverSchedule, check_preset, preset_schedule, taylor_coefficients
+from .usf import (SolverSchedule, check_flow_preset, check_preset, flow_reference_config, is_flow_config,
+                  preset_schedule, taylor_coefficients)
 
 _BASE_KEYS = ("timestep_spacing", "steps_offset", "final_sigmas_type", "lower_order_final", "euler_at_final",
               "clip_sample", "clip_sample_range", "set_alpha_to_one")
+_FLOW_KEYS = ("use_flow_sigmas", "flow_shift", "use_dynamic_shifting", "time_shift_type", "shift_terminal",
+              "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
+# FlowMatchEulerDiscreteScheduler's defaults for the keys stock pipelines read to compute ``mu``.
+_FLOW_DEFAULTS = {"flow_shift": 1.0, "use_dynamic_shifting": False, "time_shift_type": "exponential",
+                  "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
 
 
 @dataclass
@@ -66,10 +81,32 @@ class _Pending:
 class USFScheduler(SchedulerMixin, ConfigMixin):
     """Unified-sampling-framework solver (S³, Liu et al. 2024) as a diffusers scheduler.
 
+    Two model families are supported:
+
+    * **VP (DDPM-beta) models**, from any DDPM/DDIM/DPM-Solver/UniPC/DEIS/Euler... config with betas: every
+      preset reproduces its diffusers solver.
+    * **Flow-matching (rectified-flow) models**: ``x_t = (1 - s) x0 + s eps``, network timestep ``s * T``,
+      output the velocity ``v = eps - x0`` (``prediction_type="flow_prediction"``), as SD3 / Flux. Flow
+      mode is detected by ``from_config`` from a ``FlowMatch*`` config (its ``shift`` becomes
+      ``flow_shift``) or from ``use_flow_sigmas=True`` / ``prediction_type="flow_prediction"``; it is kept
+      in the registered config (``use_flow_sigmas=True``), so ``save_pretrained``/``from_pretrained``
+      round-trip. The update is the same exponential integrator with ``alpha = 1 - s``, ``sigma = s``,
+      ``x0 = x - s v`` and ``eps = x + (1 - s) v``. ``set_timesteps(n, sigmas=..., mu=...)`` builds the grid
+      the preset's diffusers solver builds in flow mode (DPM-Solver++ / UniPC with ``use_flow_sigmas``:
+      shift, dynamic shift ``mu``, ``shift_terminal``), and the network gets the same truncated integer
+      timesteps they give it. Flow presets: :data:`fastgen.solvers.usf.FLOW_PRESETS` (DPM-Solver++ 2M,
+      UniPC, ``usf-default``); DDIM, DEIS and noise-prediction DPM-Solver have no flow mode and raise.
+
+    Not supported: EDM / VE-form schedulers (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``)
+    and Karras / exponential / beta sigma grids in flow mode (these raise); a VP config's
+    ``use_karras_sigmas`` is ignored.
+
     Args:
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the model's VP training
-            schedule (as in diffusers' DDPM/DPM-Solver configs).
-        prediction_type: the network's output (``"epsilon"``, ``"v_prediction"``, ``"sample"``).
+            schedule (as in diffusers' DDPM/DPM-Solver configs); for flow models ``num_train_timesteps``
+            is the timestep scale ``T``.
+        prediction_type: the network's output (``"epsilon"``, ``"v_prediction"``, ``"sample"``, or
+            ``"flow_prediction"`` for flow-matching models).
         thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding of x0
             (Saharia et al. 2022), as in diffusers' multistep schedulers.
         preset: a preset name (:func:`fastgen.solvers.available_presets`), expanded for the number of
@@ -78,10 +115,37 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         timestep_spacing, steps_offset, final_sigmas_type, lower_order_final, euler_at_final, clip_sample,
             clip_sample_range, set_alpha_to_one: base-config values forwarded to the diffusers solver a
             preset reproduces (``None`` = that solver's default).
+        use_flow_sigmas: flow-matching mode (set by ``from_config`` for flow configs; ``None`` = VP).
+        flow_shift, use_dynamic_shifting, time_shift_type, shift_terminal: the flow grid's shift (as
+            DPM-Solver/UniPC's flow mode; FlowMatchEuler's ``shift``), dynamic shifting (``mu``) and
+            terminal stretch.
+        base_shift, max_shift, base_image_seq_len, max_image_seq_len: kept for stock flow pipelines, which
+            read them to compute ``mu`` when ``use_dynamic_shifting`` is on.
     """
 
-    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["FlowMatchEulerDiscreteScheduler"]
     order = 1
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """As diffusers' ``from_config``; a flow-matching config (``FlowMatch*``, or a solver config with
+        ``use_flow_sigmas=True`` / ``prediction_type="flow_prediction"``) turns on flow mode, with
+        FlowMatchEuler's ``shift`` as ``flow_shift``."""
+        if isinstance(config, ConfigMixin):
+            config = config.config
+        if isinstance(config, dict) and is_flow_config({**config, **kwargs}):
+            cfg = dict(config)
+            flow_reference_config({**cfg, **kwargs})  # raises for Karras/exponential/beta/inverted sigmas
+            shift = cfg.pop("shift", None)
+            if shift is not None and "flow_shift" not in cfg:
+                cfg["flow_shift"] = shift
+            for key in ("invert_sigmas", "stochastic_sampling", "use_karras_sigmas", "use_exponential_sigmas",
+                        "use_beta_sigmas"):
+                cfg.pop(key, None)  # all False here (checked above)
+            cfg["use_flow_sigmas"] = True
+            cfg["prediction_type"] = "flow_prediction"
+            config = cfg
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @register_to_config
     def __init__(
@@ -105,22 +169,47 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         clip_sample: bool | None = None,
         clip_sample_range: float | None = None,
         set_alpha_to_one: bool | None = None,
+        use_flow_sigmas: bool | None = None,
+        flow_shift: float | None = None,
+        use_dynamic_shifting: bool | None = None,
+        time_shift_type: str | None = None,
+        shift_terminal: float | None = None,
+        base_shift: float | None = None,
+        max_shift: float | None = None,
+        base_image_seq_len: int | None = None,
+        max_image_seq_len: int | None = None,
     ):
-        if prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"prediction_type must be one of 'epsilon', 'v_prediction', 'sample', got {prediction_type!r}.")
+        self.is_flow = bool(use_flow_sigmas) or prediction_type == "flow_prediction"
+        if self.is_flow:
+            if prediction_type != "flow_prediction":
+                raise ValueError("use_flow_sigmas=True (a flow-matching model) needs prediction_type='flow_prediction' "
+                                 f"(the network predicts the velocity eps - x0), got {prediction_type!r}.")
+            given = {"flow_shift": flow_shift, "use_dynamic_shifting": use_dynamic_shifting,
+                     "time_shift_type": time_shift_type, "base_shift": base_shift, "max_shift": max_shift,
+                     "base_image_seq_len": base_image_seq_len, "max_image_seq_len": max_image_seq_len}
+            self.register_to_config(use_flow_sigmas=True, **{k: _FLOW_DEFAULTS[k] if v is None else v
+                                                             for k, v in given.items()})
+        elif prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"prediction_type must be one of 'epsilon', 'v_prediction', 'sample', 'flow_prediction', "
+                             f"got {prediction_type!r}.")
         if schedule is not None:
             fixed = _load_schedule(schedule)
             self.register_to_config(schedule=fixed.to_dict())
             self._fixed: SolverSchedule | None = fixed
         else:
-            check_preset(preset)
+            check_flow_preset(preset) if self.is_flow else check_preset(preset)
             self._fixed = None
-        self.noise_schedule = NoiseSchedule.from_scheduler_config(
-            {"num_train_timesteps": num_train_timesteps, "beta_start": beta_start, "beta_end": beta_end,
-             "beta_schedule": beta_schedule, "trained_betas": trained_betas})
+        if self.is_flow:
+            flow_reference_config(self.base_config())  # clear errors for unsupported flow options, now
+            self.noise_schedule = NoiseSchedule("flow", num_train_timesteps=num_train_timesteps)
+        else:
+            self.noise_schedule = NoiseSchedule.from_scheduler_config(
+                {"num_train_timesteps": num_train_timesteps, "beta_start": beta_start, "beta_end": beta_end,
+                 "beta_schedule": beta_schedule, "trained_betas": trained_betas})
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = torch.zeros(0)
+        self._times: list[float] = []
         self.schedule: SolverSchedule | None = None
         self._step_index: int | None = None
         self._begin_index: int | None = None
@@ -154,23 +243,35 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         cfg = {k: v for k, v in dict(self.config).items() if not k.startswith("_")}
         cfg.pop("preset", None)
         cfg.pop("schedule", None)
-        for key in _BASE_KEYS:
+        for key in _BASE_KEYS + _FLOW_KEYS:
             if cfg.get(key) is None:
+                cfg.pop(key, None)
+        if not cfg.get("use_flow_sigmas"):  # VP: the base config is exactly what it was before flow support
+            for key in _FLOW_KEYS:
                 cfg.pop(key, None)
         return cfg
 
     # ------------------------------------------------------------------ protocol: timesteps
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
-                      timesteps: list[float] | None = None) -> None:
+                      timesteps: list[float] | None = None, sigmas: list[float] | None = None,
+                      mu: float | None = None) -> None:
         """Build the schedule for this call (a preset expanded for ``num_inference_steps``, or the fixed one).
 
         A fixed schedule runs its own grid; ``num_inference_steps`` must then equal its NFE (or its number
         of steps). Custom ``timesteps`` replace a preset's grid (last target: clean data).
+        Flow-matching mode only: ``sigmas`` (custom sigmas, shifted as diffusers' flow UniPC shifts them) and
+        ``mu`` (the dynamic shift stock flow pipelines compute from the image size) go to the preset's grid,
+        as ``retrieve_timesteps`` passes them; a fixed schedule keeps its own grid and ignores ``mu``.
         """
+        if not self.is_flow and (sigmas is not None or mu is not None):
+            raise ValueError("sigmas and mu are only supported in flow-matching mode (a FlowMatch config, or "
+                             "use_flow_sigmas=True with prediction_type='flow_prediction').")
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("pass only one of timesteps and sigmas.")
         if self._fixed is not None:
             schedule = self._fixed
-            if timesteps is not None:
-                raise ValueError("timesteps cannot be given with a fixed schedule; it carries its own grid.")
+            if timesteps is not None or sigmas is not None:
+                raise ValueError("timesteps/sigmas cannot be given with a fixed schedule; it carries its own grid.")
             if num_inference_steps is not None and num_inference_steps not in (schedule.nfe, schedule.num_steps,
                                                                                schedule.num_evals):
                 raise ValueError(f"num_inference_steps must match the schedule's NFE ({schedule.nfe}); got "
@@ -180,6 +281,13 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
             schedule = preset_schedule(self.config.preset, len(times), self.base_config())
             schedule = SolverSchedule(times, schedule.steps, final_timestep=None, afs=schedule.afs,
                                       afs_x0=schedule.afs_x0, clip_denoised=schedule.clip_denoised, name=schedule.name)
+        elif self.is_flow:
+            if sigmas is None and (num_inference_steps is None or isinstance(num_inference_steps, bool)
+                                   or int(num_inference_steps) < 1):
+                raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
+            custom = None if sigmas is None else [float(v) for v in sigmas]
+            schedule = preset_schedule(self.config.preset, None if custom is not None else int(num_inference_steps),
+                                       self.base_config(), sigmas=custom, mu=None if mu is None else float(mu))
         else:
             if num_inference_steps is None or isinstance(num_inference_steps, bool) or int(num_inference_steps) < 1:
                 raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
@@ -188,12 +296,34 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         self._afs = int(schedule.afs != "none")
         self._plan = schedule.eval_plan()
         evals = [schedule.timesteps[i] if kind == "main" else schedule.target(i) for i, kind in self._plan]
-        integral = all(float(t).is_integer() for t in evals)
-        self.timesteps = torch.tensor(evals, dtype=torch.int64 if integral else torch.float32, device=device)
+        shown = self._network_timesteps(schedule, evals) if self.is_flow else evals
+        integral = all(float(t).is_integer() for t in shown)
+        self.timesteps = torch.tensor(shown, dtype=torch.int64 if integral else torch.float32, device=device)
+        # The update works at the exact times; VP keeps reading them back from ``timesteps`` as it always has.
+        self._times = [float(t) for t in evals] if self.is_flow else [float(t) for t in self.timesteps]
+        if self.is_flow:
+            T = float(self.config.num_train_timesteps)
+            final = schedule.target(self._plan[-1][0])
+            self.sigmas = torch.tensor([t / T for t in self._times] + [0.0 if final is None else final / T],
+                                       dtype=torch.float32)
         self.num_inference_steps = len(evals)
         self._step_index = None
         self._begin_index = None
         self._reset_state()
+
+    @staticmethod
+    def _network_timesteps(schedule: SolverSchedule, evals: list[float]) -> list[float]:
+        """What the network is given at each evaluation: diffusers' flow-mode solvers pass ``int64(sigma *
+        T)`` while stepping with the exact sigma; a preset records those in ``meta["network_timesteps"]``.
+        Entries more than 1 away from the solver time (a stale list on an edited schedule) are not used."""
+        given = schedule.meta.get("network_timesteps")
+        if not isinstance(given, list) or len(given) != schedule.num_steps:
+            return list(evals)
+        out = []
+        for (i, kind), t in zip(schedule.eval_plan(), evals):
+            g = float(given[i]) if kind == "main" else None
+            out.append(g if g is not None and abs(g - t) < 1.0 else t)
+        return out
 
     def _ab(self, t: float | None) -> tuple[float, float, float]:
         """(alpha, sigma, lambda) in float64 at network time ``t`` (``None`` = clean data)."""
@@ -247,7 +377,7 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         if self._afs and not self._afs_done and self._step_index == 0:
             sample = self._afs_jump(sample)
         self._afs_done = True
-        point = self._convert(model_output, sample, float(self.timesteps[self._step_index]))
+        point = self._convert(model_output, sample, self._times[self._step_index])
         if kind == "implicit":  # correct step i with this evaluation; the next call re-evaluates there
             prev = self._correct(point)
         else:
@@ -265,7 +395,9 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         """x0 and eps from the raw output at network time ``t`` (x0 thresholded/clipped, eps consistent)."""
         a, s, lam = self._ab(t)
         p = self.config.prediction_type
-        if p == "epsilon":
+        if p == "flow_prediction":  # v = eps - x0 with a = 1 - s: x0 = x - s v, eps = x + a v
+            x0, eps = x - s * out, x + a * out
+        elif p == "epsilon":
             x0, eps = (x - s * out) / a, out
         elif p == "v_prediction":
             x0, eps = a * x - s * out, a * out + s * x

@@ -27,6 +27,12 @@ Special cases are the diffusers solvers the presets are named after:
 A :class:`SolverSchedule` holds the per-step decisions; it round-trips through JSON. Presets are
 recipes: :func:`preset_schedule` expands one for a number of steps and a diffusers scheduler config, so
 final-step and ``lower_order_final`` handling follow the diffusers solver it reproduces.
+
+The update only needs alpha, sigma and lambda per time, so it also covers flow-matching models
+(``x_t = (1 - s) x0 + s eps``: alpha = 1 - s, sigma = s). For a flow config (:func:`is_flow_config`)
+the presets in :data:`FLOW_PRESETS` use the grid their diffusers solver builds in flow mode
+(``use_flow_sigmas=True``: shift, dynamic shift ``mu``, custom ``sigmas``); DDIM and DEIS have no flow
+mode and raise.
 """
 from __future__ import annotations
 
@@ -330,28 +336,41 @@ def _dpm(algorithm: str, solver_type: str):
     prediction = "data" if algorithm == "dpmsolver++" else "noise"
     relax = "dpmsolver-2" if solver_type == "midpoint" else "none"
 
-    def build(n, cfg):
+    def build(n, cfg, sigmas=None, mu=None):
         from diffusers import DPMSolverMultistepScheduler
         over = {"algorithm_type": algorithm, "solver_type": solver_type, "solver_order": 2}
         if algorithm == "dpmsolver" and cfg.get("final_sigmas_type", "zero") == "zero":
             over["final_sigmas_type"] = "sigma_min"  # diffusers refuses sigma 0 for noise prediction
-        ref = DPMSolverMultistepScheduler.from_config(cfg, **over)
-        times, final = _reference_grid(ref, n)
+        flow = is_flow_config(cfg)
+        ref = DPMSolverMultistepScheduler.from_config(flow_reference_config(cfg) if flow else cfg, **over)
+        meta = {}
+        if flow:
+            times, final, meta = _flow_grid(ref, n, sigmas, mu)
+            n = len(times)
+        else:
+            times, final = _reference_grid(ref, n)
         last = n - 1
         lower_final = bool(ref.config.euler_at_final or (ref.config.lower_order_final and n < 15)
                            or ref.config.final_sigmas_type == "zero")
         steps = [StepDecision(prediction, 1 if (i == 0 or (i == last and lower_final)) else 2, relax) for i in range(n)]
-        return SolverSchedule(times, steps, final_timestep=final), over
+        return SolverSchedule(times, steps, final_timestep=final, meta=meta), over
     return build
 
 
 def _unipc(variant: str, order: int, corrector: bool):
-    def build(n, cfg):
+    def build(n, cfg, sigmas=None, mu=None):
         from diffusers import UniPCMultistepScheduler
+        flow = is_flow_config(cfg)
+        if flow and sigmas is not None:
+            n = len(sigmas)
         over = {"solver_type": variant, "solver_order": order, "predict_x0": True,
                 "disable_corrector": [] if corrector else list(range(n))}
-        ref = UniPCMultistepScheduler.from_config(cfg, **over)
-        times, final = _reference_grid(ref, n)
+        ref = UniPCMultistepScheduler.from_config(flow_reference_config(cfg) if flow else cfg, **over)
+        meta = {}
+        if flow:
+            times, final, meta = _flow_grid(ref, n, sigmas, mu)
+        else:
+            times, final = _reference_grid(ref, n)
         steps = []
         for i in range(n):
             k = min(order, n - i) if ref.config.lower_order_final else order
@@ -361,7 +380,7 @@ def _unipc(variant: str, order: int, corrector: bool):
             steps.append(StepDecision("data", k, f"unipc-{variant}" if k == 2 else "none",
                                       corrector="pseudo" if corrector else "none",
                                       corrector_relaxation=f"unipc-{variant}" if k == 1 else "none"))
-        return SolverSchedule(times, steps, final_timestep=final), over
+        return SolverSchedule(times, steps, final_timestep=final, meta=meta), over
     return build
 
 
@@ -398,18 +417,30 @@ def _ddim(n, cfg):
     return SolverSchedule(times, [StepDecision("ddim", 1) for _ in range(n)], targets=targets, clip_denoised=clip), {}
 
 
-def _usf_default(n, cfg):
+def _usf_default(n, cfg, sigmas=None, mu=None):
     """fastgen's default: logSNR-uniform grid, data prediction, multistep order up to 3 with a UniC
-    pseudo corrector, lower orders at the end (a UniPC-3 style schedule)."""
+    pseudo corrector, lower orders at the end (a UniPC-3 style schedule).
+
+    For flow-matching configs the grid is instead UniPC's flow grid (the config's shift, or the dynamic
+    shift ``mu``, applied to ``sigmas`` or to a uniform grid): flow models are tuned to their shifted
+    schedule, which a logSNR-uniform grid would ignore."""
     from ..schedule import NoiseSchedule
-    ns = NoiseSchedule.from_scheduler_config(cfg)
-    times = logsnr_uniform_timesteps(ns, n)
+    meta = {}
+    if is_flow_config(cfg):
+        from diffusers import UniPCMultistepScheduler
+        if sigmas is not None:
+            n = len(sigmas)
+        ref = UniPCMultistepScheduler.from_config(flow_reference_config(cfg), solver_order=3)
+        times, _, _ = _flow_grid(ref, n, sigmas, mu)  # the network gets exact times, as FlowMatchEuler gives
+    else:
+        ns = NoiseSchedule.from_scheduler_config(cfg)
+        times = logsnr_uniform_timesteps(ns, n)
     steps = []
     for i in range(n):
         k = min(3, i + 1, n - i)
         steps.append(StepDecision("data", k, "unipc-bh2" if k == 2 else "none", corrector="pseudo",
                                   corrector_relaxation="unipc-bh2" if k == 1 else "none"))
-    return SolverSchedule(times, steps, final_timestep=None), {}
+    return SolverSchedule(times, steps, final_timestep=None, meta=meta), {}
 
 
 def logsnr_uniform_timesteps(ns, n: int, t_max: float | None = None, t_min: float | None = None) -> list[float]:
@@ -428,6 +459,105 @@ def _reference_grid(ref, n: int) -> tuple[list[float], float | None]:
     times = [float(t) for t in ref.timesteps]
     final_sigma = float(ref.sigmas[-1])
     return times, (None if final_sigma == 0.0 else 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- flow matching
+FLOW_PRESETS = ("usf-default", "usf-dpmsolver++-2m", "usf-dpmsolver++-2m-heun", "usf-unipc-bh1-1pc",
+                "usf-unipc-bh1-2p", "usf-unipc-bh1-2pc", "usf-unipc-bh2-1pc", "usf-unipc-bh2-2p",
+                "usf-unipc-bh2-2pc")
+"""Presets that run on flow-matching (rectified-flow, velocity-predicting) models: those whose diffusers
+solver has a flow mode (DPM-Solver++ and UniPC with ``use_flow_sigmas=True``), and fastgen's default.
+DDIM and DEIS have no flow mode in diffusers; noise-prediction DPM-Solver rejects ``flow_prediction``."""
+
+_FLOW_UNSUPPORTED = {"use_karras_sigmas": "Karras sigmas", "use_exponential_sigmas": "exponential sigmas",
+                     "use_beta_sigmas": "beta sigmas", "invert_sigmas": "inverted sigmas",
+                     "stochastic_sampling": "stochastic sampling"}
+
+
+_FLOW_PIPELINE_KEYS = ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
+_FLOW_MATCH_ONLY = ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "invert_sigmas",
+                    "stochastic_sampling")
+
+
+def is_flow_config(config: Mapping[str, Any]) -> bool:
+    """Whether a diffusers scheduler config describes a flow-matching model: a ``FlowMatch*`` scheduler,
+    or a multistep solver in flow mode (``use_flow_sigmas=True`` / ``prediction_type="flow_prediction"``)."""
+    cfg = dict(config)
+    return _is_flow_match(cfg) or bool(cfg.get("use_flow_sigmas")) or cfg.get("prediction_type") == "flow_prediction"
+
+
+def _is_flow_match(cfg: Mapping[str, Any]) -> bool:
+    """A FlowMatch* scheduler's config: named so, or (an instance's config has no ``_class_name``) with
+    FlowMatch's ``shift`` key and no VP beta keys."""
+    if "_class_name" in cfg:
+        return str(cfg["_class_name"]).startswith("FlowMatch")
+    return "shift" in cfg and not any(k in cfg for k in ("beta_start", "beta_schedule", "trained_betas"))
+
+
+def flow_reference_config(config: Mapping[str, Any], keep_pipeline_keys: bool = False) -> dict[str, Any]:
+    """A flow-matching config in the form diffusers' DPM-Solver / UniPC take in flow mode:
+    ``use_flow_sigmas=True``, ``prediction_type="flow_prediction"`` and ``flow_shift`` (a
+    FlowMatchEulerDiscreteScheduler config calls it ``shift``); dynamic-shifting keys keep their names.
+    ``keep_pipeline_keys`` keeps FlowMatch's ``base_shift``/``max_shift``/``*_image_seq_len`` (stock
+    pipelines read them from the scheduler's config to compute ``mu``; diffusers keeps them, with a
+    warning, when a user builds the solver from the FlowMatch config). Raises ValueError for FlowMatch
+    options those solvers cannot reproduce."""
+    cfg = {k: v for k, v in dict(config).items() if not k.startswith("_") and v is not None}
+    for key, what in _FLOW_UNSUPPORTED.items():
+        if cfg.get(key):
+            raise ValueError(f"flow-matching config with {key}=True ({what}) is not supported by the USF presets: "
+                             "diffusers' flow-mode DPM-Solver/UniPC have no such grid; set it to False.")
+    if not _is_flow_match(dict(config)) and cfg.get("prediction_type", "flow_prediction") != "flow_prediction":
+        raise ValueError(f"flow sigmas need prediction_type='flow_prediction' (a velocity model), "
+                         f"got {cfg['prediction_type']!r}.")
+    shift = cfg.pop("shift", None)
+    cfg.setdefault("flow_shift", 1.0 if shift is None else shift)
+    for key in _FLOW_MATCH_ONLY:  # used by pipelines (mu) or checked above; unknown to DPM-Solver/UniPC
+        if not (keep_pipeline_keys and key in _FLOW_PIPELINE_KEYS):
+            cfg.pop(key, None)
+    cfg.update(use_flow_sigmas=True, prediction_type="flow_prediction")
+    return cfg
+
+
+def _flow_grid(ref, n: int, sigmas=None, mu=None) -> tuple[list[float], float | None, dict[str, Any]]:
+    """Solver times, final target and meta of a diffusers flow-mode solver for ``n`` steps.
+
+    diffusers steps with its float32 ``sigmas`` but hands the network ``int64(sigma * T)``; the schedule
+    keeps the exact times (``sigma * T``) for the update and records the network's truncated ones in
+    ``meta["network_timesteps"]``. DPM-Solver takes no custom ``sigmas``: they are then shifted as
+    UniPC (and FlowMatchEuler) shift them."""
+    import numpy as np
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+    cfg = ref.config
+    if sigmas is not None:  # diffusers wants a float64 array (as pipelines pass) and edits it in place
+        sigmas = np.array([float(v) for v in sigmas], dtype=np.float64)
+    dynamic = bool(cfg.get("use_dynamic_shifting", False))
+    if dynamic and mu is None and isinstance(ref, UniPCMultistepScheduler):
+        raise ValueError("this flow config has use_dynamic_shifting=True: set_timesteps needs `mu` "
+                         "(stock pipelines compute it from the image size).")
+    if mu is not None and not dynamic and isinstance(ref, DPMSolverMultistepScheduler):
+        raise ValueError("`mu` (dynamic shift) needs use_dynamic_shifting=True in the scheduler config.")
+    if isinstance(ref, DPMSolverMultistepScheduler) and sigmas is not None:
+        if cfg.get("final_sigmas_type", "zero") != "zero":
+            raise ValueError("custom sigmas with a DPM-Solver preset need final_sigmas_type='zero'.")
+        grid = UniPCMultistepScheduler.from_config(cfg)
+        grid.set_timesteps(sigmas=sigmas, mu=mu)
+        ref.sigmas, ref.timesteps = grid.sigmas, grid.timesteps
+    elif isinstance(ref, DPMSolverMultistepScheduler):
+        ref.set_timesteps(n, mu=mu)
+    else:
+        ref.set_timesteps(n, sigmas=sigmas, mu=mu)
+    T = float(cfg.num_train_timesteps)
+    sig = [float(s) for s in ref.sigmas]
+    times = [s * T for s in sig[:-1]]
+    if sig[-1] == 0.0:
+        final = None
+    elif sig[-1] < sig[-2]:
+        final = sig[-1] * T
+    else:
+        raise ValueError("final_sigmas_type='sigma_min' makes diffusers' flow-mode UniPC end with a zero-length "
+                         "step (its last sigma repeated); use final_sigmas_type='zero'.")
+    return times, final, {"network_timesteps": [float(t) for t in ref.timesteps]}
 
 
 PRESETS = {
@@ -477,12 +607,38 @@ def check_preset(name) -> str:
     return name
 
 
-def preset_schedule(name: str, num_steps: int, config: Mapping[str, Any]) -> SolverSchedule:
-    """Expand preset ``name`` for ``num_steps`` steps of a model with diffusers scheduler ``config``."""
+def check_flow_preset(name: str) -> str:
+    """``name`` if it runs on flow-matching models, else a ValueError naming the presets that do."""
     check_preset(name)
+    if name not in FLOW_PRESETS:
+        raise ValueError(f"preset {name!r} has no flow-matching mode (its diffusers solver cannot sample a "
+                         f"flow_prediction model); presets that support flow: {sorted(FLOW_PRESETS)}.")
+    return name
+
+
+def preset_schedule(name: str, num_steps: int | None, config: Mapping[str, Any], *, sigmas=None,
+                    mu: float | None = None) -> SolverSchedule:
+    """Expand preset ``name`` for ``num_steps`` steps of a model with diffusers scheduler ``config``.
+
+    For flow-matching configs (:func:`is_flow_config`) the grid is the one the preset's diffusers solver
+    builds in flow mode: ``sigmas`` (custom sigmas, before shifting; then ``num_steps`` may be ``None``)
+    and ``mu`` (dynamic shift) are passed to it as a stock pipeline passes them."""
+    check_preset(name)
+    config = dict(config)
+    flow = is_flow_config(config)
+    if flow:
+        check_flow_preset(name)
+        flow_reference_config(config)  # raises for unsupported flow options
+        if sigmas is not None:
+            num_steps = len(sigmas)
+    elif sigmas is not None or mu is not None:
+        raise ValueError("sigmas and mu are only supported for flow-matching configs (use_flow_sigmas=True).")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
-    schedule, _ = PRESETS[name](num_steps, dict(config))
+    if flow:
+        schedule, _ = PRESETS[name](num_steps, config, sigmas=sigmas, mu=mu)
+    else:
+        schedule, _ = PRESETS[name](num_steps, config)
     schedule.name = name
     return schedule
 
@@ -495,6 +651,9 @@ def reference_scheduler(name: str, config: Mapping[str, Any], num_steps: int):
         raise ValueError(f"preset {name!r} has no diffusers counterpart; presets with one: {sorted(PRESET_REFERENCES)}.")
     cls_name, over = PRESET_REFERENCES[name]
     over = dict(over)
+    if is_flow_config(config):  # the solver in flow mode (FlowMatch configs: shift -> flow_shift)
+        check_flow_preset(name)
+        config = flow_reference_config(config, keep_pipeline_keys=True)
     if name.startswith("usf-dpmsolver-") and dict(config).get("final_sigmas_type", "zero") == "zero":
         over["final_sigmas_type"] = "sigma_min"
     if name.endswith("-2p"):
@@ -502,5 +661,6 @@ def reference_scheduler(name: str, config: Mapping[str, Any], num_steps: int):
     return getattr(diffusers, cls_name).from_config(config, **over)
 
 
-__all__ = ["StepDecision", "SolverSchedule", "PRESETS", "available_presets", "preset_schedule",
+__all__ = ["StepDecision", "SolverSchedule", "PRESETS", "FLOW_PRESETS", "available_presets", "preset_schedule",
+           "is_flow_config", "flow_reference_config", "check_flow_preset",
            "reference_scheduler", "taylor_coefficients", "phi", "relaxation_factor", "logsnr_uniform_timesteps"]
