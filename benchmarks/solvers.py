@@ -51,8 +51,12 @@ def run_config(pipe, fid, solver: str, nfe: int, teleport: bool, samples: int, s
         spec = (solver, nfe, None, 0.0)
     t0 = time.time()
     x = run_schedule(pipe, spec, labels, seeds, scale, teleport=stats if solver == "s3" else None)
-    return {"solver": solver, "nfe": nfe, "teleport": teleport, "fid": fid(x), "samples": samples,
-            "seconds": round(time.time() - t0, 1)}
+    rec = {"solver": solver, "nfe": nfe, "teleport": teleport, "fid": fid(x), "samples": samples,
+           "seconds": round(time.time() - t0, 1)}
+    if solver == "s3":
+        rec["schedule"] = str(path.relative_to(REPO))
+        rec["search"] = spec.meta.get("search", {})
+    return rec
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -96,7 +100,16 @@ def summarise(results: list[dict]) -> dict:
             base = fid(r["solver"], r["nfe"])
             if base is not None:
                 tele[f"{r['solver']}@{r['nfe']}"] = {"without": base, "with": r["fid"], "lower": r["fid"] < base}
-    out["teleport_lowers_fid"] = {"per_config": tele, "all": all(v["lower"] for v in tele.values()) if tele else None}
+    out["teleport_lowers_fid"] = {"per_config": tele, "all": all(v["lower"] for v in tele.values()) if tele else None,
+                                  "lowered": sum(v["lower"] for v in tele.values()), "configs": len(tele)}
+    cost = {}
+    for r in results:
+        if r["solver"] == "s3" and r.get("search"):
+            srch = r["search"]
+            cost[f"nfe{r['nfe']}{'-teleport' if r['teleport'] else ''}"] = {
+                "evaluations": srch.get("evaluations"), "samples_per_evaluation": srch.get("samples"),
+                "metric": srch.get("metric"), "cpu_minutes": round(srch.get("eval_seconds", 0.0) / 60, 1)}
+    out["search_cost"] = cost
     return out
 
 

@@ -93,9 +93,9 @@ def test_class_unet_matches_hand_written_cfg_loop(digits_like):
         eps = digits_like.unet(torch.cat([x, x]), t, class_labels=torch.cat([torch.full_like(labels, 10), labels])).sample
         eps_u, eps_c = eps.chunk(2)
         x = sched.step(eps_u + scale * (eps_c - eps_u), t, x).prev_sample
-    ref = (x / 2 + 0.5).clamp(0, 1)
-    out = digits_like(labels, num_inference_steps=steps, guidance_scale=scale, seed=10, output_type="pt")
-    assert torch.allclose(out.images, ref, atol=1e-5)
+    # The random tiny UNet drives raw samples to |x| ~ 450, so compare them relative to float32 precision.
+    out = digits_like(labels, num_inference_steps=steps, guidance_scale=scale, seed=10, output_type="latent")
+    assert torch.allclose(out.images, x, rtol=1e-5, atol=1e-4)
     assert out.nfe == 2 * steps
 
 
