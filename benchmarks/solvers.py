@@ -1,5 +1,9 @@
 """Solver benchmark on the built-in digits model: FID (digits features) vs NFE, with and without teleport.
 
+Teleport statistics: ``data`` = one Gaussian for all digits (``stats.safetensors``); ``class-guided`` =
+one Gaussian per class plus the unconditional one (``class_stats.safetensors``), following the
+CFG-guided Gaussian ODE (``--teleport-stats data class-guided``).
+
 Compares diffusers' DPM-Solver++(2M), UniPC, DEIS and DDIM (built from the model's scheduler config, as
 ``solver=`` resolves them), the USF default schedule, and S³-searched schedules
 (``fastgen/assets/digits-schedules/nfe{N}.json``), each at equal NFE with and without analytical
@@ -22,6 +26,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SCHEDULES = REPO / "fastgen" / "assets" / "digits-schedules"
 STATS = REPO / "fastgen" / "assets" / "digits-teleport" / "stats.safetensors"
+CLASS_STATS = REPO / "fastgen" / "assets" / "digits-teleport" / "class_stats.safetensors"
+TELEPORT_KINDS = {"data": STATS, "class-guided": CLASS_STATS}
 SOLVERS = ["dpmsolver++", "unipc", "deis", "ddim", "usf-default", "s3"]
 
 
@@ -33,13 +39,14 @@ def teleport_grid(nfe: int, fraction: float) -> int:
     return m
 
 
-def run_config(pipe, fid, solver: str, nfe: int, teleport: bool, samples: int, scale: float, fraction: float):
+def run_config(pipe, fid, solver: str, nfe: int, teleport: bool, samples: int, scale: float, fraction: float,
+               kind: str = "data"):
     from fastgen.solvers import SolverSchedule
     from fastgen.solvers.evaluate import run_schedule
-    from fastgen.teleport import GaussianStats
+    from fastgen.teleport import resolve_teleport
     labels = [i % pipe.num_classes for i in range(samples)]
     seeds = list(range(samples))
-    stats = GaussianStats.load(STATS) if teleport else None
+    stats = resolve_teleport(str(TELEPORT_KINDS[kind])) if teleport else None
     if solver == "s3":
         path = SCHEDULES / (f"nfe{nfe}-teleport.json" if teleport else f"nfe{nfe}.json")
         if not path.is_file():
@@ -53,6 +60,8 @@ def run_config(pipe, fid, solver: str, nfe: int, teleport: bool, samples: int, s
     x = run_schedule(pipe, spec, labels, seeds, scale, teleport=stats if solver == "s3" else None)
     rec = {"solver": solver, "nfe": nfe, "teleport": teleport, "fid": fid(x), "samples": samples,
            "seconds": round(time.time() - t0, 1)}
+    if teleport:
+        rec["teleport_stats"] = kind
     if solver == "s3":
         rec["schedule"] = str(path.relative_to(REPO))
         rec["search"] = spec.meta.get("search", {})
@@ -64,12 +73,13 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {None: "-", "data": "--", "class-guided": ":"}
     for i, solver in enumerate(SOLVERS):
-        for tele in (False, True):
-            pts = sorted((r["nfe"], r["fid"]) for r in results if r["solver"] == solver and r["teleport"] == tele)
+        for kind, ls in styles.items():
+            pts = sorted((r["nfe"], r["fid"]) for r in results if r["solver"] == solver and _kind(r) == kind)
             if pts:
-                ax.plot(*zip(*pts), marker="o", color=f"C{i}", linestyle="--" if tele else "-",
-                        label=f"{solver}{' + teleport' if tele else ''}")
+                ax.plot(*zip(*pts), marker="o", color=f"C{i}", linestyle=ls,
+                        label=f"{solver}{'' if kind is None else ' + teleport (' + kind + ')'}")
     ax.set_xlabel("NFE (per sample, guidance excluded)")
     ax.set_ylabel("FID (digits features)")
     ax.set_yscale("log")
@@ -79,10 +89,15 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _kind(r: dict):
+    """None without teleport, else which statistics it used ('data' for records from before the option)."""
+    return r.get("teleport_stats", "data") if r["teleport"] else None
+
+
 def summarise(results: list[dict]) -> dict:
     """The issue's targets, from whatever configurations have been measured."""
-    def fid(solver, nfe, tele=False):
-        vals = [r["fid"] for r in results if (r["solver"], r["nfe"], r["teleport"]) == (solver, nfe, tele)]
+    def fid(solver, nfe, kind=None):
+        vals = [r["fid"] for r in results if (r["solver"], r["nfe"], _kind(r)) == (solver, nfe, kind)]
         return vals[-1] if vals else None
     diffusers = ("dpmsolver++", "unipc", "deis", "ddim")
     out: dict = {}
@@ -94,14 +109,17 @@ def summarise(results: list[dict]) -> dict:
                                                  "target": ">= 0.25", "met": 1 - s3 / best5 >= 0.25}
     if best10 is not None and s3 is not None:
         out["s3_nfe5_vs_best_diffusers_nfe10"] = {"s3": s3, "best_diffusers_nfe10": best10, "met": s3 <= best10}
-    tele = {}
-    for r in results:
-        if r["teleport"] and r["nfe"] <= 8:
-            base = fid(r["solver"], r["nfe"])
-            if base is not None:
-                tele[f"{r['solver']}@{r['nfe']}"] = {"without": base, "with": r["fid"], "lower": r["fid"] < base}
-    out["teleport_lowers_fid"] = {"per_config": tele, "all": all(v["lower"] for v in tele.values()) if tele else None,
-                                  "lowered": sum(v["lower"] for v in tele.values()), "configs": len(tele)}
+    for kind in ("data", "class-guided"):
+        tele = {}
+        for r in results:
+            if _kind(r) == kind and r["nfe"] <= 8:
+                base = fid(r["solver"], r["nfe"])
+                if base is not None:
+                    tele[f"{r['solver']}@{r['nfe']}"] = {"without": base, "with": r["fid"], "lower": r["fid"] < base}
+        if tele:
+            out[f"teleport_lowers_fid[{kind}]"] = {
+                "per_config": tele, "all": all(v["lower"] for v in tele.values()),
+                "lowered": sum(v["lower"] for v in tele.values()), "configs": len(tele)}
     cost = {}
     for r in results:
         if r["solver"] == "s3" and r.get("search"):
@@ -120,6 +138,10 @@ def main() -> None:
     p.add_argument("--solvers", nargs="+", default=SOLVERS, choices=SOLVERS)
     p.add_argument("--teleport-max-nfe", type=int, default=20, help="run teleport variants up to this NFE")
     p.add_argument("--fraction", type=float, default=0.2, help="teleport fraction")
+    p.add_argument("--teleport-stats", nargs="+", default=["data"], choices=sorted(TELEPORT_KINDS),
+                   help="teleport statistics: 'data' (one Gaussian for all digits) and/or 'class-guided' "
+                        "(one per class; guided ODE under CFG)")
+    p.add_argument("--no-plain", action="store_true", help="skip the configurations without teleport")
     p.add_argument("--scale", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "solvers.json"))
@@ -138,24 +160,29 @@ def main() -> None:
     from fastgen.solvers.evaluate import DigitsFID
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.is_file() else {"results": []}
-    done = {(r["solver"], r["nfe"], r["teleport"], r["samples"]) for r in data["results"]}
+    done = {(r["solver"], r["nfe"], _kind(r), r["samples"]) for r in data["results"]}
     pipe = fastgen.load_builtin("digits")
     pipe.set_progress_bar_config(disable=True)
     fid = DigitsFID()
+    kinds = ([] if args.no_plain else [None]) + list(args.teleport_stats)
     for nfe in args.nfe:
-        for tele in (False, True):
-            if tele and nfe > args.teleport_max_nfe:
+        for kind in kinds:
+            if kind is not None and nfe > args.teleport_max_nfe:
                 continue
             for solver in args.solvers:
-                if (solver, nfe, tele, args.samples) in done:
+                if (solver, nfe, kind, args.samples) in done:
                     continue
-                rec = run_config(pipe, fid, solver, nfe, tele, args.samples, args.scale, args.fraction)
+                if kind == "class-guided" and solver == "s3":
+                    continue  # the S³ teleport schedule was searched with the data statistics
+                rec = run_config(pipe, fid, solver, nfe, kind is not None, args.samples, args.scale, args.fraction,
+                                 kind or "data")
                 if rec is None:
                     continue
                 data["results"].append(rec)
                 data["summary"] = summarise(data["results"])
                 data["config"] = {"guidance_scale": args.scale, "teleport_fraction": args.fraction,
-                                  "teleport_stats": str(STATS.relative_to(REPO)), "fid_reference": "eval/digits_train_stats.npz",
+                                  "teleport_stats": {k: str(v.relative_to(REPO)) for k, v in TELEPORT_KINDS.items()},
+                                  "fid_reference": "eval/digits_train_stats.npz",
                                   "features": "digits-features"}
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(data, indent=1) + "\n")

@@ -54,6 +54,9 @@ def register(subparsers) -> None:
     t.add_argument("--explained-variance", type=float, default=0.999,
                    help="variance kept by the low-rank fit (used above --max-full-dim dimensions)")
     t.add_argument("--max-full-dim", type=int, default=4096, help="largest dimension with a full eigendecomposition")
+    t.add_argument("--per-class", action="store_true",
+                   help="one fit per class plus the unconditional fit (ClassGaussianStats, .safetensors): the "
+                        "class pipeline then jumps each row with its class and follows the guided ODE under CFG")
     t.add_argument("--out", required=True, help="output file (.safetensors or .npz)")
     t.add_argument("--device", default="cpu", help="torch device")
     t.add_argument("--json", action="store_true", help="print a JSON record")
@@ -81,7 +84,8 @@ def run_search(args) -> int:
     mean_path = args.data_mean
     if mean_path == "auto":
         mean_path = str(Path(__file__).resolve().parent / "assets" / "digits-teleport" / "stats.safetensors") if builtin else "none"
-    data_mean = None if mean_path == "none" else GaussianStats.load(mean_path).mean.float().tolist()
+    # rounded: the mean is stored inline in every candidate schedule (and the search log)
+    data_mean = None if mean_path == "none" else GaussianStats.load(mean_path).mean.double().mul(1e4).round().div(1e4).tolist()
     import torch
     from .cli_sample import load_pipeline
     from .solvers.search import SearchSpace, search
@@ -127,6 +131,8 @@ def run_teleport_stats(args) -> int:
     from .teleport import STATS_FORMATS, GaussianStats
     if not args.out.endswith(STATS_FORMATS):
         raise ValueError(f"--out must end in one of {STATS_FORMATS}, got {args.out!r}.")
+    if args.per_class and not args.out.endswith(".safetensors"):
+        raise ValueError(f"--per-class statistics are saved as .safetensors, got --out {args.out!r}.")
     if args.samples <= 1 or args.steps <= 0:
         raise ValueError("--samples must be > 1 and --steps positive.")
     if not 0 < args.explained_variance <= 1:
@@ -136,18 +142,29 @@ def run_teleport_stats(args) -> int:
         if args.model != "builtin:digits":
             raise ValueError("--source data is the built-in digits training split; use --source model for --model.")
         from .datasets import load_digits_images
-        x = load_digits_images("train")[0].float()  # (images in [-1, 1], labels)
+        x, y = load_digits_images("train")  # images in [-1, 1], labels
+        x = x.float()
     else:
         from .cli_sample import load_pipeline
         pipe = load_pipeline(args.model, "auto", args.device)
         pipe.set_progress_bar_config(disable=True)
         labels = [i % pipe.num_classes for i in range(args.samples)]
+        y = torch.tensor(labels)
         chunks = []
         for start in range(0, args.samples, 250):
             lab = labels[start:start + 250]
             chunks.append(pipe(class_labels=lab, num_inference_steps=args.steps, seed=list(range(start, start + len(lab))),
                                output_type="latent").images.cpu())
         x = torch.cat(chunks)
+    if args.per_class:
+        from .teleport import ClassGaussianStats
+        # a class has ~N/C samples: a full covariance would be rank-deficient, so always fit low-rank + isotropic
+        stats = ClassGaussianStats.from_samples(x, y, explained_variance=args.explained_variance, max_full_dim=0)
+        stats.save(args.out)
+        record = {"out": args.out, "source": args.source, "samples": int(x.shape[0]), "shape": list(stats.shape),
+                  "classes": len(stats.classes), "ranks": {k: v.rank for k, v in stats.classes.items()}}
+        print(json.dumps(record) if args.json else f"{stats} written to {args.out}")
+        return 0
     stats = GaussianStats.from_samples(x, explained_variance=args.explained_variance, max_full_dim=args.max_full_dim)
     stats.save(args.out)
     record = {"out": args.out, "source": args.source, "samples": int(x.shape[0]), "shape": list(stats.shape),

@@ -372,3 +372,23 @@ def test_search_moves_keep_the_nfe_with_implicit_correctors_and_afs():
             seen |= {s.corrector for s in c.steps} | {f"start{s.start_point}" for s in c.steps} | {c.afs}
             pop.append(c)
         assert {"implicit", "pseudo", "start-2", "average_x0", "zero_x0"} <= seen
+
+
+@pytest.mark.parametrize("name", ["usf-unipc-bh2-2pc", "usf-unipc-bh1-2pc", "usf-dpmsolver++-2m", "usf-deis-2"])
+def test_presets_reproduce_diffusers_after_set_begin_index(unet, name):
+    """img2img / teleport start: history is empty at the begin index, so the first step is order 1 and
+    UniPC's corrector after it is the relaxed order-2 one, as in diffusers."""
+    cfg = digits_config(final_sigmas_type="sigma_min") if "bh1" in name else digits_config()
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(2)
+    outs = []
+    for sched in (reference_scheduler(name, cfg, 8), USFScheduler.from_config(cfg, preset=name)):
+        sched.set_timesteps(8)
+        sched.set_begin_index(3)
+        y = x.clone()
+        for t in sched.timesteps[3:]:
+            with torch.no_grad():
+                out = 3.0 * unet(y, t.expand(2), class_labels=labels).sample
+            y = sched.step(out, t, y, return_dict=False)[0]
+        outs.append(y)
+    assert (outs[0] - outs[1]).abs().max() <= TOL

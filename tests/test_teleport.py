@@ -140,3 +140,97 @@ def test_pipeline_accepts_stats_and_path(tmp_path):
     assert torch.equal(out.images, loaded.images)
     zero = pipe(teleport=stats, teleport_fraction=0.0, **kw)
     assert torch.equal(zero.images, base.images)  # a zero-step teleport is bit-identical to the baseline
+
+
+# ---------------------------------------------------------------- class-wise and guided teleport
+def two_gaussians():
+    """A class Gaussian and an unconditional one with different eigenbases (they do not commute)."""
+    g = torch.Generator().manual_seed(5)
+    u2, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
+    other = GaussianStats(torch.randn(D, generator=g, dtype=torch.float64) * 0.3,
+                          torch.tensor([3.0, 1.5, 0.7, 0.2, 0.05, 0.01], dtype=torch.float64), u2[:, :6], 0.02)
+    return gaussian_stats(), other
+
+
+def guided_ode_solve(x, lam_from, lam_to, cond, uncond, w):
+    """VP guided PF-ODE in DPM-Solver++ form d(x/sigma)/dlambda = e^lambda D_w(x), DOP853 at 1e-12."""
+    alpha, sigma, _ = SCHEDULES["vp"]
+
+    def x0(st, xx, a, s):
+        mu, u, ev, lr = st.mean.numpy(), st.eigenvectors.numpy(), st.eigenvalues.numpy(), st.residual_variance
+        dev = xx - a * mu
+        c = u.T @ dev
+        return mu + u @ (a * ev / (a * a * ev + s * s) * c) + a * lr / (a * a * lr + s * s) * (dev - u @ c)
+
+    def f(lam, y):
+        a, s = alpha(lam), sigma(lam)
+        xx = y * s
+        d_u = x0(uncond, xx, a, s)
+        return math.exp(lam) * (d_u + w * (x0(cond, xx, a, s) - d_u))
+
+    sol = solve_ivp(f, (lam_from, lam_to), x / sigma(lam_from), method="DOP853", rtol=1e-12, atol=1e-12)
+    assert sol.success
+    return sol.y[:, -1] * sigma(lam_to)
+
+
+@pytest.mark.parametrize("w", [1.0, 3.0, 0.0])
+def test_guided_teleport_matches_accurate_ode(w):
+    from fastgen.teleport import guided_teleport
+    cond, uncond = two_gaussians()
+    alpha, sigma, _ = SCHEDULES["vp"]
+    l0, l1 = -5.0, -1.0
+    x = torch.from_numpy(np.random.default_rng(2).standard_normal((3, D)))
+    out = guided_teleport(x, cond, uncond, w, alpha_from=alpha(l0), sigma_from=sigma(l0), alpha_to=alpha(l1),
+                          sigma_to=sigma(l1))
+    for i in range(3):
+        ref = guided_ode_solve(x[i].numpy(), l0, l1, cond, uncond, w)
+        assert np.abs(out[i].numpy() - ref).max() < 1e-7
+    if w == 1.0:  # no guidance: the class's closed form
+        closed = teleport(x, cond, alpha_from=alpha(l0), sigma_from=sigma(l0), alpha_to=alpha(l1), sigma_to=sigma(l1))
+        assert (out - closed).abs().max() < 1e-8
+    if w == 3.0:  # guidance moves the result: the comparison can fail
+        plain = teleport(x, cond, alpha_from=alpha(l0), sigma_from=sigma(l0), alpha_to=alpha(l1), sigma_to=sigma(l1))
+        assert (out - plain).abs().max() > 1e-2
+
+
+def test_class_stats_fit_save_bind_and_pipeline(tmp_path):
+    from diffusers import DPMSolverMultistepScheduler
+
+    from fastgen import FastGenClassPipeline
+    from fastgen.teleport import ClassGaussianStats
+    from tiny import tiny_class_unet
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(60) % 3
+    x = torch.randn(60, 1, 8, 8, generator=g) * 0.3 + labels.reshape(-1, 1, 1, 1) * 0.5 - 0.5
+    cs = ClassGaussianStats.from_samples(x, labels, max_full_dim=0, explained_variance=0.99)
+    assert sorted(cs.classes) == [0, 1, 2] and cs.unconditional is not None and cs.shape == (1, 8, 8)
+    assert torch.allclose(cs.classes[2].mean, x[labels == 2].double().mean(0))
+    cs.save(tmp_path / "c.safetensors")
+    back = resolve_teleport(str(tmp_path / "c.safetensors"))
+    assert isinstance(back, ClassGaussianStats) and torch.equal(back.classes[1].eigenvectors, cs.classes[1].eigenvectors)
+    kw = dict(alpha_from=0.05, sigma_from=(1 - 0.05**2) ** 0.5, alpha_to=0.6, sigma_to=0.8)
+    z = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    rows = cs.for_labels([2, 0, 2, 7])(z, **kw)  # label 7 has no class fit: the unconditional one
+    assert torch.allclose(rows[0], teleport(z[:1], cs.classes[2], **kw)[0])
+    assert torch.allclose(rows[1], teleport(z[1:2], cs.classes[0], **kw)[0])
+    assert torch.allclose(rows[3], teleport(z[3:], cs.unconditional, **kw)[0])
+    with pytest.raises(ValueError, match="class labels"):
+        cs(z, **kw)
+    with pytest.raises(ValueError, match="no teleport statistics for labels"):
+        ClassGaussianStats(dict(cs.classes)).for_labels([5])
+    with pytest.raises(ValueError, match="not a class statistics file"):
+        ClassGaussianStats.load(_saved_plain(tmp_path))
+    pipe = FastGenClassPipeline(scheduler=DPMSolverMultistepScheduler(), unet=tiny_class_unet())
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(class_labels=[1, 2], num_inference_steps=10, seed=0, output_type="pt", teleport_fraction=0.3)
+    guided = pipe(teleport=cs, guidance_scale=3.0, **call)
+    assert guided.nfe == 14 and torch.isfinite(guided.images).all()
+    assert torch.equal(pipe(teleport=str(tmp_path / "c.safetensors"), guidance_scale=3.0, **call).images, guided.images)
+    plain = pipe(teleport=cs.unconditional, guidance_scale=3.0, **call)
+    assert (plain.images - guided.images).abs().max() > 1e-4  # the class-wise guided jump is a different start
+
+
+def _saved_plain(tmp_path):
+    path = tmp_path / "plain.safetensors"
+    gaussian_stats().save(path)
+    return path

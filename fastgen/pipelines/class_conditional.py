@@ -9,6 +9,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..denoiser import Denoiser
 from ..sampling import sample_loop
+from ..teleport import ClassGaussianStats
 from .common import FastGenPipelineMixin, FastGenPipelineOutput
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -153,6 +154,8 @@ class FastGenClassPipeline(FastGenPipelineMixin, DiffusionPipeline):
         )
         labels = self._class_label_tensor(class_labels)
         batch_size = len(labels)
+        if isinstance(teleport, ClassGaussianStats):  # per-class (and guided) jump for these labels
+            teleport = teleport.for_labels(labels, guidance_scale=getattr(guider, "guidance_scale", 1.0) if guider else 1.0)
         generator = self._generators_from_seed(seed, generator, batch_size)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"generator must be one generator or a list of {batch_size} (one per image), got {len(generator)}.")

@@ -203,7 +203,7 @@ def seed_candidates(space: SearchSpace) -> list[SolverSchedule]:
                         steps.append(StepDecision("data", k, "dpmsolver-2" if k == 2 else "none"))
                     else:
                         steps.append(StepDecision("data", k, "unipc-bh2" if k == 2 else "none", corrector="pseudo",
-                                                  corrector_relaxation="unipc-bh2" if k == 1 else "none"))
+                                                  corrector_relaxation="unipc-bh2"))
                 out.append(make_schedule(space, u, steps, afs, True))
     return out
 

@@ -376,10 +376,12 @@ def _unipc(variant: str, order: int, corrector: bool):
             k = min(order, n - i) if ref.config.lower_order_final else order
             k = min(k, i + 1)
             # UniP's order-2 predictor uses rho = 1/2, a relaxed Taylor-2 step; order 3 solves the full system.
-            # UniC of order 1 uses rho = 1/2 (relaxed); of order >= 2 the full system (plain Taylor).
+            # UniC after an order-1 predictor uses rho = 1/2 (relaxed); after order >= 2 the full system
+            # (plain Taylor). The relaxation is set on every step: the scheduler applies it whenever the
+            # predictor ran at order 1, which includes the first step after set_begin_index (empty history).
             steps.append(StepDecision("data", k, f"unipc-{variant}" if k == 2 else "none",
                                       corrector="pseudo" if corrector else "none",
-                                      corrector_relaxation=f"unipc-{variant}" if k == 1 else "none"))
+                                      corrector_relaxation=f"unipc-{variant}"))
         return SolverSchedule(times, steps, final_timestep=final, meta=meta), over
     return build
 
@@ -439,7 +441,7 @@ def _usf_default(n, cfg, sigmas=None, mu=None):
     for i in range(n):
         k = min(3, i + 1, n - i)
         steps.append(StepDecision("data", k, "unipc-bh2" if k == 2 else "none", corrector="pseudo",
-                                  corrector_relaxation="unipc-bh2" if k == 1 else "none"))
+                                  corrector_relaxation="unipc-bh2"))
     return SolverSchedule(times, steps, final_timestep=None, meta=meta), {}
 
 
