@@ -18,6 +18,7 @@ from diffusers import SchedulerMixin
 
 from .scheduler import USFScheduler
 from .usf import PRESETS, SolverSchedule, StepDecision, available_presets, preset_schedule
+from .usf_import import from_usf_decisions, load_usf_decisions
 
 # name -> (diffusers class name, config overrides)
 SOLVER_REGISTRY: dict[str, tuple[str, dict]] = {
@@ -64,4 +65,4 @@ def resolve_solver(solver, base_scheduler: SchedulerMixin) -> SchedulerMixin:
 
 
 __all__ = ["SOLVER_REGISTRY", "available_solvers", "resolve_solver", "USFScheduler", "SolverSchedule",
-           "StepDecision", "available_presets", "preset_schedule"]
+           "StepDecision", "available_presets", "preset_schedule", "load_usf_decisions", "from_usf_decisions"]
