@@ -131,6 +131,19 @@ def summarise(results: list[dict]) -> dict:
     return out
 
 
+def table(results: list[dict]) -> str:
+    """Markdown table: one row per solver and teleport variant, one column per NFE (FID)."""
+    nfes = sorted({r["nfe"] for r in results})
+    lines = ["| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
+    for solver in SOLVERS:
+        for kind in (None, "data", "class-guided"):
+            cells = {r["nfe"]: r["fid"] for r in results if r["solver"] == solver and _kind(r) == kind}
+            if cells:
+                name = solver + ("" if kind is None else f" + teleport ({kind})")
+                lines.append(f"| {name} | " + " | ".join(f"{cells[n]:.2f}" if n in cells else "" for n in nfes) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=2000)
@@ -146,7 +159,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "solvers.json"))
     p.add_argument("--summarise", action="store_true", help="only recompute the summary and plot of --out")
+    p.add_argument("--table", action="store_true", help="print --out as a markdown table and exit")
     args = p.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())["results"]))
+        return
     if args.summarise:
         out = Path(args.out)
         data = json.loads(out.read_text())
