@@ -72,7 +72,7 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     styles = {None: "-", "data": "--", "class-guided": ":"}
     for i, solver in enumerate(SOLVERS):
         for kind, ls in styles.items():
@@ -83,8 +83,12 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_xlabel("NFE (per sample, guidance excluded)")
     ax.set_ylabel("FID (digits features)")
     ax.set_yscale("log")
-    ax.set_title("digits, CFG 3: FID vs NFE")
-    ax.legend(fontsize=7, ncol=2)
+    ticks = [2, 3, 4, 5, 6, 8, 10, 15, 20]
+    ax.set_yticks(ticks)
+    ax.set_yticklabels([str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_title("digits, CFG 3, 2,000 samples per point (CPU): FID vs NFE")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
