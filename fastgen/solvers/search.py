@@ -156,7 +156,7 @@ def _fit_nfe(space: SearchSpace, u: list[float], steps: list[StepDecision], afs:
     def cost() -> int:
         return len(steps) - (afs != "none") - space.teleport_steps + _implicit_count(steps, afs)
 
-    for attempt in range(2):
+    for _round in range(2):
         for _ in range(4 * space.nfe + 8):
             if cost() == space.nfe:
                 return u, steps
