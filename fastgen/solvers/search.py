@@ -142,10 +142,10 @@ def make_schedule(space: SearchSpace, u: list[float], steps: list[StepDecision],
                           meta={"u": [round(x, 6) for x in u], "teleport_steps": space.teleport_steps})
 
 
-def _implicit_count(steps: list[StepDecision], afs: str = "none") -> int:
-    """Implicit correctors that cost an evaluation (not on the final step, nor on an analytical first step)."""
+def _implicit_steps(steps: list[StepDecision], afs: str = "none") -> list[int]:
+    """Steps whose implicit corrector costs an evaluation (not the final step, nor an analytical first step)."""
     first = int(afs != "none")
-    return sum(s.corrector == "implicit" and s.prediction != "ddim" for s in steps[first:-1])
+    return [i for i in range(first, len(steps) - 1) if steps[i].corrector == "implicit" and steps[i].prediction != "ddim"]
 
 
 def _fit_nfe(space: SearchSpace, u: list[float], steps: list[StepDecision], afs: str,
@@ -154,13 +154,13 @@ def _fit_nfe(space: SearchSpace, u: list[float], steps: list[StepDecision], afs:
     one evaluation): too expensive -> drop an implicit corrector (to pseudo) or a random interior step;
     too cheap -> split the widest lambda gap (the new step copies its neighbour, without implicit)."""
     def cost() -> int:
-        return len(steps) - (afs != "none") - space.teleport_steps + _implicit_count(steps, afs)
+        return len(steps) - (afs != "none") - space.teleport_steps + len(_implicit_steps(steps, afs))
 
     for _round in range(2):
         for _ in range(4 * space.nfe + 8):
             if cost() == space.nfe:
                 return u, steps
-            implicit = [i for i, s in enumerate(steps[:-1]) if s.corrector == "implicit" and (i or afs == "none")]
+            implicit = _implicit_steps(steps, afs)
             if cost() > space.nfe:
                 if implicit and (len(steps) <= 2 or rng.random() < 0.5):
                     steps[rng.choice(implicit)].corrector = "pseudo"
