@@ -284,8 +284,8 @@ def test_guided_denoiser_per_row_times_and_autograd():
         pred = gd(x, t, cond={"class_labels": labels}, uncond={"class_labels": null})
         assert pred.nfe_per_row.tolist() == [2, 2, 2]
         rows = [gd(x[i:i + 1], t[i:i + 1], cond={"class_labels": labels[i:i + 1]},
-                   uncond={"class_labels": null[i:i + 1]}).x0 for i in range(3)]
-        assert torch.allclose(pred.x0, torch.cat(rows), atol=1e-5)
+                   uncond={"class_labels": null[i:i + 1]}).model_output for i in range(3)]
+        assert torch.allclose(pred.model_output, torch.cat(rows), atol=1e-5)
         # x0 of the guided output is consistent with the forward process at each row's own time
         a, s = den.alpha_sigma(t, x)
         assert a.shape == (3, 1, 1, 1) and torch.allclose(a * pred.x0 + s * pred.eps, x, atol=1e-5)
