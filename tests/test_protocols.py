@@ -65,7 +65,7 @@ SCHEDULERS = {**{f"vp/{n}": vp_preset(n) for n in sorted(PRESETS)},
               **{f"flow/{n}": flow_preset(n) for n in sorted(FLOW_PRESETS)},
               **{f"shipped/{p.stem}": shipped(p) for p in SCHEDULE_FILES}}
 # RMS distance to the exact PF-ODE endpoint (data RMS ~0.9) at 8 steps (shipped schedules: their NFE), measured
-# on the code of 35afc91; the test allows 1.5x. usf-default's logSNR grid is the most accurate at 8 steps; the
+# on the code of 35afc91 (deterministic: float64 model); the test allows 10% more. usf-default's logSNR grid is the most accurate at 8 steps; the
 # searched schedules are tuned for FID on the real (thresholded) model, not for ODE error on a Gaussian.
 ENDPOINT_RMS = {
     "flow/usf-default": 0.0455, "flow/usf-dpmsolver++-2m": 0.0465, "flow/usf-dpmsolver++-2m-heun": 0.0449,
@@ -161,7 +161,7 @@ def test_scheduler_full_loop_steps_nfe_and_accuracy(name, gaussian):
         sched.step(torch.zeros_like(out), sched.timesteps[-1], out)
     assert torch.isfinite(out).all()
     rms = endpoint_rms(sched, ns, x_T, out, gaussian)
-    assert rms < 1.5 * ENDPOINT_RMS[name], rms
+    assert rms < 1.1 * ENDPOINT_RMS[name], rms
     if not name.startswith("shipped/"):  # presets converge: 4x the steps, at least 2x closer
         finer, _ = run(sched, 4 * n, x_T, model)
         assert endpoint_rms(sched, ns, x_T, finer, gaussian) < rms / 2
