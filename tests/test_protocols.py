@@ -65,8 +65,9 @@ SCHEDULERS = {**{f"vp/{n}": vp_preset(n) for n in sorted(PRESETS)},
               **{f"flow/{n}": flow_preset(n) for n in sorted(FLOW_PRESETS)},
               **{f"shipped/{p.stem}": shipped(p) for p in SCHEDULE_FILES}}
 # RMS distance to the exact PF-ODE endpoint (data RMS ~0.9) at 8 steps (shipped schedules: their NFE), measured
-# on the code of 35afc91 (deterministic: float64 model); the test allows 10% more. usf-default's logSNR grid is the most accurate at 8 steps; the
-# searched schedules are tuned for FID on the real (thresholded) model, not for ODE error on a Gaussian.
+# on the code of 35afc91 (deterministic: float64 model); the test allows 10% more. usf-default's logSNR grid is
+# the most accurate at 8 steps; the searched schedules are tuned for FID on the real (thresholded) model, not for
+# ODE error on a Gaussian.
 ENDPOINT_RMS = {
     "flow/usf-default": 0.0455, "flow/usf-dpmsolver++-2m": 0.0465, "flow/usf-dpmsolver++-2m-heun": 0.0449,
     "flow/usf-unipc-bh1-1pc": 0.0549, "flow/usf-unipc-bh1-2p": 0.0462, "flow/usf-unipc-bh1-2pc": 0.0588,
