@@ -296,3 +296,15 @@ def test_loader_corrupt_file_is_value_error_naming_it(name, content, tmp_path):
     path.write_bytes(content)
     with pytest.raises(ValueError, match=f"corrupt-{name}"):
         load(path)
+
+
+def test_ag_threshold_is_inclusive():
+    """AG truncates at the first step with γ ≥ γ̄ (Castillo et al. 2023; the class docstring): at γ = γ̄ exactly
+    it trips. All-ones inputs of 4 elements give γ = 4 / (2·2) = 1.0 exactly in float64."""
+    for threshold, trips in [(1.0, True), (1.0 - 1e-12, True), (1.0 + 1e-12, False)]:
+        ag = AdaptiveGuidance(guidance_scale=2.0, threshold=threshold, space="input")
+        ag.set_state(step=0, num_inference_steps=3, timestep=999)
+        ones = torch.ones(1, 4)
+        out = ag.forward(ones, ones).pred
+        assert torch.equal(out, ones)
+        assert ag.truncation_step == ([1] if trips else [None]), threshold
