@@ -36,3 +36,24 @@ def set_num_threads(threads: int | None) -> int:
     if threads > 0:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def check_device(device) -> str:
+    """``device`` as a string if this torch build can use it (``cpu``, ``cuda[:i]``, ``mps``), else ValueError."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}.") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} is not available: this torch build sees no CUDA device "
+                             f"(torch {torch.__version__}); use 'cpu'.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} is not available: {torch.cuda.device_count()} CUDA device(s).")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} is not available on this machine; use 'cpu'.")
+    elif dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"device must be 'cpu', 'cuda[:i]' or 'mps', got {device!r}.")
+    return str(dev)

@@ -44,14 +44,17 @@ import importlib
 import os
 import sys
 
-from .command import (Command, Parser, UsageError, add_common_options, extra_hint, option_message, print_record,
-                      report_error)
+# transformers notes at import that optional torchvision is absent (it falls back to PIL); keep the CLI quiet.
+# Set before anything imports transformers (command.py does, for HfArgumentParser).
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from .command import (Command, Parser, UsageError, add_common_options, extra_hint,  # noqa: E402
+                      option_message, print_record, report_error)
 
 # Command modules under fastgen/cli/, in the order of `fastgen --help`; each defines COMMANDS: list[Command].
 COMMAND_MODULES = ["sample", "search", "teleport", "linear_ag", "eval", "text", "distill"]
 # module under fastgen/cli/ that replaces it -> old argparse module, registered while the new one is absent.
-LEGACY_MODULES = {"sample": "fastgen.cli_sample", "search": "fastgen.cli_solvers", "linear_ag": "fastgen.cli_guidance",
-                  "eval": "fastgen.cli_eval", "text": "fastgen.cli_text"}
+LEGACY_MODULES = {"eval": "fastgen.cli_eval", "text": "fastgen.cli_text"}
 GROUP_HELP = {"eval": "evaluation commands (FID, reference statistics, Prophet benchmark)"}
 
 
@@ -136,8 +139,6 @@ def _command_name(ns: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``fastgen`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
-    # transformers notes at import that optional torchvision is absent (it falls back to PIL); keep the CLI quiet.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in argv
     name, command = "", None
