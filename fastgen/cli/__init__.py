@@ -26,7 +26,9 @@ Adding a command (the pattern every module here follows)::
     COMMANDS = [Command("my-command", MyConfig, run, help="one line for `fastgen --help`",
                         summary=lambda r: f"wrote {r['output']}")]
 
-then add ``"mycommand"`` to :data:`COMMAND_MODULES`. A name with a space is a subcommand of a group:
+then add ``"mycommand"`` to :data:`COMMAND_MODULES`. Keep the config's module free of heavy top-level
+imports (torch, diffusers): every command module is imported to build the parser, and ``fastgen --help``
+imports neither (a test checks that). A name with a space is a subcommand of a group:
 ``Command("eval fid", ...)`` in ``fastgen/cli/eval.py`` and ``Command("eval prophet", ...)`` in
 ``fastgen/cli/text.py`` both land under ``fastgen eval``; the group is created by whichever module
 comes first (help text of groups: :data:`GROUP_HELP`). A module listed here but absent from the tree
