@@ -318,3 +318,28 @@ def test_configs_are_the_library_defaults():
     for f in dataclasses.fields(SampleConfig):
         assert parser.get_default(f.name) == f.default, f.name
         assert f.metadata.get("help"), f.name
+
+
+# ------------------------------------------------------------------ grid legibility
+def test_grid_labels_every_row_and_never_clips_the_title():
+    import numpy as np
+    import PIL.ImageFont
+
+    from fastgen.grid import LINE_HEIGHT, image_grid, wrap_text
+
+    title = "digits | usf-default | 20 steps | cfg 3 | NFE 40/img | " + "long-solver-name " * 6
+    white = [np.ones((8, 8, 1))] * 4
+    grid = image_grid(white, ncols=2, captions=["zero", "one", "zero", "one"], title=title, cell_size=32)
+    font = PIL.ImageFont.load_default()
+    lines = wrap_text(title, grid.width - 8, font)
+    assert len(lines) > 2 and all(font.getlength(line.removesuffix(" |")) <= grid.width - 8 for line in lines)
+    assert "".join(lines).replace(" ", "") == title.replace(" ", "")  # nothing dropped
+    top = LINE_HEIGHT * len(lines) + 4
+    assert grid.height == top + 2 * (32 + LINE_HEIGHT + 2) + 2
+    gray = np.asarray(grid.convert("L"))
+    for row in range(2):  # a caption (dark text on white) under each image of every row
+        y = top + 2 + row * (32 + LINE_HEIGHT + 2) + 32
+        for col in range(2):
+            x = 2 + col * (32 + 2)
+            assert (gray[y:y + LINE_HEIGHT, x:x + 32] < 128).any(), (row, col)
+    assert (gray[2:top - 4, :] < 128).any()  # the title is drawn
