@@ -94,6 +94,14 @@ def test_sample_json_record_and_grid(class_folder, tmp_path, capsys):
     assert 3 * 64 < grid.width < 4 * 64 and 2 * 64 < grid.height < 2 * (64 + 14) + 3 * 12 + 8
 
 
+def test_sample_grid_does_not_depend_on_batch_size(class_folder, tmp_path):
+    """Image i uses seed + i whatever batch it ran in."""
+    for batch in (64, 4):
+        assert main(["sample", "--model", str(class_folder), "--steps", "2", "--count", "2", "--batch-size", str(batch),
+                     "--output", str(tmp_path / f"b{batch}.png")]) == 0
+    assert (tmp_path / "b64.png").read_bytes() == (tmp_path / "b4.png").read_bytes()
+
+
 def test_sample_without_guidance_counts_one_eval_per_step(class_folder, tmp_path, capsys):
     assert main(["sample", "--model", str(class_folder), "--steps", "4", "--count", "1", "--guidance", "none",
                  "--solver", "ddim", "--output", str(tmp_path / "g.png"), "--json"]) == 0
