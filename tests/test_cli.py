@@ -318,6 +318,42 @@ def test_commands_register_into_groups(monkeypatch, capsys):
         Command("bad", dict, _toy_run, help="config must be a dataclass")
 
 
+@dataclass
+class _RecipeConfig:
+    output_dir: str = field(metadata={"help": "required: where to write"})
+    max_steps: int = field(default=10, metadata={"help": "steps"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "lr"})
+
+
+def test_recipe_files_give_defaults_and_the_command_line_overrides(monkeypatch, tmp_path, capsys):
+    import fastgen.cli as cli
+
+    mod = type(sys)("fastgen.cli.recipe_toy")
+    mod.COMMANDS = [Command("train-toy", _RecipeConfig, lambda c: dataclasses.asdict(c), help="toy", recipe=True)]
+    monkeypatch.setitem(sys.modules, "fastgen.cli.recipe_toy", mod)
+    monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "recipe_toy"])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("output_dir: runs/a\nmax-steps: 50\n")
+    assert main(["train-toy", "--config", str(recipe), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"output_dir": "runs/a", "max_steps": 50, "learning_rate": 1e-4}
+    assert main(["train-toy", "--config", str(recipe), "--max_steps", "7", "--learning-rate", "0.5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"output_dir": "runs/a", "max_steps": 7, "learning_rate": 0.5}
+    (tmp_path / "r.json").write_text(json.dumps({"output_dir": "b"}))
+    assert main(["train-toy", "--config", str(tmp_path / "r.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["output_dir"] == "b"
+    assert main(["train-toy", "--json"]) == 2  # output_dir is required without a recipe
+    assert "output_dir" in json.loads(capsys.readouterr().out)["error"]
+    recipe.write_text("output_dir: a\nmax_stesp: 5\n")
+    assert main(["train-toy", "--config", str(recipe)]) == 2
+    assert "unknown options ['max_stesp']" in capsys.readouterr().err
+    recipe.write_text("output_dir: [a\n")
+    assert main(["train-toy", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "is not valid YAML" in err and len(err.strip().splitlines()) == 1
+    assert main(["train-toy", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml' does not exist" in capsys.readouterr().err
+
+
 def test_configs_are_the_library_defaults():
     """The CLI's defaults are the library configs' (one source of options for CLI, recipes and benchmarks)."""
     from fastgen.generate import SampleConfig
