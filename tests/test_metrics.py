@@ -99,7 +99,7 @@ def test_feature_stats_are_additive_and_order_independent():
 # ----------------------------------------------------------------------------- torchmetrics equivalence
 @pytest.fixture(scope="module")
 def digits():
-    from fastgen.cli_eval import builtin_digits
+    from fastgen.metrics.data import builtin_digits
 
     train, _ = builtin_digits("train")
     heldout, _ = builtin_digits("heldout")
@@ -180,7 +180,7 @@ def test_npz_round_trip_and_foreign_files(tmp_path):
 def test_shipped_digits_reference_stats_match_the_train_split(digits):
     extractor, _, _ = digits
     ref = ReferenceStats.load(REPO / "eval" / "digits_train_stats.npz")
-    from fastgen.cli_eval import builtin_digits
+    from fastgen.metrics.data import builtin_digits
 
     feats = extractor(builtin_digits("train")[0])
     assert (ref.n, ref.extractor, ref.num_features) == (1000, "digits", extractor.num_features)
@@ -338,7 +338,7 @@ def test_eval_ref_then_fid_from_stats_equals_fid_from_images(tmp_path, capsys):
     from_stats = _record(capsys)
     assert main(["eval", "fid", "--real", "builtin:digits:heldout", *common, "--grid", str(tmp_path / "g.png")]) == 0
     from_images = _record(capsys)
-    assert from_stats["fid"] > 1.0 and from_stats["n"] == 30 and from_stats["nfe"] is None
+    assert from_stats["fid"] > 1.0 and from_stats["num_samples"] == 30 and from_stats["nfe"] is None
     for key in ("fid", "kid", "precision", "recall"):
         assert from_stats[key] == pytest.approx(from_images[key], rel=1e-6, abs=1e-9), key
     assert PIL.Image.open(tmp_path / "g.png").width > 64
@@ -351,8 +351,8 @@ def test_eval_fid_samples_a_pipeline_independent_of_batch_size(tiny_pipe_folder,
     a = _record(capsys)
     assert main(["eval", "fid", *common, "--batch-size", "5"]) == 0
     b = _record(capsys)
-    assert a["nfe"] == 4 and a["n"] == 12 and a["extractor"] == "digits" and 0 <= a["class_accuracy"] <= 1
-    assert set(a) >= {"fid", "kid", "precision", "recall", "class_accuracy", "seconds", "n", "nfe"}
+    assert a["nfe"] == 4 and a["num_samples"] == 12 and a["extractor"] == "digits" and 0 <= a["accuracy"] <= 1
+    assert set(a) >= {"fid", "kid", "precision", "recall", "accuracy", "roughness", "seconds", "num_samples", "nfe"}
     assert b["fid"] == pytest.approx(a["fid"], rel=1e-4)
     assert PIL.Image.open(tmp_path / "grid.png").height > 64
     assert main(["eval", "fid", *common, "--guidance", "none"]) == 0
@@ -363,11 +363,11 @@ def test_eval_fid_samples_a_pipeline_independent_of_batch_size(tiny_pipe_folder,
     ("unreadable", "bad.png"),
     ("mixed", "must all have the same size"),
     ("empty", "contains no images"),
-    ("dims", "8 features but --features digits gives 64"),
+    ("dims", "8 features but the 'digits' extractor gives 64"),
     ("extractor", "computed with the 'clip:x' extractor"),
-    ("features", "--features must be one of"),
-    ("steps", "--steps must be a positive integer"),
-    ("real", "--real"),
+    ("features", "features must be one of"),
+    ("batch", "batch_size must be a positive integer"),
+    ("real", "reference folder"),
 ])
 def test_eval_fid_errors_name_the_file_or_argument(case, message, tmp_path, capsys):
     fake = _write_pngs(tmp_path / "fake", 3)
@@ -386,8 +386,8 @@ def test_eval_fid_errors_name_the_file_or_argument(case, message, tmp_path, caps
         args += ["--real", str(tmp_path / "r.npz")]
     elif case == "features":
         args += ["--features", "vgg"]
-    elif case == "steps":
-        args += ["--steps", "0"]
+    elif case == "batch":
+        args += ["--batch-size", "0"]
     elif case == "real":
         args += ["--real", str(tmp_path / "nowhere")]
     assert main(args) == 2
@@ -435,8 +435,8 @@ def test_two_process_accelerate_evaluation_equals_single_process(tiny_pipe_folde
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1, proc.stdout  # only the main process prints
     double = json.loads(lines[0])
-    assert double["processes"] == 2 and single["processes"] == 1 and double["n"] == single["n"] == 10
-    for key in ("fid", "kid", "precision", "recall", "class_accuracy", "mean_abs", "clipped_fraction"):
+    assert double["processes"] == 2 and single["processes"] == 1 and double["num_samples"] == single["num_samples"] == 10
+    for key in ("fid", "kid", "precision", "recall", "accuracy", "mean_abs", "clipped_fraction", "roughness", "nfe"):
         assert abs(double[key] - single[key]) <= 1e-6 * max(1.0, abs(single[key])), key
     np.testing.assert_array_equal(np.asarray(PIL.Image.open(grid)), single_grid)  # samples gathered in seed order
 
