@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-__all__ = ["parse_options", "write_json", "Results", "pyplot"]
+__all__ = ["parse_options", "write_json", "Results", "pyplot", "diffusers_class_loop"]
 
 T = TypeVar("T")
 
@@ -123,3 +123,32 @@ class Results:
             print(json.dumps({**k, **record}), flush=True)
             if plot is not None:
                 self.plot(plot)
+
+
+def diffusers_class_loop(unet, scheduler, labels, seeds: Sequence[int], num_inference_steps: int,
+                         guidance_scale: float, null_label: int):
+    """Class-conditional samples in [-1, 1] from a plain diffusers loop: the baseline FastGen is compared with.
+
+    Only stock parts: one ``torch.Generator(seed)`` per image for the initial noise, ``scheduler.set_timesteps``,
+    ``scale_model_input``, CFG in epsilon space (``eps_u + w (eps_c - eps_u)``, conditional and unconditional
+    halves in one batch; ``w = 1`` runs the conditional model alone) and ``scheduler.step``.
+    """
+    import torch
+
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    size = unet.config.sample_size
+    with torch.no_grad():
+        x = torch.cat([torch.randn(1, unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(s))
+                       for s in seeds])
+        scheduler.set_timesteps(num_inference_steps)
+        x = x * scheduler.init_noise_sigma
+        null = torch.full_like(labels, null_label)
+        for t in scheduler.timesteps:
+            inp = scheduler.scale_model_input(x, t)
+            if guidance_scale == 1.0:
+                eps = unet(inp, t, class_labels=labels).sample
+            else:
+                eps_c, eps_u = unet(torch.cat([inp, inp]), t, class_labels=torch.cat([labels, null])).sample.chunk(2)
+                eps = eps_u + guidance_scale * (eps_c - eps_u)
+            x = scheduler.step(eps, t, x).prev_sample
+    return x.clamp(-1, 1)
