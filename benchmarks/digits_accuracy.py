@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-import fastgen
-from fastgen.benchmarking import Results, diffusers_class_loop, parse_options, pyplot
+from fastgen.benchmarking import Results, builtin_pipeline, diffusers_class_loop, parse_options, pyplot
 from fastgen.grid import image_grid
 from fastgen.metrics import evaluate_images
 
@@ -95,9 +94,7 @@ def plot(data: dict, path: Path, grids: dict) -> None:
 
 def main(argv=None) -> None:
     opts = parse_options(AccuracyBenchmark, argv)
-    torch.set_num_threads(opts.threads)
-    pipe = fastgen.load_builtin("digits")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = builtin_pipeline("digits", opts.threads)
     config = {"benchmark": "digits class accuracy, FastGen pipeline vs plain diffusers loop (same seeds)",
               "n": opts.n, "hardware": f"CPU ({platform.processor() or platform.machine()}), {opts.threads} thread(s)",
               "classifier": "fastgen built-in digits-features"}

@@ -11,10 +11,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
-import torch
-
-import fastgen
-from fastgen.benchmarking import Results, parse_options
+from fastgen.benchmarking import Results, builtin_pipeline, parse_options
 from fastgen.metrics import evaluate_pipeline
 
 FIRST_SEED = 100_000  # disjoint from the benchmark's seeds (0...) and the search's (10,000...)
@@ -35,9 +32,7 @@ class FidNoise:
 
 def main(argv=None) -> None:
     opts = parse_options(FidNoise, argv)
-    torch.set_num_threads(1)
-    pipe = fastgen.load_builtin("digits")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = builtin_pipeline("digits", threads=1)
     config = {"solver": f"{opts.solver}@{opts.nfe}, CFG {opts.scale}", "samples": opts.samples,
               "seeds": f"set k: {FIRST_SEED} + k * samples ...", "hardware": "CPU, x86-64, 1 torch thread"}
     results = Results(opts.out, config, resume_on=("solver", "samples"))

@@ -24,7 +24,6 @@ Partial results are written after every cell; a rerun skips cells already in the
 """
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -32,8 +31,7 @@ from pathlib import Path
 
 import torch
 
-from fastgen import load_builtin
-from fastgen.benchmarking import Results, parse_options, pyplot
+from fastgen.benchmarking import Results, builtin_pipeline, parse_options, pyplot
 from fastgen.guidance import APG, CFG, AdaptiveGuidance, LinearAG
 from fastgen.guidance.calibrate import fit_linear_ag
 from fastgen.metrics import evaluate_pipeline
@@ -187,9 +185,7 @@ def main(argv=None) -> None:
     opts = parse_options(GuidanceBenchmark, argv)
     if set(opts.methods) - set(METHODS):
         raise SystemExit(f"--methods must be among {list(METHODS)}, got {opts.methods}")
-    torch.set_num_threads(opts.threads)
-    pipe = load_builtin("digits")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = builtin_pipeline("digits", opts.threads)
     if opts.probe:
         probe(pipe, opts)
         return

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import fastgen
-from fastgen.benchmarking import Results, parse_options, pyplot
+from fastgen.benchmarking import Results, builtin_pipeline, parse_options, pyplot
 
 ASSETS = Path(fastgen.__file__).resolve().parent / "assets"
 SCHEDULES = ASSETS / "digits-schedules"
@@ -192,11 +192,7 @@ def main(argv=None) -> None:
         results.plot(plot)
         print(json.dumps(results.data["summary"], indent=1))
         return
-    import torch
-
-    torch.set_num_threads(opts.threads)
-    pipe = fastgen.load_builtin("digits")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = builtin_pipeline("digits", opts.threads)
     kinds = ([] if opts.no_plain else [None]) + list(opts.teleport_stats)
     cells = [(solver, nfe, kind) for nfe in opts.nfe for kind in kinds for solver in opts.solvers
              if (kind is None or nfe <= opts.teleport_max_nfe)

@@ -7,10 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 import fastgen
-from fastgen.benchmarking import parse_options
+from fastgen.benchmarking import builtin_pipeline, parse_options
 from fastgen.grid import image_grid
 
 SCHEDULES = Path(fastgen.__file__).resolve().parent / "assets" / "digits-schedules"
@@ -30,9 +28,7 @@ class SolverGrid:
 
 def main(argv=None) -> None:
     opts = parse_options(SolverGrid, argv)
-    torch.set_num_threads(1)
-    pipe = fastgen.load_builtin("digits")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = builtin_pipeline("digits", threads=1)
     labels = [c for c in range(10) for _ in range(opts.per_class)]
     seeds = list(range(500, 500 + len(labels)))
     images = []

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-__all__ = ["parse_options", "write_json", "Results", "pyplot", "diffusers_class_loop"]
+__all__ = ["parse_options", "write_json", "Results", "pyplot", "builtin_pipeline", "diffusers_class_loop"]
 
 T = TypeVar("T")
 
@@ -123,6 +123,18 @@ class Results:
             print(json.dumps({**k, **record}), flush=True)
             if plot is not None:
                 self.plot(plot)
+
+
+def builtin_pipeline(name: str = "digits", threads: int = 1):
+    """A built-in pipeline for benchmarking: ``threads`` torch CPU threads, no progress bars."""
+    import torch
+
+    from .builtin import load_builtin
+
+    torch.set_num_threads(threads)
+    pipe = load_builtin(name)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def diffusers_class_loop(unet, scheduler, labels, seeds: Sequence[int], num_inference_steps: int,
