@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         plot(results.data, Path(opts.out).with_suffix(".png"))
         return 0
     torch.set_num_threads(opts.threads)
-    from fastgen.cli_sample import load_pipeline
+    from fastgen.builtin import load_pipeline
     from fastgen.metrics import get_extractor
 
     pipe = load_pipeline(opts.model)

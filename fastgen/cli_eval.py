@@ -106,7 +106,7 @@ def evaluate_fid(args):
     if not _is_model(args.fake):
         result = evaluate_images(args.fake, **common)
         return result, {"real": args.real, "fake": args.fake}
-    from .cli_sample import load_pipeline
+    from .builtin import load_pipeline
 
     pipe = load_pipeline(args.fake, args.attention, str(device))
     pipe.set_progress_bar_config(disable=True)

@@ -19,6 +19,7 @@ from fastgen.cli import main  # noqa: E402
 from fastgen.metrics import (FeatureStats, ReferenceStats, clipped_fraction, fid_from_features,  # noqa: E402
                              frechet_distance, get_extractor, mean_abs_intensity, mean_saturation, precision_recall)
 from fastgen.metrics.features import ModuleExtractor  # noqa: E402
+from fastgen.metrics.stats import builtin_reference_path  # noqa: E402
 from fastgen.metrics.fid import kernel_inception_distance, torchmetrics_fid  # noqa: E402
 from tiny import tiny_class_unet, write_clip_tokenizer  # noqa: E402
 
@@ -74,7 +75,7 @@ def test_fid_of_a_set_against_itself_is_zero_and_mean_shift_is_exact():
     deficient = FeatureStats(24)
     deficient.update(low_rank)
     assert abs(frechet_distance(deficient.mu, deficient.sigma, deficient.mu, deficient.sigma)) < 1e-6
-    shipped = ReferenceStats.load(REPO / "eval" / "digits_train_stats.npz")
+    shipped = ReferenceStats.load(builtin_reference_path("digits"))
     assert abs(frechet_distance(shipped.mu, shipped.sigma, shipped.mu, shipped.sigma)) < 1e-6
     # same covariance, shifted mean: FID = |shift|^2 exactly
     shift = torch.linspace(-1, 2, 24, dtype=torch.float64)
@@ -178,7 +179,7 @@ def test_npz_round_trip_and_foreign_files(tmp_path):
 
 def test_shipped_digits_reference_stats_match_the_train_split(digits):
     extractor, _, _ = digits
-    ref = ReferenceStats.load(REPO / "eval" / "digits_train_stats.npz")
+    ref = ReferenceStats.load(builtin_reference_path("digits"))
     from fastgen.metrics.data import builtin_digits
 
     feats = extractor(builtin_digits("train")[0])

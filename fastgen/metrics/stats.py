@@ -18,7 +18,8 @@ import numpy as np
 __all__ = ["ReferenceStats", "load_stats", "save_stats", "builtin_reference_path", "BUILTIN_REFERENCES"]
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # fastgen/
-BUILTIN_REFERENCES = {"digits": "digits_train_stats.npz"}  # name -> file name of the shipped statistics
+# builtin:<name> -> (file under fastgen/assets, file under a source checkout's eval/ folder)
+BUILTIN_REFERENCES = {"digits": ("digits-reference/train_stats.npz", "digits_train_stats.npz")}
 
 
 @dataclass
@@ -133,18 +134,17 @@ def builtin_reference_path(name: str = "digits") -> Path:
     """Path of the shipped reference statistics ``builtin:<name>`` (the one place that knows where they live).
 
     ``builtin:digits`` is the 64-d digits-feature statistics of the built-in digits ``train`` split (1,000
-    images, raw features included). Looked up in the package assets first (``fastgen/assets/<file>`` or any
-    ``fastgen/assets/**/<file>``, which a wheel installs), then in a source checkout's ``eval/`` folder.
+    images, raw features included): ``fastgen/assets/digits-reference/train_stats.npz`` (installed with the
+    wheel), else a source checkout's ``eval/digits_train_stats.npz``.
     """
     if name not in BUILTIN_REFERENCES:
         raise ValueError(f"builtin reference must be one of {[f'builtin:{k}' for k in BUILTIN_REFERENCES]}, "
                          f"got 'builtin:{name}'.")
-    file = BUILTIN_REFERENCES[name]
-    assets = _PACKAGE / "assets"
-    candidates = [assets / file, *sorted(assets.rglob(file)), _PACKAGE.parent / "eval" / file]
+    asset, legacy = BUILTIN_REFERENCES[name]
+    candidates = [_PACKAGE / "assets" / asset, _PACKAGE.parent / "eval" / legacy]
     for path in candidates:
         if path.is_file():
             return path
-    raise FileNotFoundError(f"the shipped reference statistics {file!r} (builtin:{name}) were not found in {assets} "
-                            f"nor in {_PACKAGE.parent / 'eval'}; reinstall fastgen or compute them with "
-                            f"`fastgen eval ref --data builtin:{name} --out {file}`.")
+    raise FileNotFoundError(f"the shipped reference statistics of builtin:{name} are missing ({candidates[0]}); "
+                            f"reinstall fastgen or compute them with `fastgen eval ref --data builtin:{name} --out "
+                            f"{Path(asset).name}`.")
