@@ -187,3 +187,24 @@ def test_two_processes_equal_one(tmp_path):
         assert double[key] == pytest.approx(single[key], rel=1e-6, abs=1e-9), key
     np.testing.assert_array_equal(np.asarray(PIL.Image.open(tmp_path / "two.png")),
                                   np.asarray(PIL.Image.open(tmp_path / "one.png")))  # gathered in seed order
+
+
+# ----------------------------------------------------------------------------- the CLI accepts what the pipelines accept
+@pytest.mark.parametrize("solver", ["fastgen/assets/digits-schedules/nfe5.json", "usf-default", "unipc"])
+def test_cli_eval_fid_accepts_every_solver_form(solver, capsys):
+    from fastgen.cli import main
+
+    args = ["eval", "fid", "--fake", "builtin:digits", "--solver", solver, "--steps", "5", "--n", "8",
+            "--batch-size", "8", "--no-knn-metrics", "--no-progress", "--json", "--threads", "1"]
+    assert main(args) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["solver"] == solver and record["num_samples"] == 8 and record["nfe"] == 10
+    assert np.isfinite(record["fid"]) and record["accuracy"] is not None
+
+
+def test_cli_eval_fid_reports_the_pipelines_own_errors(capsys):
+    from fastgen.cli import main
+
+    args = ["eval", "fid", "--fake", "builtin:digits", "--solver", "no-such-solver", "--n", "4", "--no-progress"]
+    assert main(args) == 2
+    assert "solver must be None (the pipeline's scheduler)" in capsys.readouterr().err

@@ -365,8 +365,8 @@ def test_eval_fid_samples_a_pipeline_independent_of_batch_size(tiny_pipe_folder,
     ("empty", "contains no images"),
     ("dims", "8 features but the 'digits' extractor gives 64"),
     ("extractor", "computed with the 'clip:x' extractor"),
-    ("features", "features must be one of"),
-    ("batch", "batch_size must be a positive integer"),
+    ("features", "--features must be one of"),
+    ("batch", "--batch-size must be a positive integer"),
     ("real", "reference folder"),
 ])
 def test_eval_fid_errors_name_the_file_or_argument(case, message, tmp_path, capsys):
@@ -415,7 +415,7 @@ def test_nan_features_and_mismatched_dims_are_clear_errors():
 
 def test_importing_fastgen_does_not_import_torchvision_or_torch_fidelity():
     code = ("import sys, fastgen, fastgen.metrics, fastgen.metrics.fid, fastgen.metrics.features, "
-            "fastgen.metrics.clip_score, fastgen.cli_eval; "
+            "fastgen.metrics.clip_score, fastgen.metrics.evaluate, fastgen.cli.eval; "
             "print([m for m in ('torchvision', 'torch_fidelity', 'torchmetrics') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)})

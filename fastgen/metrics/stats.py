@@ -85,8 +85,14 @@ class ReferenceStats:
             if key in arrays:
                 raise ValueError(f"metadata key {key!r} clashes with a reserved key.")
             arrays[key] = np.str_(value)
-        with open(path, "wb") as f:
-            np.savez(f, **arrays)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
