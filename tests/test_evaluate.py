@@ -208,3 +208,34 @@ def test_cli_eval_fid_reports_the_pipelines_own_errors(capsys):
     args = ["eval", "fid", "--fake", "builtin:digits", "--solver", "no-such-solver", "--n", "4", "--no-progress"]
     assert main(args) == 2
     assert "solver must be None (the pipeline's scheduler)" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the benchmark harness
+def test_benchmark_results_resume_and_options(tmp_path):
+    from dataclasses import dataclass, field
+
+    from fastgen.benchmarking import Results, parse_options
+
+    @dataclass
+    class Opts:
+        """A benchmark."""
+
+        n: int = 10
+        scales: list[float] = field(default_factory=lambda: [1.0, 2.0])
+
+    opts = parse_options(Opts, ["--n", "3", "--scales", "1", "4"])
+    assert opts.n == 3 and opts.scales == [1.0, 4.0]
+    calls = []
+
+    def measure(scale):
+        calls.append(scale)
+        return None if scale == 4.0 else {"value": scale * opts.n}
+
+    path = tmp_path / "r.json"
+    Results(path, {"n": opts.n}, resume_on=("n",)).run(opts.scales, key=lambda s: {"scale": s}, measure=measure)
+    assert calls == [1.0, 4.0] and json.loads(path.read_text())["cells"] == [{"scale": 1.0, "value": 3.0}]
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
+    Results(path, {"n": opts.n}, resume_on=("n",)).run(opts.scales, key=lambda s: {"scale": s}, measure=measure)
+    assert calls == [1.0, 4.0, 4.0]  # the finished cell is skipped, the skipped one retried
+    again = Results(path, {"n": 5}, resume_on=("n",))  # another n: the old cells do not count
+    assert again.cells == [] and again.find(scale=1.0) is None
