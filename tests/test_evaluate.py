@@ -239,3 +239,13 @@ def test_benchmark_results_resume_and_options(tmp_path):
     assert calls == [1.0, 4.0, 4.0]  # the finished cell is skipped, the skipped one retried
     again = Results(path, {"n": 5}, resume_on=("n",))  # another n: the old cells do not count
     assert again.cells == [] and again.find(scale=1.0) is None
+
+
+def test_s3_search_fitness_is_the_evaluator_on_fixed_seeds(pipe):
+    """FIDEvaluator (the S³ fitness) = evaluate_pipeline on seeds 10000...; pinned against the pre-evaluator code
+    (9.913495894 with its own np.cov Fréchet distance on model-space samples)."""
+    from fastgen.solvers import SolverSchedule
+    from fastgen.solvers.evaluate import FIDEvaluator
+
+    value = FIDEvaluator(pipe, samples=32)(SolverSchedule.load(NFE5))
+    assert value == pytest.approx(9.913496, rel=1e-5)
