@@ -86,14 +86,14 @@ def save_image_atomic(image, path: Path) -> None:
 
 def _check(config: SampleConfig) -> Path:
     """Everything checkable before the model loads."""
-    for name in ("count", "steps", "batch_size", ):
+    for name in ("count", "steps", "batch_size"):
         _positive_int(name, getattr(config, name))
+    if config.scale is not None and not (isinstance(config.scale, (int, float)) and abs(config.scale) < float("inf")):
+        raise ValueError(f"scale must be a finite number, got {config.scale!r}.")
     if config.guidance != "none":
         from .guidance import resolve_guidance
 
         resolve_guidance(config.guidance, 2.0 if config.scale is None else config.scale)  # names the accepted values
-    if config.scale is not None and not (isinstance(config.scale, (int, float)) and abs(config.scale) < float("inf")):
-        raise ValueError(f"scale must be a finite number, got {config.scale!r}.")
     if config.teleport_fraction is not None and config.teleport is None:
         raise ValueError("teleport_fraction needs teleport (statistics from `fastgen teleport-stats`).")
     return check_output_path(config.output, (".png",))

@@ -31,16 +31,27 @@ def _fit(text: str, width: int, font) -> str:
     return text + "…" if text else ""
 
 
+def _pieces(word: str, width: int, font) -> list[str]:
+    """``word`` split into pieces of at most ``width`` pixels (a word wider than a line is broken, not cut)."""
+    pieces = [""]
+    for char in word:
+        if pieces[-1] and font.getlength(pieces[-1] + char) > width:
+            pieces.append("")
+        pieces[-1] += char
+    return pieces
+
+
 def wrap_text(text: str, width: int, font=None) -> list[str]:
-    """Word-wrap ``text`` into lines of at most ``width`` pixels (a ``|`` separator ends a line, never starts one)."""
+    """Word-wrap ``text`` into lines of at most ``width`` pixels (a ``|`` separator ends a line, never starts
+    one; a word wider than a line is broken across lines). Nothing is dropped."""
     font = font or PIL.ImageFont.load_default()
     lines: list[str] = []
     for word in text.split():
-        if lines and font.getlength(f"{lines[-1]} {word}") <= width or lines and word == "|":
+        if lines and (word == "|" or font.getlength(f"{lines[-1]} {word}") <= width):
             lines[-1] = f"{lines[-1]} {word}"
         else:
-            lines.append(word)
-    return [_fit(line, width, font) for line in lines]
+            lines.extend(_pieces(word, width, font))
+    return lines
 
 
 def image_grid(
@@ -70,7 +81,7 @@ def image_grid(
     ncols = min(ncols, len(tiles))
     nrows = (len(tiles) + ncols - 1) // ncols
     width = left + ncols * (w + pad) + pad
-    title_lines = wrap_text(title, width - 8, font) if title else []
+    title_lines = wrap_text(title, width - 16, font) if title else []
     top = LINE_HEIGHT * len(title_lines) + (4 if title_lines else 0)
     canvas = PIL.Image.new("RGB", (width, top + nrows * (h + caption_h + pad) + pad), "white")
     draw = PIL.ImageDraw.Draw(canvas)

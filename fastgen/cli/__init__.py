@@ -26,7 +26,9 @@ Adding a command (the pattern every module here follows)::
     COMMANDS = [Command("my-command", MyConfig, run, help="one line for `fastgen --help`",
                         summary=lambda r: f"wrote {r['output']}")]
 
-then add ``"mycommand"`` to :data:`COMMAND_MODULES`. A name with a space is a subcommand of a group:
+then add ``"mycommand"`` to :data:`COMMAND_MODULES`. Keep the config's module free of heavy top-level
+imports (torch, diffusers): every command module is imported to build the parser, and ``fastgen --help``
+imports neither (a test checks that). A name with a space is a subcommand of a group:
 ``Command("eval fid", ...)`` in ``fastgen/cli/eval.py`` and ``Command("eval prophet", ...)`` in
 ``fastgen/cli/text.py`` both land under ``fastgen eval``; the group is created by whichever module
 comes first (help text of groups: :data:`GROUP_HELP`). A module listed here but absent from the tree
@@ -39,6 +41,7 @@ entry when the module is converted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -156,9 +159,10 @@ def main(argv: list[str] | None = None) -> int:
             from ..runtime import set_num_threads
 
             set_num_threads(ns.threads)
-        if command is None:  # a legacy argparse module
-            return int(ns.func(ns) or 0)
-        record = command.run(command.make_config(ns))
+        with _quiet_loading():
+            if command is None:  # a legacy argparse module
+                return int(ns.func(ns) or 0)
+            record = command.run(command.make_config(ns))
         print_record(command, record, as_json=as_json)
         return 0
     except KeyboardInterrupt:
@@ -175,6 +179,21 @@ def main(argv: list[str] | None = None) -> int:
         names = {"threads"} | ({f for f in command.config.__dataclass_fields__} if command else set())
         return report_error(name, option_message(str(err), names), as_json=as_json, exit_code=2,
                             kind=type(err).__name__)
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """No "Loading pipeline components" bar from diffusers (the built-in models load in a fraction of a
+    second); sampling and evaluation keep their progress bars."""
+    from diffusers.utils import logging as diffusers_logging
+
+    enabled = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            diffusers_logging.enable_progress_bar()
 
 
 def _is_user_error(err: Exception) -> bool:

@@ -77,13 +77,17 @@ def add_common_options(parser: argparse.ArgumentParser, *, threads: bool) -> Non
         parser.set_defaults(_fastgen_threads=True)
 
 
+_FOLLOWERS = ("must", "needs", "is", "are", "applies", "requires", "cannot", "should", "has")
+
+
 def option_message(message: str, options: set[str]) -> str:
     """Spell a library message's leading argument name as its option: ``nfe must ...`` -> ``--nfe must ...``.
 
-    Only when the name is one of ``options`` (the command's config fields), so the library's messages,
-    which name its arguments, name the command's options too."""
+    Only when the name is one of ``options`` (the command's config fields) and is the subject of the
+    sentence (followed by a verb such as "must" or by the quoted value), so the library's messages, which
+    name its arguments, name the command's options too."""
     head, sep, rest = message.partition(" ")
-    if sep and head in options:
+    if sep and head in options and (rest.split(" ", 1)[0] in _FOLLOWERS or rest[:1] in "'\""):
         return f"--{head.replace('_', '-')} {rest}"
     return message
 

@@ -1,12 +1,12 @@
 """``fastgen fit-linear-ag``: fit LinearAG's per-step coefficients on calibration trajectories of a pipeline."""
 from __future__ import annotations
 
-from ..guidance.linear_ag_fit import LinearAGFitConfig
+from ..linear_ag_fit import LinearAGFitConfig
 from .command import Command
 
 
 def run(config: LinearAGFitConfig) -> dict:
-    from ..guidance.linear_ag_fit import fit_linear_ag_for_model
+    from ..linear_ag_fit import fit_linear_ag_for_model
 
     return fit_linear_ag_for_model(config)
 

@@ -1,12 +1,12 @@
 """``fastgen search-schedule``: S³ search of a per-step solver schedule for a model and NFE."""
 from __future__ import annotations
 
-from ..solvers.s3 import SearchScheduleConfig
+from ..search_schedule import SearchScheduleConfig
 from .command import Command
 
 
 def run(config: SearchScheduleConfig) -> dict:
-    from ..solvers.s3 import search_schedule
+    from ..search_schedule import search_schedule
 
     return search_schedule(config)
 

@@ -2,7 +2,8 @@
 
 Castillo et al., *Adaptive Guidance: Training-free Acceleration of Conditional Diffusion Models*
 (arXiv:2312.12487), LinearAG: :func:`fastgen.guidance.calibrate.fit_linear_ag` does the fitting; this
-module loads the model, builds the calibration conditioning and decides where the file goes.
+module loads the model, builds the calibration conditioning and decides where the file goes. It imports
+the guidance package (and torch) only when it runs, so the CLI and recipe files can read the config cheaply.
 """
 from __future__ import annotations
 
@@ -43,12 +44,12 @@ def fit_linear_ag_for_model(config: LinearAGFitConfig | None = None, **overrides
     if config.out is not None and not str(config.out).lower().endswith(".json"):
         raise ValueError(f"out must be a .json path, got {config.out!r}.")
     if config.out is not None:
-        from ..generate import check_output_path
+        from .generate import check_output_path
 
         check_output_path(config.out, (".json",), name="out")
-    from ..builtin import load_pipeline
-    from .adaptive import default_coefficients_path
-    from .calibrate import fit_linear_ag, save_linear_ag, worst_r2
+    from .builtin import load_pipeline
+    from .guidance.adaptive import default_coefficients_path
+    from .guidance.calibrate import fit_linear_ag, save_linear_ag, worst_r2
 
     pipe = load_pipeline(config.model, device=config.device)
     pipe.set_progress_bar_config(disable=True)

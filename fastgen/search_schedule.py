@@ -5,6 +5,9 @@ loads the model, builds the search space from its noise schedule, runs :func:`fa
 (resumable: ``OUT.state.json`` and ``OUT.log.jsonl``), re-scores the top candidates by digits FID on
 disjoint seeds and writes the best schedule. Liu et al., *A Unified Sampling Framework for Solver
 Searching of Diffusion Probabilistic Models* (ICLR 2024, arXiv:2312.07243).
+
+The search itself lives in :mod:`fastgen.solvers.search`, its fitness in :mod:`fastgen.solvers.evaluate`;
+this module imports them (and torch) only when it runs, so the CLI and recipe files can read the config cheaply.
 """
 from __future__ import annotations
 
@@ -67,7 +70,7 @@ def _check(config: SearchScheduleConfig) -> str:
                          "use metric rms for other models.")
     if not (isinstance(config.scale, (int, float)) and abs(config.scale) < float("inf")):
         raise ValueError(f"scale must be a finite number, got {config.scale!r}.")
-    from ..generate import check_output_path
+    from .generate import check_output_path
 
     check_output_path(config.out, (".json",), name="out")
     return metric
@@ -79,12 +82,12 @@ def _data_mean(config: SearchScheduleConfig):
     if path == "auto":
         if config.model != BUILTIN_MODEL:
             return None
-        from ..builtin import asset_path
+        from .builtin import asset_path
 
         path = asset_path("digits-teleport/stats.safetensors")
     if path == "none":
         return None
-    from ..teleport import GaussianStats
+    from .teleport import GaussianStats
 
     return GaussianStats.load(path).mean.double().mul(1e4).round().div(1e4).tolist()
 
@@ -93,16 +96,16 @@ def search_schedule(config: SearchScheduleConfig | None = None, **overrides) -> 
     """Run the S³ search of ``config`` and write the best schedule to ``config.out``; returns a record."""
     config = SearchScheduleConfig(**overrides) if config is None else config
     metric = _check(config)
-    from ..teleport import GaussianStats
-    from .usf import SolverSchedule
+    from .teleport import GaussianStats
+    from .solvers.usf import SolverSchedule
 
     initial = [SolverSchedule.load(path) for path in config.initial]
     stats = GaussianStats.load(config.teleport) if config.teleport is not None else None
     data_mean = _data_mean(config)
 
-    from ..builtin import load_pipeline
-    from .evaluate import FIDEvaluator, ScheduleEvaluator
-    from .search import SearchSpace, search
+    from .builtin import load_pipeline
+    from .solvers.evaluate import FIDEvaluator, ScheduleEvaluator
+    from .solvers.search import SearchSpace, search
 
     pipe = load_pipeline(config.model, device=config.device)
     pipe.set_progress_bar_config(disable=True)
