@@ -5,18 +5,18 @@ not depend on the process count; only the main process prints.
 """
 from __future__ import annotations
 
-from ..metrics.commands import FidConfig, ReferenceConfig
+from ..evaluation import FidConfig, ReferenceConfig
 from .command import Command
 
 
 def run_fid(config: FidConfig) -> dict:
-    from ..metrics.commands import fid
+    from ..evaluation import fid
 
     return fid(config)
 
 
 def run_ref(config: ReferenceConfig) -> dict:
-    from ..metrics.commands import reference
+    from ..evaluation import reference
 
     return reference(config)
 

@@ -1,5 +1,8 @@
 """Evaluation runs described by options: ``fastgen eval fid`` and ``fastgen eval ref`` (also usable from Python).
 
+A light module (no torch at import), so that building the CLI parser stays fast; the work happens in
+:mod:`fastgen.metrics`.
+
 :class:`FidConfig` and :class:`ReferenceConfig` hold the options and their defaults (the CLI parses them from
 these dataclasses; recipe files and benchmarks build the same objects); :func:`fid` and :func:`reference` run
 them through :func:`fastgen.metrics.evaluate_pipeline` / :func:`~fastgen.metrics.evaluate_images` /
@@ -77,8 +80,8 @@ class ReferenceConfig:
 
 
 def _state_and_extractor(config):
-    from .evaluate import resolve_state
-    from .features import get_extractor
+    from .metrics.evaluate import resolve_state
+    from .metrics.features import get_extractor
 
     state, device = resolve_state(device=config.device)
     return state, device, get_extractor(config.features, device=device, inception_weights=config.inception_weights,
@@ -93,7 +96,7 @@ def _is_model(spec: str) -> bool:
 def fid(config: FidConfig | None = None, **overrides) -> dict:
     """Score ``config.fake`` (images, or samples of a model) against ``config.real``; returns the record
     (:meth:`fastgen.metrics.EvalResult.to_dict` plus the sampling options)."""
-    from .evaluate import evaluate_images, evaluate_pipeline
+    from .metrics.evaluate import evaluate_images, evaluate_pipeline
 
     config = FidConfig(**overrides) if config is None else config
     state, device, extractor = _state_and_extractor(config)
@@ -104,7 +107,7 @@ def fid(config: FidConfig | None = None, **overrides) -> dict:
     if not _is_model(config.fake):
         result = evaluate_images(config.fake, **common)
         return {**result.to_dict(), "real": config.real, "fake": config.fake, "device": str(device)}
-    from ..builtin import load_pipeline
+    from .builtin import load_pipeline
 
     pipe = load_pipeline(config.fake, config.attention, str(device))
     pipe.set_progress_bar_config(disable=True)
@@ -124,7 +127,7 @@ def fid(config: FidConfig | None = None, **overrides) -> dict:
 
 def reference(config: ReferenceConfig | None = None, **overrides) -> dict:
     """Compute the reference statistics of ``config.data`` and write them to ``config.out`` (main process)."""
-    from .evaluate import compute_reference
+    from .metrics.evaluate import compute_reference
 
     config = ReferenceConfig(**overrides) if config is None else config
     if not str(config.out).endswith(".npz"):
