@@ -46,7 +46,7 @@ class FidConfig:
         "help": "Gaussian statistics (.safetensors/.npz from `fastgen teleport-stats`) for analytical teleportation"})
     teleport_fraction: Optional[float] = field(default=None, metadata={
         "help": "share of steps replaced by the teleport (default: the pipeline's)"})
-    seed: int = field(default=0, metadata={"help": "seed of sample 0; sample i uses seed + i and class i % classes"})
+    seed: int = field(default=0, metadata={"help": "seed of sample 0; sample i uses seed + i and class i mod num_classes"})
     batch_size: int = field(default=250, metadata={"help": "images per sampling/feature batch"})
     kid_subsets: int = field(default=100, metadata={"help": "KID subsets"})
     kid_subset_size: int = field(default=1000, metadata={"help": "KID subset size (capped at the set sizes)"})

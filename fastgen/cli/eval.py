@@ -38,7 +38,7 @@ COMMANDS = [
             description="Score fake images (a folder, or samples of a pipeline with any --solver/--guidance/--teleport "
                         "the pipelines accept) against real images (a folder, builtin:digits[:split]) or reference "
                         "statistics (.npz), with fastgen.metrics.evaluate_pipeline. Sample i uses seed + i and "
-                        "class i % classes. Same as `python eval/fid.py`."),
+                        "class i mod num_classes. Same as `python eval/fid.py`."),
     Command("eval ref", ReferenceConfig, run_ref, summary=_ref_summary,
             help="write reference statistics (.npz: float64 mu, sigma + metadata) of a dataset",
             description="Compute FID reference statistics of an image folder or builtin:digits[:split] and write them "
