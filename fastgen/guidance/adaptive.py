@@ -130,6 +130,11 @@ class AdaptiveGuidance(CFGFamilyGuidance):
     def _checks_truncation(self) -> bool:
         return True
 
+    def combines_linearly(self) -> bool:
+        """CFG or the conditional prediction per row (LinearAG: CFG with an affine estimate of the unconditional
+        branch): linear unless rescaled. Similarities are read through the context in ``space`` either way."""
+        return not getattr(self, "guidance_rescale", 0.0) > 0.0
+
     def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None) -> GuiderOutput:
         if pred_uncond is None or not self._guidance_active():
             return GuiderOutput(pred=self._rescale(pred_cond, pred_cond), pred_cond=pred_cond, pred_uncond=pred_uncond)
@@ -222,11 +227,21 @@ class LinearAG(AdaptiveGuidance):
         self.history: tuple[torch.Tensor, torch.Tensor] | None = None  # (ε_c, ε_u) of the previous step
         self._history_step: int | None = None
 
-    def begin_run(self, num_inference_steps: int, start_step: int = 0, batch_size: int | None = None, **info) -> None:
+    def prepare_call(self, *, model_path=None, scheduler=None, num_inference_steps: int | None = None) -> None:
+        """Find the fitted coefficients next to the model (when none were given) and check them, before any
+        model work; the sampling loop itself never reads files."""
+        if self.fit is None and num_inference_steps is not None:
+            self._find_fit(model_path, scheduler, num_inference_steps)
+        if self.fit is not None and num_inference_steps is not None:
+            self._check_fit(num_inference_steps, scheduler)
+
+    def begin_run(self, num_inference_steps: int, start_step: int = 0, batch_size: int | None = None,
+                  scheduler=None) -> None:
         if self.fit is None:
-            self._find_fit(info.get("model_path"), info.get("scheduler"), num_inference_steps)
-        self._check_fit(num_inference_steps, info.get("scheduler"))
-        super().begin_run(num_inference_steps, start_step, batch_size, **info)
+            raise ValueError("guidance 'linear-ag' has no fitted coefficients: pass LinearAG(coefficients=path) or run "
+                             "it through a FastGen pipeline, which finds them next to the model.")
+        self._check_fit(num_inference_steps, scheduler)
+        super().begin_run(num_inference_steps, start_step, batch_size, scheduler)
 
     def _find_fit(self, model_path, scheduler, num_steps) -> None:
         name = type(scheduler).__name__ if scheduler is not None else "<scheduler>"
@@ -308,27 +323,29 @@ def default_coefficients_path(model_path, scheduler_name: str, num_steps: int, g
 
 def load_linear_ag_coefficients(source: str | dict) -> dict:
     """Read and validate a LinearAG coefficients file (or its content); step keys become ints."""
+    where = "coefficients"
     if isinstance(source, dict):
         data = source
     else:
         path = Path(source)
+        where = f"coefficients file {str(path)!r}"
         if not path.is_file():
             raise FileNotFoundError(f"coefficients file {str(path)!r} does not exist; write one with fastgen fit-linear-ag.")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"coefficients file {str(path)!r} is not valid JSON: {err}.") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{where} is not valid JSON: {err}.") from None
     if not isinstance(data, dict) or data.get("format") != LINEAR_AG_FORMAT:
-        raise ValueError(f"coefficients must be a {LINEAR_AG_FORMAT!r} file written by fastgen fit-linear-ag.")
+        raise ValueError(f"{where} must be a {LINEAR_AG_FORMAT!r} file written by fastgen fit-linear-ag.")
     try:
         steps = {int(k): [float(c) for c in v] for k, v in data["steps"].items()}
         out = dict(data, steps=steps, num_inference_steps=int(data["num_inference_steps"]),
                    guidance_scale=float(data["guidance_scale"]))
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"coefficients file is missing or has a malformed field ({err}).") from None
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{where} is missing or has a malformed field ({err}).") from None
     if any(len(c) != len(LINEAR_AG_REGRESSORS) for c in steps.values()) or any(
             not 1 <= s < out["num_inference_steps"] for s in steps):
-        raise ValueError(f"coefficients steps must map step indices in [1, N) to {len(LINEAR_AG_REGRESSORS)} numbers "
+        raise ValueError(f"{where}: steps must map step indices in [1, N) to {len(LINEAR_AG_REGRESSORS)} numbers "
                          f"({', '.join(LINEAR_AG_REGRESSORS)}).")
     return out
 
