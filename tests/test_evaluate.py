@@ -249,3 +249,19 @@ def test_s3_search_fitness_is_the_evaluator_on_fixed_seeds(pipe):
 
     value = FIDEvaluator(pipe, samples=32)(SolverSchedule.load(NFE5))
     assert value == pytest.approx(9.913496, rel=1e-5)
+
+
+def test_text_pipeline_with_prompts_and_a_custom_extractor(tmp_path):
+    from tiny import tiny_sd
+
+    from fastgen import FastGenStableDiffusionPipeline
+
+    pipe = FastGenStableDiffusionPipeline.from_pipe(tiny_sd(tmp_path))
+    extractor = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())  # 12 features of RGB images
+    ref = ReferenceStats(np.full(12, 0.5), np.eye(12) * 0.01, n=100)
+    kw = dict(prompts=["a cat", "a dog"], extractor=extractor, reference=ref, knn_metrics=False, num_inference_steps=2,
+              guidance_scale=2.0, **QUIET)
+    a = evaluate_pipeline(pipe, 5, batch_size=2, **kw)
+    b = evaluate_pipeline(pipe, 5, batch_size=5, **kw)
+    assert a.fid == pytest.approx(b.fid, rel=1e-4) and a.num_samples == 5 and a.nfe == 4
+    assert a.accuracy is None and a.saturation > 0  # no classifier for prompts; RGB images have saturation
