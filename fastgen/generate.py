@@ -31,9 +31,9 @@ class SampleConfig:
     steps: int = field(default=20, metadata={"help": "solver steps (num_inference_steps)"})
     guidance: str = field(default="cfg", metadata={
         "help": "guidance method: cfg, apg, ag, linear-ag, or 'none' for the conditional model alone"})
-    scale: Optional[float] = field(default=None, metadata={
-        "help": f"guidance scale (default: {DEFAULT_CLASS_SCALE:g} for class models, {DEFAULT_TEXT_SCALE:g} for "
-                f"text-to-image models)"})
+    guidance_scale: Optional[float] = field(default=None, metadata={
+        "help": f"guidance scale, diffusers' meaning (default: {DEFAULT_CLASS_SCALE:g} for class models, "
+                f"{DEFAULT_TEXT_SCALE:g} for text-to-image models)", "aliases": ["--scale"]})
     solver: Optional[str] = field(default=None, metadata={
         "help": "the pipeline's scheduler if unset; else a diffusers solver name (dpmsolver++, unipc, ...), a USF "
                 "preset (usf-default, ...) or a schedule JSON path (e.g. fastgen/assets/digits-schedules/nfe5.json)"})
@@ -47,11 +47,6 @@ class SampleConfig:
     device: str = field(default="cpu", metadata={"help": "torch device (cpu, cuda, cuda:1, mps)"})
     output: str = field(default="samples.png", metadata={"help": "where to write the grid (PNG)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar on stderr"})
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 def check_output_path(path, suffixes: tuple[str, ...], name: str = "output") -> Path:
@@ -86,14 +81,15 @@ def save_image_atomic(image, path: Path) -> None:
 
 def _check(config: SampleConfig) -> Path:
     """Everything checkable before the model loads."""
-    for name in ("count", "steps", "batch_size"):
-        _positive_int(name, getattr(config, name))
-    if config.scale is not None and not (isinstance(config.scale, (int, float)) and abs(config.scale) < float("inf")):
-        raise ValueError(f"scale must be a finite number, got {config.scale!r}.")
-    if config.guidance != "none":
-        from .guidance import resolve_guidance
+    from .guidance import check_guidance_scale, resolve_guidance
+    from .pipelines.common import check_positive_int
 
-        resolve_guidance(config.guidance, 2.0 if config.scale is None else config.scale)  # names the accepted values
+    for name in ("count", "steps", "batch_size"):
+        check_positive_int(name, getattr(config, name))
+    if config.guidance_scale is not None:
+        check_guidance_scale(config.guidance_scale)
+    if config.guidance != "none":  # the library's one message naming the accepted values
+        resolve_guidance(config.guidance, 2.0 if config.guidance_scale is None else config.guidance_scale)
     if config.teleport_fraction is not None and config.teleport is None:
         raise ValueError("teleport_fraction needs teleport (statistics from `fastgen teleport-stats`).")
     return check_output_path(config.output, (".png",))
@@ -124,14 +120,14 @@ def sample_grid(config: SampleConfig | None = None, **overrides) -> dict:
         if config.prompt:
             raise ValueError("prompt is for text-to-image models; this model is class-conditional, use classes.")
         keys = config.classes if config.classes is not None else list(range(pipe.num_classes))
-        scale = DEFAULT_CLASS_SCALE if config.scale is None else config.scale
+        scale = DEFAULT_CLASS_SCALE if config.guidance_scale is None else config.guidance_scale
     else:
         if not config.prompt:
             raise ValueError("prompt is required for text-to-image models.")
         if config.classes is not None:
             raise ValueError("classes is for class-conditional models; this is a text-to-image model, use prompt.")
         keys = list(config.prompt)
-        scale = DEFAULT_TEXT_SCALE if config.scale is None else config.scale
+        scale = DEFAULT_TEXT_SCALE if config.guidance_scale is None else config.guidance_scale
     guidance = None if config.guidance == "none" else config.guidance
     if guidance is None:
         scale = 1.0

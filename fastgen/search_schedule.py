@@ -53,10 +53,10 @@ class SearchScheduleConfig:
 
 def _check(config: SearchScheduleConfig) -> str:
     """Everything checkable before the model loads; returns the resolved metric."""
+    from .pipelines.common import check_positive_int
+
     for name in ("nfe", "budget", "samples", "reference_steps", "rescore", "rescore_samples"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        check_positive_int(name, getattr(config, name))
     if config.nfe > MAX_NFE:
         raise ValueError(f"nfe must be in 1..{MAX_NFE} for a schedule search, got {config.nfe}.")
     if not str(config.out).endswith(".json"):

@@ -44,8 +44,9 @@ def _check(config: TeleportStatsConfig) -> None:
         raise ValueError("source 'data' is the built-in digits training split; use source 'model' for a model.")
     if isinstance(config.samples, bool) or not isinstance(config.samples, int) or config.samples <= 1:
         raise ValueError(f"samples must be an integer > 1, got {config.samples!r}.")
-    if isinstance(config.steps, bool) or not isinstance(config.steps, int) or config.steps <= 0:
-        raise ValueError(f"steps must be a positive integer, got {config.steps!r}.")
+    from .pipelines.common import check_positive_int
+
+    check_positive_int("steps", config.steps)
     if not 0 < config.explained_variance <= 1:
         raise ValueError(f"explained_variance must be in (0, 1], got {config.explained_variance}.")
 

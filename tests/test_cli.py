@@ -94,6 +94,14 @@ def test_sample_json_record_and_grid(class_folder, tmp_path, capsys):
     assert 3 * 64 < grid.width < 4 * 64 and 2 * 64 < grid.height < 2 * (64 + 14) + 3 * 12 + 8
 
 
+def test_sample_grid_does_not_depend_on_batch_size(class_folder, tmp_path):
+    """Image i uses seed + i whatever batch it ran in."""
+    for batch in (64, 4):
+        assert main(["sample", "--model", str(class_folder), "--steps", "2", "--count", "2", "--batch-size", str(batch),
+                     "--output", str(tmp_path / f"b{batch}.png")]) == 0
+    assert (tmp_path / "b64.png").read_bytes() == (tmp_path / "b4.png").read_bytes()
+
+
 def test_sample_without_guidance_counts_one_eval_per_step(class_folder, tmp_path, capsys):
     assert main(["sample", "--model", str(class_folder), "--steps", "4", "--count", "1", "--guidance", "none",
                  "--solver", "ddim", "--output", str(tmp_path / "g.png"), "--json"]) == 0
@@ -109,7 +117,8 @@ def test_sample_without_guidance_counts_one_eval_per_step(class_folder, tmp_path
     (["--output", "grid.jpg"], r"--output must be a \.png path"),
     (["--prompt", "a cat"], r"--prompt is for text-to-image models"),
     (["--teleport-fraction", "0.3"], r"--teleport-fraction needs teleport"),
-    (["--scale", "nan"], r"--scale must be a finite number"),
+    (["--scale", "nan"], r"--guidance-scale must be a finite number >= 0"),
+    (["--guidance-scale", "-5"], r"--guidance-scale must be a finite number >= 0 \(1 = no guidance\), got -5\.0"),
     (["--device", "cuda:7"], r"--device 'cuda:7' is not available"),
     (["--threads", "-2"], r"--threads must be an integer >= 0"),
     (["--attention", "flash"], r"attention must be one of"),
@@ -308,6 +317,42 @@ def test_commands_register_into_groups(monkeypatch, capsys):
     assert "--threads" not in parser[("eval", "toy")]._option_string_actions
     with pytest.raises(TypeError):
         Command("bad", dict, _toy_run, help="config must be a dataclass")
+
+
+@dataclass
+class _RecipeConfig:
+    output_dir: str = field(metadata={"help": "required: where to write"})
+    max_steps: int = field(default=10, metadata={"help": "steps"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "lr"})
+
+
+def test_recipe_files_give_defaults_and_the_command_line_overrides(monkeypatch, tmp_path, capsys):
+    import fastgen.cli as cli
+
+    mod = type(sys)("fastgen.cli.recipe_toy")
+    mod.COMMANDS = [Command("train-toy", _RecipeConfig, lambda c: dataclasses.asdict(c), help="toy", recipe=True)]
+    monkeypatch.setitem(sys.modules, "fastgen.cli.recipe_toy", mod)
+    monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "recipe_toy"])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("output_dir: runs/a\nmax-steps: 50\n")
+    assert main(["train-toy", "--config", str(recipe), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"output_dir": "runs/a", "max_steps": 50, "learning_rate": 1e-4}
+    assert main(["train-toy", "--config", str(recipe), "--max_steps", "7", "--learning-rate", "0.5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"output_dir": "runs/a", "max_steps": 7, "learning_rate": 0.5}
+    (tmp_path / "r.json").write_text(json.dumps({"output_dir": "b"}))
+    assert main(["train-toy", "--config", str(tmp_path / "r.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["output_dir"] == "b"
+    assert main(["train-toy", "--json"]) == 2  # output_dir is required without a recipe
+    assert "output_dir" in json.loads(capsys.readouterr().out)["error"]
+    recipe.write_text("output_dir: a\nmax_stesp: 5\n")
+    assert main(["train-toy", "--config", str(recipe)]) == 2
+    assert "unknown options ['max_stesp']" in capsys.readouterr().err
+    recipe.write_text("output_dir: [a\n")
+    assert main(["train-toy", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "is not valid YAML" in err and len(err.strip().splitlines()) == 1
+    assert main(["train-toy", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml' does not exist" in capsys.readouterr().err
 
 
 def test_configs_are_the_library_defaults():

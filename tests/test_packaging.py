@@ -88,7 +88,7 @@ def test_default_commands_import_no_optional_dependency(tmp_path):
     scipy and torch-fidelity unimportable, from a directory outside the repository."""
     code = """
 from fastgen.cli import main
-for argv in (["sample", "--count", "1", "--steps", "2", "--output", "s.png", "--json", "--no_progress"],
+for argv in (["sample", "--count", "1", "--steps", "2", "--output", "s.png", "--json", "--no-progress"],
              ["teleport-stats", "--out", "t.npz", "--json"],
              ["eval", "fid", "--fake", "builtin:digits", "--n", "20", "--steps", "2", "--json", "--no-progress",
               "--no-knn-metrics"]):

@@ -32,7 +32,9 @@ imports neither (a test checks that). A name with a space is a subcommand of a g
 ``Command("eval fid", ...)`` in ``fastgen/cli/eval.py`` and ``Command("eval prophet", ...)`` in
 ``fastgen/cli/text.py`` both land under ``fastgen eval``; the group is created by whichever module
 comes first (help text of groups: :data:`GROUP_HELP`). A module listed here but absent from the tree
-is skipped, so ``eval``, ``text`` and ``distill`` can land in any order.
+is skipped, so ``eval``, ``text`` and ``distill`` can land in any order. ``Command(..., recipe=True)``
+adds ``--config FILE``: a YAML/JSON recipe with the config's fields as keys, overridden by the options
+given on the command line (what ``fastgen distill --config recipe.yaml`` uses).
 
 Until ``fastgen/cli/text.py`` exists, the argparse module ``fastgen.cli_text`` (``register(subparsers)`` /
 ``register_eval(...)``, ``func(args) -> int``) is registered through :data:`LEGACY_MODULES`; delete the
@@ -85,6 +87,7 @@ class _Builder:
         self.sub = self.parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
         self.sub.required = True
         self.groups: dict[str, argparse._SubParsersAction] = {}
+        self.commands: dict[str, tuple[argparse.ArgumentParser, Command]] = {}
 
     def group(self, name: str):
         if name not in self.groups:
@@ -102,8 +105,26 @@ class _Builder:
         sub = self.group(group[0]) if group else self.sub
         parser = sub.add_parser(leaf, help=command.help, description=command.description or command.help,
                                 dataclass_types=[command.config])
-        add_common_options(parser, threads=command.threads)
+        add_common_options(parser, threads=command.threads, recipe=command.recipe)
         parser.set_defaults(_command=command)
+        self.commands[command.name] = (parser, command)
+
+    def apply_recipe(self, argv: list[str]) -> None:
+        """With ``--config FILE`` on a recipe command, the file's values become that command's defaults."""
+        path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
+        path = path or next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+        words = [a for a in argv[:2] if not a.startswith("-")]
+        target = self.commands.get(" ".join(words)) or self.commands.get(" ".join(words[:1]))
+        if path is None or target is None or not target[1].recipe:
+            return
+        from .command import read_recipe
+
+        parser, command = target
+        values = read_recipe(path, command.config)
+        parser.set_defaults(**values)
+        for action in parser._actions:
+            if action.dest in values:
+                action.required = False
 
     def add_legacy(self, module) -> None:
         before = dict(self.sub.choices)
@@ -120,6 +141,10 @@ class _Builder:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full ``fastgen`` parser (every command module present in this tree)."""
+    return _build().parser
+
+
+def _build() -> _Builder:
     builder = _Builder()
     for name in COMMAND_MODULES:
         module = _import_optional(f"{__name__}.{name}")
@@ -130,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
             legacy = _import_optional(LEGACY_MODULES[name])
             if legacy is not None:
                 builder.add_legacy(legacy)
-    return builder.parser
+    return builder
 
 
 def _command_name(ns: argparse.Namespace) -> str:
@@ -143,10 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``fastgen`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in argv
-    name, command = "", None
+    name, command = " ".join(a for a in argv[:2] if not a.startswith("-")), None
     try:
         try:
-            ns = build_parser().parse_args(argv)
+            builder = _build()
+            builder.apply_recipe(argv)
+            ns = builder.parser.parse_args(argv)
         except UsageError as err:
             name = err.parser.prog.removeprefix("fastgen").strip() or " ".join(
                 a for a in argv[:2] if not a.startswith("-"))

@@ -29,6 +29,8 @@ class Command:
         summary: ``record -> str``, the line printed without ``--json`` (default: ``key=value`` pairs).
         threads: add ``--threads N`` (torch CPU threads; default :func:`fastgen.runtime.default_num_threads`).
             Every sampling, evaluation and training command wants it.
+        recipe: add ``--config FILE``: a YAML or JSON recipe whose keys are the config's fields; options given
+            on the command line override it (``fastgen distill --config recipe.yaml --max-steps 10``).
     """
 
     name: str
@@ -38,6 +40,7 @@ class Command:
     description: str | None = None
     summary: Callable[[dict], str] | None = None
     threads: bool = True
+    recipe: bool = False
 
     def __post_init__(self):
         if not dataclasses.is_dataclass(self.config):
@@ -46,6 +49,41 @@ class Command:
     def make_config(self, namespace: argparse.Namespace):
         """The config dataclass from parsed options."""
         return self.config(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(self.config) if f.init})
+
+
+def read_recipe(path, config: type) -> dict:
+    """The options of ``config`` in a YAML (``.yaml``/``.yml``) or JSON recipe file; keys are field names
+    (``batch_size`` or ``batch-size``). Unknown keys, a missing file or a malformed one are a clear error."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.suffix.lower() not in (".yaml", ".yml", ".json"):
+        raise ValueError(f"config must be a .yaml, .yml or .json recipe file, got {str(path)!r}.")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist.")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"config file {str(path)!r} is not valid JSON: {err}.") from None
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {' '.join(str(err).split())}.") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of option: value, got {type(data).__name__}.")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    names = [f.name for f in dataclasses.fields(config) if f.init]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"config file {str(path)!r} has unknown options {unknown}; accepted: {names}.")
+    return data
 
 
 class UsageError(Exception):
@@ -63,8 +101,13 @@ class Parser(HfArgumentParser):
         raise UsageError(message, self)
 
 
-def add_common_options(parser: argparse.ArgumentParser, *, threads: bool) -> None:
-    """``--json`` on every command, ``--threads`` on the ones that run models (skipped where already defined)."""
+def add_common_options(parser: argparse.ArgumentParser, *, threads: bool, recipe: bool = False) -> None:
+    """``--json`` on every command, ``--threads`` on the ones that run models (skipped where already defined),
+    ``--config`` on the ones that read recipes."""
+    if recipe:
+        parser.add_argument("--config", default=None, metavar="FILE",
+                            help="YAML or JSON recipe whose keys are this command's options; options given on the "
+                                 "command line override it")
     if "--json" not in parser._option_string_actions:
         parser.add_argument("--json", action="store_true",
                             help="print one JSON record on stdout (errors too: {\"error\": ..., \"exit_code\": ...})")
