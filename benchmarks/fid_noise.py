@@ -1,50 +1,53 @@
 """FID sampling noise on the built-in digits model: one solver configuration, disjoint seed sets.
 
 Tells which FID differences in ``benchmarks/results/solvers.json`` are larger than the noise of a
-2,000-sample estimate (same solver, same labels, different initial noise).
+2,000-sample estimate (same solver, same labels, different initial noise). Each seed set is scored by
+:func:`fastgen.metrics.evaluate_pipeline`; finished sets are kept and skipped on re-runs.
 
     python benchmarks/fid_noise.py --solver unipc --nfe 6 --samples 2000 --sets 4
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import torch
+from fastgen.benchmarking import Results, builtin_pipeline, parse_options
+from fastgen.metrics import evaluate_pipeline
 
-REPO = Path(__file__).resolve().parents[1]
+FIRST_SEED = 100_000  # disjoint from the benchmark's seeds (0...) and the search's (10,000...)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--solver", default="unipc", help="diffusers solver name or USF preset")
-    p.add_argument("--nfe", type=int, default=6)
-    p.add_argument("--samples", type=int, default=2000)
-    p.add_argument("--sets", type=int, default=4, help="disjoint seed sets (>= 2)")
-    p.add_argument("--scale", type=float, default=3.0)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "solvers_fid_noise.json"))
-    args = p.parse_args()
-    if args.sets < 2 or args.samples < 2 or args.nfe < 1:
-        p.error("--sets must be >= 2, --samples >= 2 and --nfe >= 1")
-    torch.set_num_threads(1)
-    import fastgen
-    from fastgen.solvers.evaluate import DigitsFID, run_schedule
-    pipe = fastgen.load_builtin("digits")
-    pipe.set_progress_bar_config(disable=True)
-    fid = DigitsFID()
-    labels = [i % pipe.num_classes for i in range(args.samples)]
-    values = []
-    for k in range(args.sets):
-        seeds = list(range(100_000 + k * args.samples, 100_000 + (k + 1) * args.samples))  # disjoint from the benchmark
-        values.append(fid(run_schedule(pipe, (args.solver, args.nfe, None, 0.0), labels, seeds, args.scale)))
-        print(f"seed set {k}: FID {values[-1]:.3f}", flush=True)
-    rec = {"config": f"{args.solver}@{args.nfe}, CFG {args.scale}", "samples": args.samples, "seed_sets": args.sets,
-           "fid": values, "mean": statistics.mean(values), "std": statistics.stdev(values),
-           "hardware": "CPU, x86-64, 1 torch thread"}
-    Path(args.out).write_text(json.dumps(rec, indent=1) + "\n")
-    print(json.dumps(rec))
+@dataclass
+class FidNoise:
+    """FID sampling noise on the built-in digits model: one solver configuration, disjoint seed sets."""
+
+    solver: str = field(default="unipc", metadata={"help": "any solver= value the pipeline accepts"})
+    nfe: int = 6
+    samples: int = 2000
+    sets: int = field(default=4, metadata={"help": "disjoint seed sets (>= 2 for a standard deviation)"})
+    scale: float = 3.0
+    batch_size: int = 500
+    out: str = "benchmarks/results/solvers_fid_noise.json"
+
+
+def main(argv=None) -> None:
+    opts = parse_options(FidNoise, argv)
+    pipe = builtin_pipeline("digits", threads=1)
+    config = {"solver": f"{opts.solver}@{opts.nfe}, CFG {opts.scale}", "samples": opts.samples,
+              "seeds": f"set k: {FIRST_SEED} + k * samples ...", "hardware": "CPU, x86-64, 1 torch thread"}
+    results = Results(opts.out, config, resume_on=("solver", "samples"))
+
+    def measure(k: int) -> dict:
+        res = evaluate_pipeline(pipe, opts.samples, seed=FIRST_SEED + k * opts.samples, batch_size=opts.batch_size,
+                                knn_metrics=False, progress=False, num_inference_steps=opts.nfe, solver=opts.solver,
+                                guidance_scale=opts.scale)
+        return {"fid": res.fid, "seconds": round(res.wall_seconds, 1)}
+
+    def summary(data: dict) -> None:
+        values = [c["fid"] for c in data["cells"]]
+        data.update(mean=statistics.mean(values), std=statistics.stdev(values) if len(values) > 1 else None)
+
+    results.run(range(opts.sets), key=lambda k: {"set": k}, measure=measure, after=summary)
 
 
 if __name__ == "__main__":

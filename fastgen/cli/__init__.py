@@ -36,10 +36,9 @@ is skipped, so ``eval``, ``text`` and ``distill`` can land in any order. ``Comma
 adds ``--config FILE``: a YAML/JSON recipe with the config's fields as keys, overridden by the options
 given on the command line (what ``fastgen distill --config recipe.yaml`` uses).
 
-Until ``fastgen/cli/eval.py`` and ``fastgen/cli/text.py`` exist, the argparse modules
-``fastgen.cli_eval`` and ``fastgen.cli_text`` (``register(subparsers)`` / ``register_eval(...)``,
-``func(args) -> int``) are registered through :data:`LEGACY_MODULES`; delete an entry when its
-module is converted.
+Until ``fastgen/cli/text.py`` exists, the argparse module ``fastgen.cli_text`` (``register(subparsers)`` /
+``register_eval(...)``, ``func(args) -> int``) is registered through :data:`LEGACY_MODULES`; delete the
+entry when the module is converted.
 """
 from __future__ import annotations
 
@@ -59,7 +58,7 @@ from .command import (Command, Parser, UsageError, add_common_options, extra_hin
 # Command modules under fastgen/cli/, in the order of `fastgen --help`; each defines COMMANDS: list[Command].
 COMMAND_MODULES = ["sample", "search", "teleport", "linear_ag", "eval", "text", "distill"]
 # module under fastgen/cli/ that replaces it -> old argparse module, registered while the new one is absent.
-LEGACY_MODULES = {"eval": "fastgen.cli_eval", "text": "fastgen.cli_text"}
+LEGACY_MODULES = {"text": "fastgen.cli_text"}
 GROUP_HELP = {"eval": "evaluation commands (FID, reference statistics, Prophet benchmark)"}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -157,6 +158,9 @@ def default_summary(record: dict) -> str:
 
 
 def print_record(command: Command, record: dict, *, as_json: bool) -> None:
+    """Print the record once: under ``accelerate launch``/``torchrun`` only rank 0 prints."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     if as_json:
         print(json.dumps(record))
     else:

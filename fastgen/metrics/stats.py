@@ -15,7 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ReferenceStats", "load_stats", "save_stats"]
+__all__ = ["ReferenceStats", "load_stats", "save_stats", "builtin_reference_path", "BUILTIN_REFERENCES"]
+
+_PACKAGE = Path(__file__).resolve().parents[1]  # fastgen/
+# builtin:<name> -> (file under fastgen/assets, file under a source checkout's eval/ folder)
+BUILTIN_REFERENCES = {"digits": ("digits-reference/train_stats.npz", "digits_train_stats.npz")}
 
 
 @dataclass
@@ -81,8 +85,14 @@ class ReferenceStats:
             if key in arrays:
                 raise ValueError(f"metadata key {key!r} clashes with a reserved key.")
             arrays[key] = np.str_(value)
-        with open(path, "wb") as f:
-            np.savez(f, **arrays)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
@@ -124,3 +134,23 @@ def save_stats(path, stats: ReferenceStats) -> Path:
 def load_stats(path) -> ReferenceStats:
     """Read reference statistics (see :meth:`ReferenceStats.load`)."""
     return ReferenceStats.load(path)
+
+
+def builtin_reference_path(name: str = "digits") -> Path:
+    """Path of the shipped reference statistics ``builtin:<name>`` (the one place that knows where they live).
+
+    ``builtin:digits`` is the 64-d digits-feature statistics of the built-in digits ``train`` split (1,000
+    images, raw features included): ``fastgen/assets/digits-reference/train_stats.npz`` (installed with the
+    wheel), else a source checkout's ``eval/digits_train_stats.npz``.
+    """
+    if name not in BUILTIN_REFERENCES:
+        raise ValueError(f"builtin reference must be one of {[f'builtin:{k}' for k in BUILTIN_REFERENCES]}, "
+                         f"got 'builtin:{name}'.")
+    asset, legacy = BUILTIN_REFERENCES[name]
+    candidates = [_PACKAGE / "assets" / asset, _PACKAGE.parent / "eval" / legacy]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"the shipped reference statistics of builtin:{name} are missing ({candidates[0]}); "
+                            f"reinstall fastgen or compute them with `fastgen eval ref --data builtin:{name} --out "
+                            f"{Path(asset).name}`.")
