@@ -343,7 +343,8 @@ PINNED_PIPELINE = [
 ]
 
 
-@pytest.mark.parametrize("prompt, options, text, nfe, fired_at, fired_block", PINNED_PIPELINE)
+@pytest.mark.parametrize("prompt, options, text, nfe, fired_at, fired_block", PINNED_PIPELINE,
+                         ids=["add-masked", "add-span", "add2-span", "compare-masked"])
 def test_pinned_prophet_pipeline_outputs(parts, prompt, options, text, nfe, fired_at, fired_block):
     pipe = make_pipe(parts, ProphetScheduler(**options))
     seq, count = generate(pipe, [prompt], gen_length=24, block_length=8, num_inference_steps=8, eos_early_stop=True)
