@@ -1,8 +1,8 @@
 """CFG vs APG vs Adaptive Guidance vs LinearAG on the built-in digits model.
 
 Each cell samples the same seeds (sample i: seed i, digit i % 10), 20 steps with the pipeline's own
-scheduler, and scores them on the built-in digits features against ``eval/digits_train_stats.npz``:
-FID (Heusel et al. 2017), class accuracy of the digits classifier, the grey-scale saturation analogues
+scheduler, and scores them with :func:`fastgen.metrics.evaluate_pipeline` on the built-in digits features
+against the shipped train-split statistics: FID (Heusel et al. 2017), class accuracy of the digits classifier, the grey-scale saturation analogues
 (mean |x| in [-1, 1] and the share of clipped pixels, i.e. within 0.5/255 of 0 or 1) and the network
 evaluations per sample (exact per-sample counts, averaged). Methods:
 
@@ -16,101 +16,107 @@ evaluations per sample (exact per-sample counts, averaged). Methods:
   disjoint from the evaluation seeds), replacing steps 1-9, then AG.
 
     python benchmarks/guidance.py                        # full run: writes results/guidance.json + .png
-    python benchmarks/guidance.py --n 200 --out out/g   # a quick look
+    python benchmarks/guidance.py --n 200 --out out/g.json   # a quick look
     python benchmarks/guidance.py --probe                # γ_t and ‖Δ‖ statistics used to set thresholds
 
-Partial results are written after every cell; a rerun skips cells already in the JSON (``--fresh`` to redo).
+Partial results are written after every cell; a rerun skips cells already in the JSON (``--fresh`` to redo;
+:mod:`fastgen.benchmarking`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
-import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from fastgen import load_builtin
+from fastgen.benchmarking import Results, parse_options, pyplot
+from fastgen.guidance import APG, CFG, AdaptiveGuidance, LinearAG
+from fastgen.guidance.calibrate import fit_linear_ag
+from fastgen.metrics import evaluate_pipeline
 
-from fastgen import load_builtin  # noqa: E402
-from fastgen.cli_eval import ImageStats  # noqa: E402
-from fastgen.guidance import APG, CFG, AdaptiveGuidance, LinearAG  # noqa: E402
-from fastgen.guidance.calibrate import fit_linear_ag  # noqa: E402
-from fastgen.metrics import FeatureStats, frechet_distance, get_extractor, load_stats  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("cfg", "apg", "ag", "linear-ag")
 
 
-def load_digits():
-    """The built-in digits pipeline (built from its components if the folder has no model_index.json yet)."""
-    from fastgen.builtin import builtin_path
-    path = builtin_path("digits")
-    if (path / "model_index.json").is_file():
-        return load_builtin("digits")
-    from diffusers import DPMSolverMultistepScheduler, UNet2DModel
-    from fastgen import FastGenClassPipeline
-    return FastGenClassPipeline(scheduler=DPMSolverMultistepScheduler.from_pretrained(path / "scheduler"),
-                                unet=UNet2DModel.from_pretrained(path / "unet").eval(),
-                                id2label={i: str(i) for i in range(10)})
+@dataclass
+class GuidanceBenchmark:
+    """CFG vs APG vs Adaptive Guidance vs LinearAG on the built-in digits model."""
+
+    n: int = field(default=2000, metadata={"help": "samples per cell (seeds 0..n-1, digit = seed % 10)"})
+    steps: int = 20
+    scales: list[float] = field(default_factory=lambda: [1.5, 3.0, 5.0, 8.0, 12.0])
+    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"among {list(METHODS)}"})
+    apg_threshold: float = 1.0
+    ag_threshold: float = 0.95
+    ag_space: str = field(default="x0", metadata={"help": "eps or x0"})
+    calib_n: int = field(default=256, metadata={"help": "LinearAG calibration trajectories"})
+    batch_size: int = 250
+    threads: int = 1
+    out: str = "benchmarks/results/guidance.json"
+    probe: bool = field(default=False, metadata={"help": "print the γ_t and ‖Δ‖ statistics the thresholds come from"})
+    fresh: bool = field(default=False, metadata={"help": "ignore cells already in --out"})
 
 
-def make_guider(method: str, scale: float, args, fits: dict):
+def make_guider(method: str, scale: float, opts: GuidanceBenchmark, fits: dict):
     if method == "cfg":
         return CFG(guidance_scale=scale)
     if method == "apg":
-        return APG(guidance_scale=scale, eta=0.0, norm_threshold=args.apg_threshold, momentum=-0.5)
+        return APG(guidance_scale=scale, eta=0.0, norm_threshold=opts.apg_threshold, momentum=-0.5)
     if method == "ag":
-        return AdaptiveGuidance(guidance_scale=scale, threshold=args.ag_threshold, space=args.ag_space)
-    return LinearAG(coefficients=fits[scale], threshold=args.ag_threshold, space=args.ag_space)
+        return AdaptiveGuidance(guidance_scale=scale, threshold=opts.ag_threshold, space=opts.ag_space)
+    return LinearAG(coefficients=fits[scale], threshold=opts.ag_threshold, space=opts.ag_space)
 
 
-def run_cell(pipe, extractor, reference, guider, args) -> dict:
-    stats = FeatureStats(extractor.num_features)
-    pixels = ImageStats()
-    nfe_total, truncation, seconds = 0, [], 0.0
-    for start in range(0, args.n, args.batch_size):
-        stop = min(args.n, start + args.batch_size)
-        labels = [i % 10 for i in range(start, stop)]
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = pipe(class_labels=labels, num_inference_steps=args.steps, guidance=guider,
-                       guidance_scale=guider.guidance_scale, seed=list(range(start, stop)), output_type="pt")
-        seconds += time.perf_counter() - t0
-        images = out.images.float().cpu()
-        stats.update(extractor(images))
-        pixels.update(images, extractor.classify(images), torch.tensor(labels))
-        nfe_total += out.nfe * (stop - start)
+def measure(pipe, guider, opts: GuidanceBenchmark) -> dict:
+    """One cell: :func:`fastgen.metrics.evaluate_pipeline` with ``guider`` (and AG's truncation steps)."""
+    truncation: list[int] = []
+
+    def record_truncation(_output, _start, _stop):
         if isinstance(guider, AdaptiveGuidance):
-            truncation += [args.steps if s is None else s for s in guider.truncation_step]
-    metrics = pixels.metrics()
-    cell = {"fid": frechet_distance(reference.mu, reference.sigma, stats.mu, stats.sigma),
-            "class_accuracy": metrics.get("class_accuracy"), "mean_abs": metrics.get("mean_abs"),
-            "clipped_share": metrics.get("clipped_fraction"), "nfe": nfe_total / args.n,
-            "seconds": round(seconds, 1), "n": args.n}
+            truncation.extend(opts.steps if s is None else s for s in guider.truncation_step)
+
+    res = evaluate_pipeline(pipe, opts.n, seed=0, batch_size=opts.batch_size, progress=False,
+                            num_inference_steps=opts.steps, guidance=guider, guidance_scale=guider.guidance_scale,
+                            on_batch=record_truncation)
+    cell = {"fid": res.fid, "class_accuracy": res.accuracy, "mean_abs": res.mean_abs,
+            "clipped_share": res.clipped_fraction, "roughness": res.roughness, "precision": res.precision,
+            "recall": res.recall, "nfe": res.nfe, "seconds": round(res.seconds, 1), "n": res.num_samples}
     if truncation:
         cell["mean_truncation_step"] = sum(truncation) / len(truncation)
     return cell
 
 
-def probe(pipe, args) -> None:
+def linear_ag_fit(pipe, scale: float, results: Results, opts: GuidanceBenchmark, fits: dict) -> None:
+    """Fit (or reuse from the results file) LinearAG's coefficients at ``scale``."""
+    key = f"{scale:g}"
+    stored = results.data.setdefault("linear_ag_fits", {}).get(key, {})
+    if "fit" in stored:
+        fits[scale] = stored["fit"]
+        return
+    t0 = time.perf_counter()
+    fits[scale] = fit_linear_ag(pipe, num_inference_steps=opts.steps, guidance_scale=scale, num_samples=opts.calib_n,
+                                batch_size=opts.batch_size)
+    results.data["linear_ag_fits"][key] = {"fit": fits[scale], "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def probe(pipe, opts) -> None:
     """γ_t (ε space) and ‖D_c − D_u‖ (x0) per step under CFG: what the AG and APG thresholds are set from."""
     from fastgen.guidance.calibrate import _RecordingCFG
-    for scale in args.scales:
+    for scale in opts.scales:
         rec = _RecordingCFG(guidance_scale=scale)
-        pipe(class_labels=[i % 10 for i in range(100)], num_inference_steps=args.steps, guidance=rec,
+        pipe(class_labels=[i % 10 for i in range(100)], num_inference_steps=opts.steps, guidance=rec,
              guidance_scale=scale, seed=list(range(100)), output_type="latent")
         line = []
-        for step in range(args.steps):
+        for step in range(opts.steps):
             c, u = rec.records[step]
             gamma = AdaptiveGuidance.cosine(c, u)
             line.append(f"{step}:{gamma.mean():.4f}/{gamma.min():.4f}")
         print(f"scale {scale}: gamma mean/min per step  " + " ".join(line), flush=True)
     apg = _DiffNorms(guidance_scale=3.0)
-    pipe(class_labels=[i % 10 for i in range(100)], num_inference_steps=args.steps, guidance=apg,
+    pipe(class_labels=[i % 10 for i in range(100)], num_inference_steps=opts.steps, guidance=apg,
          guidance_scale=3.0, seed=list(range(100)), output_type="latent")
     print("x0 ||D_c - D_u|| median per step: " + " ".join(f"{n:.3f}" for n in apg.norms), flush=True)
 
@@ -177,73 +183,39 @@ def targets(record: dict) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.5, 3.0, 5.0, 8.0, 12.0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--apg-threshold", type=float, default=1.0)
-    parser.add_argument("--ag-threshold", type=float, default=0.95)
-    parser.add_argument("--ag-space", default="x0", choices=["eps", "x0"])
-    parser.add_argument("--calib-n", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--probe", action="store_true")
-    parser.add_argument("--fresh", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    pipe = load_digits()
+def main(argv=None) -> None:
+    opts = parse_options(GuidanceBenchmark, argv)
+    if set(opts.methods) - set(METHODS):
+        raise SystemExit(f"--methods must be among {list(METHODS)}, got {opts.methods}")
+    torch.set_num_threads(opts.threads)
+    pipe = load_builtin("digits")
     pipe.set_progress_bar_config(disable=True)
-    if args.probe:
-        probe(pipe, args)
+    if opts.probe:
+        probe(pipe, opts)
         return
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out / "guidance.json", out / "guidance.png"
-    config = {"n": args.n, "steps": args.steps, "scales": args.scales, "apg": {"eta": 0.0, "momentum": -0.5,
-              "norm_threshold": args.apg_threshold, "space": "x0"},
-              "ag": {"threshold": args.ag_threshold, "space": args.ag_space, "batch_rule": "sample"},
-              "linear_ag": {"calibration_samples": args.calib_n, "calibration_seeds_from": 1_000_000,
-                            "replaced_steps": f"1..{args.steps // 2 - 1}"},
-              "scheduler": type(pipe.scheduler).__name__, "seeds": f"0..{args.n - 1}, digit = seed % 10",
-              "reference": "eval/digits_train_stats.npz", "torch_threads": args.threads,
+    config = {"n": opts.n, "steps": opts.steps, "scales": opts.scales,
+              "apg": {"eta": 0.0, "momentum": -0.5, "norm_threshold": opts.apg_threshold, "space": "x0"},
+              "ag": {"threshold": opts.ag_threshold, "space": opts.ag_space, "batch_rule": "sample"},
+              "linear_ag": {"calibration_samples": opts.calib_n, "calibration_seeds_from": 1_000_000,
+                            "replaced_steps": f"1..{opts.steps // 2 - 1}"},
+              "scheduler": type(pipe.scheduler).__name__, "seeds": f"0..{opts.n - 1}, digit = seed % 10",
+              "reference": "builtin:digits (train split statistics)", "torch_threads": opts.threads,
               "machine": platform.platform(), "torch": torch.__version__}
-    record = {"config": config, "cells": [], "linear_ag_fits": {}}
-    if json_path.exists() and not args.fresh:
-        old = json.loads(json_path.read_text())
-        if old.get("config", {}).get("n") == args.n and old.get("config", {}).get("steps") == args.steps:
-            record["cells"], record["linear_ag_fits"] = old.get("cells", []), old.get("linear_ag_fits", {})
-    extractor = get_extractor("digits")
-    reference = load_stats(ROOT / "eval" / "digits_train_stats.npz")
+    results = Results(opts.out, config, resume_on=("n", "steps"), fresh=opts.fresh)
     fits: dict = {}
-    for scale in args.scales:
-        for method in args.methods:
-            if any(c["method"] == method and c["scale"] == scale for c in record["cells"]):
-                continue
-            if method == "linear-ag" and scale not in fits:
-                key = f"{scale:g}"
-                if key in record["linear_ag_fits"] and "fit" in record["linear_ag_fits"][key]:
-                    fits[scale] = record["linear_ag_fits"][key]["fit"]
-                else:
-                    t0 = time.perf_counter()
-                    fits[scale] = fit_linear_ag(pipe, num_inference_steps=args.steps, guidance_scale=scale,
-                                                num_samples=args.calib_n, batch_size=args.batch_size)
-                    record["linear_ag_fits"][key] = {"fit": fits[scale], "seconds": round(time.perf_counter() - t0, 1)}
-            guider = make_guider(method, scale, args, fits)
-            cell = {"method": method, "scale": scale, **run_cell(pipe, None or extractor, reference, guider, args)}
-            record["cells"].append(cell)
-            record["targets"] = targets(record)
-            json_path.write_text(json.dumps(record, indent=1))
-            print(json.dumps(cell), flush=True)
-            try:
-                plot(record, png_path)
-            except Exception as err:  # plotting must not lose the numbers
-                print(f"plot failed: {err}", flush=True)
-    record["targets"] = targets(record)
-    json_path.write_text(json.dumps(record, indent=1))
-    plot(record, png_path)
+
+    def run(cell):
+        scale, method = cell
+        if method == "linear-ag":
+            linear_ag_fit(pipe, scale, results, opts, fits)
+        return measure(pipe, make_guider(method, scale, opts, fits), opts)
+
+    results.run([(scale, method) for scale in opts.scales for method in opts.methods],
+                key=lambda c: {"method": c[1], "scale": c[0]}, measure=run, plot=plot,
+                after=lambda data: data.update(targets=targets(data)))
+    results.data["targets"] = targets(results.data)
+    results.save()
+    results.plot(plot)
 
 
 if __name__ == "__main__":

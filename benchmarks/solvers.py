@@ -10,25 +10,47 @@ Compares diffusers' DPM-Solver++(2M), UniPC, DEIS and DDIM (built from the model
 teleportation (``fastgen/assets/digits-teleport/stats.safetensors``, teleport_fraction ~0.2: the grid has
 M steps with M - round(0.2 M) = NFE). CFG scale 3; identical seeds and labels for every configuration.
 
-Resumable: finished configurations are kept in the results JSON and skipped on re-runs.
+Every configuration is scored by :func:`fastgen.metrics.evaluate_pipeline` (sample i: seed i, digit i % 10)
+against the shipped train-split statistics (``builtin:digits``). Resumable: finished configurations are kept
+in the results JSON and skipped on re-runs (:mod:`fastgen.benchmarking`).
 
     python benchmarks/solvers.py --samples 2000 --nfe 4 5 6 8 10 20
 """
 from __future__ import annotations
 
-import argparse
 import json
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import fastgen
+from fastgen.benchmarking import Results, parse_options, pyplot
 
-REPO = Path(__file__).resolve().parents[1]
-SCHEDULES = REPO / "fastgen" / "assets" / "digits-schedules"
-STATS = REPO / "fastgen" / "assets" / "digits-teleport" / "stats.safetensors"
-CLASS_STATS = REPO / "fastgen" / "assets" / "digits-teleport" / "class_stats.safetensors"
-TELEPORT_KINDS = {"data": STATS, "class-guided": CLASS_STATS}
+ASSETS = Path(fastgen.__file__).resolve().parent / "assets"
+SCHEDULES = ASSETS / "digits-schedules"
+TELEPORT_KINDS = {"data": ASSETS / "digits-teleport" / "stats.safetensors",
+                  "class-guided": ASSETS / "digits-teleport" / "class_stats.safetensors"}
 SOLVERS = ["dpmsolver++", "unipc", "deis", "ddim", "usf-default", "s3"]
+
+
+@dataclass
+class SolverBenchmark:
+    """Solver benchmark on the built-in digits model: FID vs NFE, with and without teleport."""
+
+    samples: int = field(default=2000, metadata={"help": "samples per configuration (seeds 0..samples-1)"})
+    nfe: list[int] = field(default_factory=lambda: [4, 5, 6, 8, 10, 20])
+    solvers: list[str] = field(default_factory=lambda: list(SOLVERS), metadata={"help": f"among {SOLVERS}"})
+    teleport_max_nfe: int = field(default=20, metadata={"help": "run teleport variants up to this NFE"})
+    fraction: float = field(default=0.2, metadata={"help": "teleport fraction"})
+    teleport_stats: list[str] = field(default_factory=lambda: ["data"], metadata={
+        "help": "teleport statistics: 'data' (one Gaussian for all digits) and/or 'class-guided' (one per class; "
+                "guided ODE under CFG)"})
+    no_plain: bool = field(default=False, metadata={"help": "skip the configurations without teleport"})
+    scale: float = 3.0
+    batch_size: int = 500
+    threads: int = 1
+    out: str = "benchmarks/results/solvers.json"
+    summarise: bool = field(default=False, metadata={"help": "only recompute the summary and plot of --out"})
+    table: bool = field(default=False, metadata={"help": "print --out as a markdown table and exit"})
 
 
 def teleport_grid(nfe: int, fraction: float) -> int:
@@ -39,39 +61,41 @@ def teleport_grid(nfe: int, fraction: float) -> int:
     return m
 
 
-def run_config(pipe, fid, solver: str, nfe: int, teleport: bool, samples: int, scale: float, fraction: float,
-               kind: str = "data"):
+def call_kwargs(solver: str, nfe: int, kind: str | None, fraction: float) -> dict | None:
+    """Pipeline arguments of one configuration (``None``: no S³ schedule was searched for it)."""
     from fastgen.solvers import SolverSchedule
-    from fastgen.solvers.evaluate import run_schedule
+    from fastgen.solvers.evaluate import schedule_call_kwargs
     from fastgen.teleport import resolve_teleport
-    labels = [i % pipe.num_classes for i in range(samples)]
-    seeds = list(range(samples))
-    stats = resolve_teleport(str(TELEPORT_KINDS[kind])) if teleport else None
+
+    stats = resolve_teleport(str(TELEPORT_KINDS[kind])) if kind else None
     if solver == "s3":
-        path = SCHEDULES / (f"nfe{nfe}-teleport.json" if teleport else f"nfe{nfe}.json")
-        if not path.is_file():
-            return None
-        spec = SolverSchedule.load(path)
-    elif teleport:
-        spec = (solver, teleport_grid(nfe, fraction), stats, fraction)
-    else:
-        spec = (solver, nfe, None, 0.0)
-    t0 = time.time()
-    x = run_schedule(pipe, spec, labels, seeds, scale, teleport=stats if solver == "s3" else None)
-    rec = {"solver": solver, "nfe": nfe, "teleport": teleport, "fid": fid(x), "samples": samples,
-           "seconds": round(time.time() - t0, 1)}
-    if teleport:
-        rec["teleport_stats"] = kind
+        path = SCHEDULES / (f"nfe{nfe}-teleport.json" if kind else f"nfe{nfe}.json")
+        return schedule_call_kwargs(SolverSchedule.load(path), stats) if path.is_file() else None
+    if kind:
+        return schedule_call_kwargs((solver, teleport_grid(nfe, fraction), stats, fraction))
+    return schedule_call_kwargs((solver, nfe, None, 0.0))
+
+
+def measure(pipe, opts: SolverBenchmark, solver: str, nfe: int, kind: str | None) -> dict | None:
+    from fastgen.metrics import evaluate_pipeline
+
+    kwargs = call_kwargs(solver, nfe, kind, opts.fraction)
+    if kwargs is None:
+        return None
+    res = evaluate_pipeline(pipe, opts.samples, seed=0, batch_size=opts.batch_size, progress=False,
+                            guidance_scale=opts.scale, **kwargs)
+    rec = {"fid": res.fid, "kid": res.kid, "precision": res.precision, "recall": res.recall, "accuracy": res.accuracy,
+           "roughness": res.roughness, "nfe_with_guidance": res.nfe, "seconds": round(res.wall_seconds, 1)}
     if solver == "s3":
-        rec["schedule"] = str(path.relative_to(REPO))
-        rec["search"] = spec.meta.get("search", {})
+        schedule = kwargs["solver"]
+        rec["schedule"] = f"fastgen/assets/digits-schedules/nfe{nfe}{'-teleport' if kind else ''}.json"
+        rec["search"] = schedule.meta.get("search", {})
     return rec
 
 
-def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(data: dict, path: Path) -> None:
+    plt = pyplot()
+    results = data["cells"]
     fig, ax = plt.subplots(figsize=(9.5, 4.5))
     styles = {None: "-", "data": "--", "class-guided": ":"}
     for i, solver in enumerate(SOLVERS):
@@ -91,11 +115,12 @@ def plot(results: list[dict], path: Path) -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _kind(r: dict):
-    """None without teleport, else which statistics it used ('data' for records from before the option)."""
-    return r.get("teleport_stats", "data") if r["teleport"] else None
+    """None without teleport, else which statistics it used."""
+    return r.get("teleport_stats") if r["teleport"] else None
 
 
 def summarise(results: list[dict]) -> dict:
@@ -148,67 +173,38 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=2000)
-    p.add_argument("--nfe", type=int, nargs="+", default=[4, 5, 6, 8, 10, 20])
-    p.add_argument("--solvers", nargs="+", default=SOLVERS, choices=SOLVERS)
-    p.add_argument("--teleport-max-nfe", type=int, default=20, help="run teleport variants up to this NFE")
-    p.add_argument("--fraction", type=float, default=0.2, help="teleport fraction")
-    p.add_argument("--teleport-stats", nargs="+", default=["data"], choices=sorted(TELEPORT_KINDS),
-                   help="teleport statistics: 'data' (one Gaussian for all digits) and/or 'class-guided' "
-                        "(one per class; guided ODE under CFG)")
-    p.add_argument("--no-plain", action="store_true", help="skip the configurations without teleport")
-    p.add_argument("--scale", type=float, default=3.0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "solvers.json"))
-    p.add_argument("--summarise", action="store_true", help="only recompute the summary and plot of --out")
-    p.add_argument("--table", action="store_true", help="print --out as a markdown table and exit")
-    args = p.parse_args()
-    if args.table:
-        print(table(json.loads(Path(args.out).read_text())["results"]))
+def main(argv=None) -> None:
+    opts = parse_options(SolverBenchmark, argv)
+    bad = sorted(set(opts.solvers) - set(SOLVERS)) + sorted(set(opts.teleport_stats) - set(TELEPORT_KINDS))
+    if bad:
+        raise SystemExit(f"unknown --solvers/--teleport_stats {bad}: choose from {SOLVERS} and {sorted(TELEPORT_KINDS)}")
+    config = {"guidance_scale": opts.scale, "teleport_fraction": opts.fraction,
+              "teleport_stats": {k: f"fastgen/assets/digits-teleport/{v.name}" for k, v in TELEPORT_KINDS.items()},
+              "fid_reference": "builtin:digits (train split statistics)", "features": "digits-features",
+              "seeds": "sample i: seed i, digit i % 10"}
+    results = Results(opts.out, config, resume_on=("guidance_scale", "teleport_fraction"))
+    if opts.table:
+        print(table(results.cells))
         return
-    if args.summarise:
-        out = Path(args.out)
-        data = json.loads(out.read_text())
-        data["summary"] = summarise(data["results"])
-        out.write_text(json.dumps(data, indent=1) + "\n")
-        plot(data["results"], out.with_suffix(".png"))
-        print(json.dumps(data["summary"], indent=1))
+    if opts.summarise:
+        results.data["summary"] = summarise(results.cells)
+        results.save()
+        results.plot(plot)
+        print(json.dumps(results.data["summary"], indent=1))
         return
-    torch.set_num_threads(args.threads)
-    import fastgen
-    from fastgen.solvers.evaluate import DigitsFID
-    out = Path(args.out)
-    data = json.loads(out.read_text()) if out.is_file() else {"results": []}
-    done = {(r["solver"], r["nfe"], _kind(r), r["samples"]) for r in data["results"]}
+    import torch
+
+    torch.set_num_threads(opts.threads)
     pipe = fastgen.load_builtin("digits")
     pipe.set_progress_bar_config(disable=True)
-    fid = DigitsFID()
-    kinds = ([] if args.no_plain else [None]) + list(args.teleport_stats)
-    for nfe in args.nfe:
-        for kind in kinds:
-            if kind is not None and nfe > args.teleport_max_nfe:
-                continue
-            for solver in args.solvers:
-                if (solver, nfe, kind, args.samples) in done:
-                    continue
-                if kind == "class-guided" and solver == "s3":
-                    continue  # the S³ teleport schedule was searched with the data statistics
-                rec = run_config(pipe, fid, solver, nfe, kind is not None, args.samples, args.scale, args.fraction,
-                                 kind or "data")
-                if rec is None:
-                    continue
-                data["results"].append(rec)
-                data["summary"] = summarise(data["results"])
-                data["config"] = {"guidance_scale": args.scale, "teleport_fraction": args.fraction,
-                                  "teleport_stats": {k: str(v.relative_to(REPO)) for k, v in TELEPORT_KINDS.items()},
-                                  "fid_reference": "eval/digits_train_stats.npz",
-                                  "features": "digits-features"}
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(data, indent=1) + "\n")
-                print(json.dumps(rec), flush=True)
-                plot(data["results"], out.with_suffix(".png"))
+    kinds = ([] if opts.no_plain else [None]) + list(opts.teleport_stats)
+    cells = [(solver, nfe, kind) for nfe in opts.nfe for kind in kinds for solver in opts.solvers
+             if (kind is None or nfe <= opts.teleport_max_nfe)
+             and not (kind == "class-guided" and solver == "s3")]  # the S³ teleport schedule used the data statistics
+    results.run(cells, key=lambda c: {"solver": c[0], "nfe": c[1], "teleport": c[2] is not None, "teleport_stats": c[2],
+                                      "samples": opts.samples},
+                measure=lambda c: measure(pipe, opts, *c), plot=plot,
+                after=lambda data: data.update(summary=summarise(data["cells"])))
 
 
 if __name__ == "__main__":

@@ -6,13 +6,15 @@
   and Artifacts of High Guidance Scales in Diffusion Models" (APG, https://arxiv.org/abs/2410.02416),
   with two grey-scale analogues (grey images have zero saturation): mean absolute intensity in
   [-1, 1] and the share of pixels clipped at the ends of the range.
+- Roughness: mean absolute difference of neighbouring pixels (total variation per pixel pair), a
+  high-frequency-artefact measure (over-guided and under-resolved samples are grainy).
 """
 from __future__ import annotations
 
 import torch
 
 __all__ = ["precision_recall", "knn_radii", "mean_saturation", "mean_abs_intensity", "clipped_fraction",
-           "class_accuracy"]
+           "class_accuracy", "roughness", "roughness_per_image"]
 
 
 def _features(name: str, x) -> torch.Tensor:
@@ -99,6 +101,27 @@ def clipped_fraction(images, tolerance: float = 0.5 / 255) -> float:
     """Share of pixel values within ``tolerance`` of 0 or 1 (the ends of the range, where over-guided samples pile up)."""
     x = _images(images)
     return float(((x <= tolerance) | (x >= 1 - tolerance)).double().mean())
+
+
+def roughness_per_image(images) -> torch.Tensor:
+    """Per-image roughness ``[N]`` (float64): see :func:`roughness`."""
+    x = _images(images)
+    horizontal = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1)
+    vertical = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1)
+    pairs = torch.cat([horizontal, vertical], dim=1)
+    if pairs.shape[1] == 0:
+        raise ValueError(f"roughness needs images of at least 2 pixels, got {tuple(x.shape[2:])}.")
+    return pairs.mean(dim=1)
+
+
+def roughness(images) -> float:
+    """Mean absolute difference of neighbouring pixels of images ``[N, C, H, W]`` in [0, 1].
+
+    Every horizontal pair ``(x[i, j], x[i, j+1])`` and vertical pair ``(x[i, j], x[i+1, j])`` of every
+    channel counts once (an anisotropic total variation divided by the number of pairs): 0 for flat images,
+    1 for a 0/1 checkerboard, 1/2 for 0/1 stripes on a square image. Averaged per image, then over images.
+    """
+    return float(roughness_per_image(images).mean())
 
 
 def class_accuracy(predicted, labels) -> float:

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ReferenceStats", "load_stats", "save_stats"]
+__all__ = ["ReferenceStats", "load_stats", "save_stats", "builtin_reference_path", "BUILTIN_REFERENCES"]
+
+_PACKAGE = Path(__file__).resolve().parents[1]  # fastgen/
+BUILTIN_REFERENCES = {"digits": "digits_train_stats.npz"}  # name -> file name of the shipped statistics
 
 
 @dataclass
@@ -124,3 +127,24 @@ def save_stats(path, stats: ReferenceStats) -> Path:
 def load_stats(path) -> ReferenceStats:
     """Read reference statistics (see :meth:`ReferenceStats.load`)."""
     return ReferenceStats.load(path)
+
+
+def builtin_reference_path(name: str = "digits") -> Path:
+    """Path of the shipped reference statistics ``builtin:<name>`` (the one place that knows where they live).
+
+    ``builtin:digits`` is the 64-d digits-feature statistics of the built-in digits ``train`` split (1,000
+    images, raw features included). Looked up in the package assets first (``fastgen/assets/<file>`` or any
+    ``fastgen/assets/**/<file>``, which a wheel installs), then in a source checkout's ``eval/`` folder.
+    """
+    if name not in BUILTIN_REFERENCES:
+        raise ValueError(f"builtin reference must be one of {[f'builtin:{k}' for k in BUILTIN_REFERENCES]}, "
+                         f"got 'builtin:{name}'.")
+    file = BUILTIN_REFERENCES[name]
+    assets = _PACKAGE / "assets"
+    candidates = [assets / file, *sorted(assets.rglob(file)), _PACKAGE.parent / "eval" / file]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"the shipped reference statistics {file!r} (builtin:{name}) were not found in {assets} "
+                            f"nor in {_PACKAGE.parent / 'eval'}; reinstall fastgen or compute them with "
+                            f"`fastgen eval ref --data builtin:{name} --out {file}`.")

@@ -1,0 +1,125 @@
+"""The small harness every benchmark shares: options from a dataclass, cells -> JSON (atomic, resumable) + PNG.
+
+A benchmark is a dataclass of options (parsed by ``transformers.HfArgumentParser``, so the same class
+serves the command line, recipe files and tests), a list of cells, a function ``cell -> record`` (which
+calls :func:`fastgen.metrics.evaluate_pipeline`) and, optionally, a plot of the records::
+
+    opts = parse_options(MyOptions)
+    results = Results(opts.out, config=asdict(opts), resume_on=("n", "steps"), fresh=opts.fresh)
+    results.run(cells, key=lambda c: {"method": c[0], "scale": c[1]}, measure=measure, plot=plot)
+
+Records are appended to ``results.cells`` and the JSON is rewritten atomically after every cell; a rerun
+skips cells whose key is already there (unless ``fresh`` or the options in ``resume_on`` changed).
+matplotlib is imported only when a plot is drawn (:func:`pyplot`), with a clear error when it is missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence, TypeVar
+
+__all__ = ["parse_options", "write_json", "Results", "pyplot"]
+
+T = TypeVar("T")
+
+
+def parse_options(options: type[T], argv: Sequence[str] | None = None) -> T:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) into the dataclass ``options`` with ``HfArgumentParser``."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(options, description=(options.__doc__ or "").strip().split("\n")[0])
+    return parser.parse_args_into_dataclasses(args=None if argv is None else list(argv))[0]
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as indented JSON through a temporary file and ``os.replace`` (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def pyplot():
+    """``matplotlib.pyplot`` with the non-interactive Agg backend, or an ImportError that says what to install."""
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError("plots need matplotlib: pip install 'fastgen[plot]' (or pip install matplotlib); the "
+                          "numbers are in the JSON file already.") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+class Results:
+    """A benchmark's JSON file: ``{"config": ..., "cells": [...], **extra}``, resumable.
+
+    Args:
+        path: the JSON path (its ``.png`` sibling gets the plot).
+        config: what the run was configured with (stored under ``"config"``).
+        resume_on: config keys that must match the file's for its cells to be kept.
+        fresh: ignore an existing file.
+    """
+
+    def __init__(self, path: str | os.PathLike, config: dict, *, resume_on: Iterable[str] = (), fresh: bool = False):
+        self.path = Path(path)
+        self.data: dict = {"config": config, "cells": []}
+        if self.path.is_file() and not fresh:
+            old = json.loads(self.path.read_text())
+            old_config = old.get("config", {})
+            if all(old_config.get(k) == config.get(k) for k in resume_on):
+                self.data = {**old, "config": {**old_config, **config}}
+                self.data.setdefault("cells", [])
+
+    @property
+    def cells(self) -> list[dict]:
+        return self.data["cells"]
+
+    def find(self, **key) -> dict | None:
+        """The last cell whose fields equal ``key``."""
+        matches = [c for c in self.cells if all(c.get(k) == v for k, v in key.items())]
+        return matches[-1] if matches else None
+
+    def add(self, record: dict) -> None:
+        self.cells.append(record)
+        self.save()
+
+    def save(self) -> Path:
+        return write_json(self.path, self.data)
+
+    def plot(self, draw: Callable[[dict, Path], None]) -> None:
+        """``draw(data, png_path)``; a failing plot is reported and never loses the numbers."""
+        try:
+            draw(self.data, self.path.with_suffix(".png"))
+        except Exception as err:  # noqa: BLE001 - the JSON is already written
+            print(f"plot failed ({type(err).__name__}: {err}); the numbers are in {self.path}", flush=True)
+
+    def run(self, cells: Iterable, *, key: Callable[[Any], dict], measure: Callable[[Any], dict | None],
+            plot: Callable[[dict, Path], None] | None = None, after: Callable[[dict], None] | None = None) -> None:
+        """Measure every cell not yet in the file: ``record = {**key(cell), **measure(cell)}`` (``None`` skips it),
+        saved after each; ``after(data)`` updates derived fields (summaries) and ``plot`` redraws."""
+        for cell in cells:
+            k = key(cell)
+            if self.find(**k) is not None:
+                continue
+            record = measure(cell)
+            if record is None:
+                continue
+            self.cells.append({**k, **record})
+            if after is not None:
+                after(self.data)
+            self.save()
+            print(json.dumps({**k, **record}), flush=True)
+            if plot is not None:
+                self.plot(plot)
