@@ -404,7 +404,7 @@ def test_eval_prophet_writes_to_cwd_and_never_overwrites(tmp_path, monkeypatch, 
     result = json.loads(written[0].read_text())
     assert written[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # pinned: 4 held-out problems (seed 0), 4 steps per block; (correct, total forward passes, fired fraction)
-    summary = {r["method"]: (r["correct"], r["total_nfe"], r["fired_fraction"]) for r in result["results"]}
+    summary = {c["method"]: (c["correct"], c["total_nfe"], c["fired_fraction"]) for c in result["cells"]}
     assert summary == {"baseline": (2, 27, None), "prophet": (2, 7, 1.0), "prophet-all-in": (2, 7, 1.0),
                        "prophet-answer-span": (2, 10, 1.0)}
     first = _digest(written)
@@ -413,13 +413,25 @@ def test_eval_prophet_writes_to_cwd_and_never_overwrites(tmp_path, monkeypatch, 
     for extra in ([], ["--out", "benchmarks/results/prophet.json"], ["--out", "benchmarks/results"]):
         assert main(EVAL_SMALL + extra) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "prophet.json exists" in err and "--overwrite" in err, err
+        assert err.count("\n") == 1 and "--overwrite must be set to replace the existing file" in err, err
+        assert "prophet.json" in err
         assert _digest(written) == first and _digest(committed) == kept
     assert main(EVAL_SMALL + ["--out", "runs", "--overwrite"]) == 2  # neither a .json file nor a folder
     assert "--out must be a .json file" in capsys.readouterr().err
 
+    # --resume continues the file: measured cells are kept as they are, only new ones run
+    assert main(EVAL_SMALL + ["--budgets", "4", "2", "--resume"]) == 0
+    resumed = json.loads(written[0].read_text())
+    assert resumed["cells"][:4] == result["cells"] and len(resumed["cells"]) == 8
+    assert {c["steps_per_block"] for c in resumed["cells"][4:]} == {2} and len(resumed["comparisons"]) == 6
+    first = _digest(written)
+    capsys.readouterr()
+    assert main(EVAL_SMALL + ["--n", "3", "--resume"]) == 2  # other options: refused, file untouched
+    assert "resume: prophet.json was written with other options (n: 4 there, 3 now" in capsys.readouterr().err
+    assert _digest(written) == first
+
     assert main(EVAL_SMALL + ["--seed", "1", "--overwrite"]) == 0
-    assert json.loads(written[0].read_text())["seed"] == 1
+    assert json.loads(written[0].read_text())["config"]["seed"] == 1
     assert _digest(committed) == kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["benchmarks", "prophet.json", "prophet.png"]  # no temp
 
@@ -441,7 +453,9 @@ def test_eval_prophet_refuses_bad_outputs_before_loading(tmp_path, monkeypatch, 
         (["--n", "0"], "--n must be"),
         (["--budgets", "0"], "--budgets"),
         (["--thresholds", "1", "2", "3"], "--thresholds"),
-        (["--gen-length", "12"], "--gen-length must be a multiple of --block-length"),
+        (["--gen-length", "12"], "--gen-length must be a multiple of block_length"),
+        (["--methods", "prophet", "magic"], "--methods must be distinct names among"),
+        (["--overwrite", "--resume"], "--overwrite and resume exclude each other"),
     ]
     for extra, message in cases:
         assert main(EVAL_SMALL + extra) == 2
@@ -461,7 +475,7 @@ def test_benchmark_output_paths(tmp_path):
     assert benchmark_output_paths(tmp_path) == (tmp_path / "prophet.json", tmp_path / "prophet.png")
     assert benchmark_output_paths(tmp_path / "new" / "r.json")[1] == tmp_path / "new" / "r.png"
     (tmp_path / "r.png").write_text("x")  # the plot alone exists: refused too
-    with pytest.raises(FileExistsError, match="r.png exists; pass overwrite=True"):
+    with pytest.raises(FileExistsError, match="overwrite must be set to replace the existing file .*r.png"):
         benchmark_output_paths(tmp_path / "r.json")
     assert benchmark_output_paths(tmp_path / "r.json", overwrite=True)[0] == tmp_path / "r.json"
     with pytest.raises(ValueError, match="out must be a .json file or an existing folder"):

@@ -51,7 +51,7 @@ from .command import (Command, Parser, UsageError, add_common_options, extra_hin
 COMMAND_MODULES = ["sample", "search", "teleport", "linear_ag", "eval", "text", "distill"]
 # module under fastgen/cli/ that replaces it -> old argparse module, registered while the new one is absent.
 LEGACY_MODULES = {"sample": "fastgen.cli_sample", "search": "fastgen.cli_solvers", "linear_ag": "fastgen.cli_guidance",
-                  "eval": "fastgen.cli_eval", "text": "fastgen.cli_text"}
+                  "eval": "fastgen.cli_eval"}
 GROUP_HELP = {"eval": "evaluation commands (FID, reference statistics, Prophet benchmark)"}
 
 

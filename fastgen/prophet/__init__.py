@@ -24,71 +24,38 @@ Modules:
 """
 from __future__ import annotations
 
-# By name: diffusers' pipeline loader looks the saved library ("fastgen.prophet", see below) up for these base classes.
-from diffusers.configuration_utils import ConfigMixin  # noqa: F401
-from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
+import importlib
 
-from .arith import (
-    ARITH_ANSWER_PREFIX,
-    ARITH_WORDS,
-    arith_extract_answer,
-    arith_is_heldout,
-    arith_problem,
-    arith_problems,
-)
-from .benchmark import eval_prophet, plot_prophet_benchmark, run_prophet_benchmark, save_prophet_benchmark
-from .builtin import BUILTIN_MODEL, load_builtin_dlm
-from .criterion import (
-    DEFAULT_PHASE_BOUNDARIES,
-    DEFAULT_THRESHOLDS,
-    answer_start_from_constraints,
-    mean_gap,
-    phase_threshold,
-    should_commit,
-    top2_gap,
-    validate_phase_boundaries,
-    validate_thresholds,
-)
-from .generate import ProphetGenerateOutput, in_block_mask, prophet_generate, validate_generation_args
-from .nfe import NFECounter
-from .scheduler import PROGRESS_MODES, ProphetScheduler
-from .text import generate_text, load_text_pipeline, run_text, validate_text_options
+# Public names by submodule. They load on first use, so that ``import fastgen.prophet`` (and ``fastgen --help``,
+# whose option dataclasses live in ``text`` and ``benchmark``) does not import diffusers.
+_EXPORTS = {
+    "criterion": ("DEFAULT_PHASE_BOUNDARIES", "DEFAULT_THRESHOLDS", "PROGRESS_MODES", "answer_start_from_constraints",
+                  "mean_gap", "phase_threshold", "should_commit", "top2_gap", "validate_phase_boundaries",
+                  "validate_thresholds"),
+    "scheduler": ("ProphetScheduler",),
+    "generate": ("ProphetGenerateOutput", "in_block_mask", "prophet_generate", "validate_generation_args"),
+    "nfe": ("NFECounter",),
+    "arith": ("ARITH_ANSWER_PREFIX", "ARITH_WORDS", "arith_extract_answer", "arith_is_heldout", "arith_problem",
+              "arith_problems"),
+    "builtin": ("BUILTIN_MODEL", "load_builtin_dlm"),
+    "text": ("GenerateTextConfig", "generate_text", "load_text_pipeline", "run_text", "validate_text_options"),
+    "benchmark": ("ProphetBenchmarkConfig", "eval_prophet", "plot_prophet_benchmark", "run_prophet_benchmark"),
+}
+# By name: diffusers' pipeline loader looks these base classes up in the module a saved pipeline names for its
+# scheduler, "fastgen.prophet" (see ``ProphetScheduler.__module__``).
+_DIFFUSERS = {"ConfigMixin": "diffusers.configuration_utils", "SchedulerMixin": "diffusers.schedulers.scheduling_utils"}
+_MODULE_OF = {name: f"{__name__}.{module}" for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
 
-# Saved pipelines name the scheduler's module in model_index.json: keep the public path, not the file it lives in,
-# so folders saved before and after the split into a package load alike.
-ProphetScheduler.__module__ = __name__
 
-__all__ = [
-    "ARITH_ANSWER_PREFIX",
-    "ARITH_WORDS",
-    "BUILTIN_MODEL",
-    "DEFAULT_PHASE_BOUNDARIES",
-    "DEFAULT_THRESHOLDS",
-    "PROGRESS_MODES",
-    "NFECounter",
-    "ProphetGenerateOutput",
-    "ProphetScheduler",
-    "answer_start_from_constraints",
-    "arith_extract_answer",
-    "arith_is_heldout",
-    "arith_problem",
-    "arith_problems",
-    "eval_prophet",
-    "generate_text",
-    "in_block_mask",
-    "load_builtin_dlm",
-    "load_text_pipeline",
-    "mean_gap",
-    "phase_threshold",
-    "plot_prophet_benchmark",
-    "prophet_generate",
-    "run_prophet_benchmark",
-    "run_text",
-    "save_prophet_benchmark",
-    "should_commit",
-    "top2_gap",
-    "validate_generation_args",
-    "validate_phase_boundaries",
-    "validate_text_options",
-    "validate_thresholds",
-]
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name) or _DIFFUSERS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -5,15 +5,10 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-import torch
-from diffusers.schedulers.scheduling_block_refinement import BlockRefinementScheduler
-
-from .scheduler import ProphetScheduler
-
 BUILTIN_MODEL = "arith-dlm"  # name of the asset for fastgen.load_builtin / fastgen.builtin_path
 
 
-def load_builtin_dlm(path: str | Path, *, prophet: bool = True, device: str | torch.device | None = None,
+def load_builtin_dlm(path: str | Path, *, prophet: bool = True, device: str | None = None,
                      **scheduler_kwargs):
     """Load the built-in ``arith-dlm`` folder into a diffusers ``LLaDA2Pipeline``.
 
@@ -21,8 +16,10 @@ def load_builtin_dlm(path: str | Path, *, prophet: bool = True, device: str | to
     ``early_threshold=...``) or the stock ``BlockRefinementScheduler`` (``prophet=False``). Weights load from
     safetensors only.
     """
-    from diffusers import LLaDA2Pipeline
+    from diffusers import BlockRefinementScheduler, LLaDA2Pipeline
     from transformers import AutoModelForMaskedLM, PreTrainedTokenizerFast
+
+    from .scheduler import ProphetScheduler
 
     path = Path(path)
     for sub in ("model", "scheduler", "tokenizer"):

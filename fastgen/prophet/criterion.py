@@ -7,13 +7,16 @@ Li et al., "Diffusion Language Models Know the Answer Before Decoding", arXiv:25
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+if TYPE_CHECKING:  # torch loads on first use: the option checks here serve ``fastgen --help``, which needs none
+    import torch
 
 DEFAULT_THRESHOLDS = (7.5, 5.0, 2.5)
 # The reference implementation switches phases at progress 0.33 and 0.67 (progress = 1-based step / total steps).
 DEFAULT_PHASE_BOUNDARIES = (0.33, 0.67)
+# How progress is measured: within the active block, or over the whole generation (the reference code's choice).
+PROGRESS_MODES = ("block", "global")
 
 
 def validate_thresholds(thresholds: Sequence[float], name: str = "thresholds") -> tuple[float, float, float]:
@@ -60,6 +63,8 @@ def phase_threshold(
 
 def top2_gap(logits: torch.Tensor) -> torch.Tensor:
     """Top-1 minus top-2 logit over the last axis (= the log-probability gap; the softmax normaliser cancels)."""
+    import torch
+
     top = torch.topk(logits.float(), k=2, dim=-1).values
     return top[..., 0] - top[..., 1]
 
@@ -71,6 +76,8 @@ def mean_gap(logits: torch.Tensor, monitor: torch.Tensor) -> torch.Tensor:
         logits: ``[batch, length, vocab]``.
         monitor: ``[batch, length]`` or ``[length]`` booleans.
     """
+    import torch
+
     gap = top2_gap(logits)
     monitor = monitor.to(device=gap.device, dtype=torch.bool).expand_as(gap)
     count = monitor.sum(dim=-1)
@@ -81,7 +88,6 @@ def mean_gap(logits: torch.Tensor, monitor: torch.Tensor) -> torch.Tensor:
 def should_commit(gap: torch.Tensor, threshold: float) -> torch.Tensor:
     """Per-row decision ``gap >= threshold`` (NaN, i.e. nothing monitored, is False)."""
     return gap >= threshold
-
 
 
 def answer_start_from_constraints(constraints: dict[int, int]) -> int:

@@ -14,14 +14,13 @@ from diffusers.schedulers.scheduling_block_refinement import (
 from .criterion import (
     DEFAULT_PHASE_BOUNDARIES,
     DEFAULT_THRESHOLDS,
+    PROGRESS_MODES,
     mean_gap,
     phase_threshold,
     should_commit,
     validate_phase_boundaries,
     validate_thresholds,
 )
-
-PROGRESS_MODES = ("block", "global")
 
 
 class ProphetScheduler(BlockRefinementScheduler):
@@ -292,3 +291,8 @@ class ProphetScheduler(BlockRefinementScheduler):
         if all_filled or (self.config.stop_finished_blocks and not editing_enabled):
             return False
         return True
+
+
+# Saved pipelines name the scheduler's module in model_index.json (["fastgen.prophet", "ProphetScheduler"]): keep the
+# public path, not the file the class lives in, so folders saved before and after the split into a package load alike.
+ProphetScheduler.__module__ = "fastgen.prophet"

@@ -6,15 +6,33 @@ Li et al., "Diffusion Language Models Know the Answer Before Decoding", arXiv:25
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from .builtin import BUILTIN_MODEL, load_builtin_dlm
-from .criterion import DEFAULT_THRESHOLDS, validate_thresholds
-from .nfe import NFECounter
-from .scheduler import PROGRESS_MODES, ProphetScheduler
+from .criterion import DEFAULT_THRESHOLDS, PROGRESS_MODES, validate_thresholds
+
+
+@dataclass
+class GenerateTextConfig:
+    """Options of one generation (:func:`generate_text`, ``fastgen generate-text``)."""
+
+    prompt: str = field(default="Which is larger, 312 or 98? ", metadata={"help": "prompt text"})
+    model: str = field(default=BUILTIN_MODEL, metadata={"help": f"'{BUILTIN_MODEL}' or an arith-dlm style folder"})
+    prophet: bool = field(default=True, metadata={
+        "help": "Prophet early commit (ProphetScheduler); --no-prophet runs the stock BlockRefinementScheduler"})
+    thresholds: list[float] = field(default_factory=lambda: list(DEFAULT_THRESHOLDS), metadata={
+        "help": "gap thresholds per phase (early, mid, late), non-increasing; +inf never commits early"})
+    steps: int = field(default=8, metadata={"help": "refinement steps per block"})
+    gen_length: int = field(default=24, metadata={"help": "tokens to generate"})
+    block_length: int = field(default=8, metadata={"help": "block size (divides --gen-length)"})
+    temperature: float = field(default=0.0, metadata={"help": "sampling temperature (0 = greedy)"})
+    answer_start: int | None = field(default=None, metadata={
+        "help": "monitor the 5-token span from this generation position (default: the active block's masks)"})
+    progress_mode: str = field(default="block", metadata={
+        "help": "phase progress within the block ('block') or over the whole generation ('global', the paper's)"})
+    seed: int = field(default=0, metadata={"help": "generator seed"})
 
 
 def _positive_int(name: str, value) -> int:
@@ -81,6 +99,11 @@ def run_text(pipe, prompt: str | list[str], *, steps: int, gen_length: int, bloc
     a hook, the pipeline's post-block forwards included), ``step_budget`` (the pipeline's ``num_timesteps``) and
     ``fired_at_step`` (per row, the global step of Prophet's commit or None; None for the stock scheduler).
     """
+    import torch
+
+    from .nfe import NFECounter
+    from .scheduler import ProphetScheduler
+
     scheduler = pipe.scheduler
     if isinstance(scheduler, ProphetScheduler) and scheduler.config.progress_mode == "global":
         # total refinement steps = steps per block x generated blocks (the pipeline's num_timesteps)
