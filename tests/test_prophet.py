@@ -480,3 +480,16 @@ def test_benchmark_output_paths(tmp_path):
     assert benchmark_output_paths(tmp_path / "r.json", overwrite=True)[0] == tmp_path / "r.json"
     with pytest.raises(ValueError, match="out must be a .json file or an existing folder"):
         benchmark_output_paths(tmp_path / "r.txt")
+
+
+def test_package_loads_lazily_and_builtin_registry_resolves():
+    import subprocess
+    import sys
+
+    # the CLI's option dataclasses live in fastgen.prophet.text/benchmark: `fastgen --help` must not pay for torch
+    code = "import sys, fastgen.cli.text; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+    pipe = fastgen.load_builtin("arith-dlm")  # registry entry "fastgen.prophet:load_builtin_dlm"
+    assert isinstance(pipe, LLaDA2Pipeline) and isinstance(pipe.scheduler, ProphetScheduler)
+    assert ProphetScheduler.__module__ == "fastgen.prophet"  # the path saved pipelines name (model_index.json)

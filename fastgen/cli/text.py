@@ -34,7 +34,7 @@ def summarize_benchmark(record: dict) -> str:
 
 COMMANDS = [
     Command("generate-text", GenerateTextConfig, run_generate_text,
-            help="generate text with a masked diffusion LM (default: the built-in arith-dlm), with Prophet early commit",
+            help="generate text with a masked diffusion LM (default: built-in arith-dlm), with Prophet early commit",
             description="Decode with diffusers' LLaDA2Pipeline; --prophet (default) swaps in "
                         "fastgen.prophet.ProphetScheduler (Li et al., arXiv:2508.19982), which commits all remaining "
                         "tokens once the top-2 logit gap clears the thresholds.",

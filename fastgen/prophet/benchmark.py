@@ -23,13 +23,7 @@ from .criterion import DEFAULT_PHASE_BOUNDARIES, DEFAULT_THRESHOLDS
 from .text import load_text_pipeline, resolve_model_path, run_text, validate_text_options
 
 DEFAULT_OUT = "prophet.json"
-# method -> (Prophet on, options of load_text_pipeline)
-METHODS = {
-    "baseline": (False, {}),
-    "prophet": (True, {}),
-    "prophet-all-in": (True, {"commit_later_blocks": True}),
-    "prophet-answer-span": (True, {"answer_start": ...}),  # ... = the benchmark's answer_start
-}
+METHODS = ("baseline", "prophet", "prophet-all-in", "prophet-answer-span")
 METHOD_LABELS = {"baseline": "stock BlockRefinementScheduler", "prophet": "ProphetScheduler (masked positions)",
                  "prophet-all-in": "ProphetScheduler (+ later blocks all in)",
                  "prophet-answer-span": "ProphetScheduler (answer span)"}
@@ -83,8 +77,21 @@ def validate_benchmark_config(config: ProphetBenchmarkConfig) -> ProphetBenchmar
     return dataclasses.replace(config, budgets=list(budgets), methods=list(methods), thresholds=list(thresholds))
 
 
-def measure(pipe, problems: Sequence[dict], *, steps: int, gen_length: int, block_length: int, seed: int) -> dict:
-    """One cell: decode every problem (seed + index), score the answers, count forward passes and Prophet's commits."""
+def load_method(method: str, config: ProphetBenchmarkConfig):
+    """The pipeline of one benchmark method: the stock scheduler, or Prophet with the method's monitored set."""
+    if method == "baseline":
+        return load_text_pipeline(config.model, prophet=False)
+    extra = {"prophet-all-in": {"commit_later_blocks": True},
+             "prophet-answer-span": {"answer_start": config.answer_start}}.get(method, {})
+    return load_text_pipeline(config.model, prophet=True, thresholds=config.thresholds, **extra)
+
+
+def measure(pipe, problems: Sequence[dict], *, steps: int, gen_length: int, block_length: int, seed: int,
+            tick: Callable[[], object] | None = None) -> dict:
+    """One cell: decode every problem (seed + index), score the answers, count forward passes and Prophet's commits.
+    ``tick()`` runs after each problem (a progress bar)."""
+    from .scheduler import ProphetScheduler
+
     correct, nfes, fired, t0 = 0, [], 0, time.perf_counter()
     for i, p in enumerate(problems):
         res = run_text(pipe, p["prompt"], steps=steps, gen_length=gen_length, block_length=block_length,
@@ -92,9 +99,9 @@ def measure(pipe, problems: Sequence[dict], *, steps: int, gen_length: int, bloc
         correct += arith_extract_answer(res["texts"][0]) == p["answer"]
         nfes.append(res["nfe"])
         fired += bool(res["fired_at_step"] and res["fired_at_step"][0])
+        if tick is not None:
+            tick()
     wall = time.perf_counter() - t0
-    from .scheduler import ProphetScheduler
-
     n = len(problems)
     return {"accuracy": correct / n, "correct": correct, "mean_nfe": sum(nfes) / n, "total_nfe": sum(nfes),
             "fired_fraction": fired / n if isinstance(pipe.scheduler, ProphetScheduler) else None,
@@ -105,8 +112,7 @@ def compare_to_baseline(cells: list[dict]) -> list[dict]:
     """Per Prophet variant and budget: NFE reduction, wall-time speed-up and accuracy change against the baseline."""
     out = []
     for base in (c for c in cells if c["method"] == "baseline"):
-        same_budget = (c for c in cells if c["method"] != "baseline" and c["steps_per_block"] == base["steps_per_block"])
-        for pro in same_budget:
+        for pro in (c for c in cells if c["method"] != "baseline" and c["steps_per_block"] == base["steps_per_block"]):
             reduction = base["mean_nfe"] / pro["mean_nfe"]
             delta = 100 * (pro["accuracy"] - base["accuracy"])
             out.append({
@@ -175,15 +181,11 @@ def run_prophet_benchmark(config: ProphetBenchmarkConfig | None = None, *, cells
     with tqdm(total=len(todo) * config.n, disable=not progress, desc="prophet benchmark", unit="problem") as bar:
         for steps, method in todo:
             if method not in pipes:
-                prophet, kwargs = METHODS[method]
-                kwargs = {k: (config.answer_start if v is ... else v) for k, v in kwargs.items()}
-                pipes[method] = load_text_pipeline(config.model, prophet=prophet, thresholds=config.thresholds,
-                                                   **kwargs)
+                pipes[method] = load_method(method, config)
             bar.set_postfix(method=method, steps=steps)
             cell = {"method": method, "steps_per_block": steps,
                     **measure(pipes[method], problems, steps=steps, gen_length=config.gen_length,
-                              block_length=config.block_length, seed=config.seed)}
-            bar.update(config.n)
+                              block_length=config.block_length, seed=config.seed, tick=bar.update)}
             cells.append(cell)
             if on_cell is not None:
                 on_cell(cell)
