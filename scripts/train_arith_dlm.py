@@ -1,7 +1,7 @@
 """Train the built-in tiny masked diffusion LM ``arith-dlm`` (used by Prophet's tests, CLI and benchmark).
 
 Task: "What is 47+58? " -> "The answer is 105." and "Which is larger, 312 or 98? " -> "The answer is 312."
-(see ``fastgen.prophet.arith_problem``; 10% of all problems are held out by a fixed hash and never trained on).
+(see ``fastgen.prophet.arith.arith_problem``; 10% of all problems are held out by a fixed hash and never trained on).
 
 Objective (LLaDA, Nie et al. 2025): t ~ U(0, 1], every generated token is masked with probability t, cross-entropy
 on the masked tokens weighted by 1/t (capped at 10, see ``make_batch``); prompt tokens are never masked. The generation is the completion followed by
@@ -30,9 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fastgen.prophet import (  # noqa: E402
+from fastgen.prophet.arith import (
     ARITH_WORDS,
     arith_extract_answer,
     arith_is_heldout,

@@ -46,8 +46,8 @@ def test_every_command_has_help(command, capsys):
 def test_every_option_has_help_json_and_threads(command):
     parser = COMMANDS[command]
     options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    if parser.get_default("_command") is not None:  # legacy argparse modules (cli_eval, cli_text) are their owners'
-        assert all(a.help for a in options), [a.option_strings for a in options if not a.help]
+    assert parser.get_default("_command") is not None  # every command is a Command (no argparse leftovers)
+    assert all(a.help for a in options), [a.option_strings for a in options if not a.help]
     assert "--json" in parser._option_string_actions
     assert "--threads" in parser._option_string_actions  # every command here samples, evaluates or fits
 

@@ -328,6 +328,43 @@ def test_cli_generate_text_json(capsys):
     assert 1 <= record["nfe"] <= record["step_budget"] + 2
 
 
+# --- pinned outputs of the built-in model (the committed arith-dlm; any change to the criterion, the phase rule or
+# the commit shows here) ------------------------------------------------------------------------------------------
+
+# (prompt, ProphetScheduler options) -> (decoded generation, forward passes, fired_at, fired_block). gen_length 24,
+# block_length 8, 8 steps per block, greedy, pure top-k commits, eos_early_stop on. Mean gaps of the first case:
+# 7.82 at step 1 (early, tau 7.5: fires); of the span cases ~2.8-5.0 until step 6 (late phase from progress 0.67,
+# tau 2.5: fires at step 6, gaps 3.48 and 5.05).
+PINNED_PIPELINE = [
+    ("What is 47+58? ", {}, "The answer is 100." + "<|eos|>" * 6, 2, [1], [0]),
+    ("What is 47+58? ", {"answer_start": 4}, "The answer is 100." + "<|eos|>" * 6, 9, [6], [0]),
+    ("What is 9+86? ", {"answer_start": 4}, "The answer is 95." + "<|eos|>" * 8, 7, [6], [0]),
+    ("Which is larger, 312 or 98? ", {}, "The answer is 312." + "<|eos|>" * 2, 2, [1], [0]),
+]
+
+
+@pytest.mark.parametrize("prompt, options, text, nfe, fired_at, fired_block", PINNED_PIPELINE,
+                         ids=["add-masked", "add-span", "add2-span", "compare-masked"])
+def test_pinned_prophet_pipeline_outputs(parts, prompt, options, text, nfe, fired_at, fired_block):
+    pipe = make_pipe(parts, ProphetScheduler(**options))
+    seq, count = generate(pipe, [prompt], gen_length=24, block_length=8, num_inference_steps=8, eos_early_stop=True)
+    assert parts[1].decode(seq[0]).replace("<|mask|>", "") == text
+    assert (count, pipe.scheduler.fired_at, pipe.scheduler.fired_block) == (nfe, fired_at, fired_block)
+
+
+def test_pinned_prophet_generic_loop_outputs(parts):
+    """Two rows firing at different steps: row 1 at step 1 (gap 7.94 >= 7.5), row 0 at step 9 (progress 9/16, mid
+    phase, gap 14.0 after 3.03 at step 6); with the answer span row 0 fires at step 6 (5.88 >= 5.0)."""
+    model, tok = parts
+    ids = tok(["What is 47+58? ", "What is 12+34? "], return_tensors="pt").input_ids
+    texts = ["The answer is 100." + "<|eos|>" * 8, "The answer is 44." + "<|eos|>" * 9]
+    kw = dict(mask_token_id=tok.mask_token_id, gen_length=16, block_length=8, steps=16)
+    for options, nfe, fired_at in (({}, 9, [9, 1]), ({"answer_start": 4}, 6, [6, 1])):
+        out = prophet_generate(model, ids, **options, **kw)
+        assert tok.batch_decode(out.sequences[:, ids.shape[1]:]) == texts
+        assert (out.nfe, out.nfe_per_row, out.fired_at) == (nfe, fired_at, fired_at)
+
+
 def test_builtin_model_solves_its_task(parts):
     pipe = make_pipe(parts, BlockRefinementScheduler())
     problems = arith_problems(20, split="test", seed=7)
@@ -337,3 +374,122 @@ def test_builtin_model_solves_its_task(parts):
                    use_chat_template=False, editing_threshold=None)
         correct += arith_extract_answer(out.texts[0]) == p["answer"]
     assert correct >= 12  # the committed model solves 15 of these 20; an untrained or broken one ~0
+
+
+# --- fastgen eval prophet: output files ------------------------------------------------------------------------------
+
+EVAL_SMALL = ["eval", "prophet", "--n", "4", "--budgets", "4", "--gen-length", "16", "--block-length", "8"]
+
+
+def _digest(paths):
+    import hashlib
+
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
+def test_eval_prophet_writes_to_cwd_and_never_overwrites(tmp_path, monkeypatch, capsys):
+    from fastgen.cli import main
+
+    results = tmp_path / "benchmarks" / "results"  # a checkout's committed results, run from its root
+    results.mkdir(parents=True)
+    committed = [results / "prophet.json", results / "prophet.png"]
+    for p in committed:
+        p.write_bytes(b"committed " + p.name.encode())
+    kept = _digest(committed)
+    monkeypatch.chdir(tmp_path)
+
+    assert main(EVAL_SMALL) == 0
+    assert _digest(committed) == kept
+    written = [tmp_path / "prophet.json", tmp_path / "prophet.png"]
+    result = json.loads(written[0].read_text())
+    assert written[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # pinned: 4 held-out problems (seed 0), 4 steps per block; (correct, total forward passes, fired fraction)
+    summary = {c["method"]: (c["correct"], c["total_nfe"], c["fired_fraction"]) for c in result["cells"]}
+    assert summary == {"baseline": (2, 27, None), "prophet": (2, 7, 1.0), "prophet-all-in": (2, 7, 1.0),
+                       "prophet-answer-span": (2, 10, 1.0)}
+    first = _digest(written)
+    capsys.readouterr()
+
+    for extra in ([], ["--out", "benchmarks/results/prophet.json"], ["--out", "benchmarks/results"]):
+        assert main(EVAL_SMALL + extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--overwrite must be set to replace the existing file" in err, err
+        assert "prophet.json" in err
+        assert _digest(written) == first and _digest(committed) == kept
+    assert main(EVAL_SMALL + ["--out", "runs", "--overwrite"]) == 2  # neither a .json file nor a folder
+    assert "--out must be a .json file" in capsys.readouterr().err
+
+    # --resume continues the file: measured cells are kept as they are, only new ones run
+    assert main(EVAL_SMALL + ["--budgets", "4", "2", "--resume"]) == 0
+    resumed = json.loads(written[0].read_text())
+    assert resumed["cells"][:4] == result["cells"] and len(resumed["cells"]) == 8
+    assert {c["steps_per_block"] for c in resumed["cells"][4:]} == {2} and len(resumed["comparisons"]) == 6
+    first = _digest(written)
+    capsys.readouterr()
+    assert main(EVAL_SMALL + ["--n", "3", "--resume"]) == 2  # other options: refused, file untouched
+    assert "resume: prophet.json was written with other options (n: 4 there, 3 now" in capsys.readouterr().err
+    assert _digest(written) == first
+
+    assert main(EVAL_SMALL + ["--seed", "1", "--overwrite"]) == 0
+    assert json.loads(written[0].read_text())["config"]["seed"] == 1
+    assert _digest(committed) == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["benchmarks", "prophet.json", "prophet.png"]  # no temp
+
+
+def test_eval_prophet_refuses_bad_outputs_before_loading(tmp_path, monkeypatch, capsys):
+    import fastgen.prophet.text as text
+    from fastgen.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded although the command had to be refused")
+
+    monkeypatch.setattr(text, "load_builtin_dlm", no_loading)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("x")
+    package = os.path.dirname(fastgen.__file__)
+    cases = [
+        (["--out", os.path.join(package, "prophet.json")], "inside the installed fastgen package"),
+        (["--out", "a_file/prophet.json"], "below a file"),
+        (["--n", "0"], "--n must be"),
+        (["--budgets", "0"], "--budgets"),
+        (["--thresholds", "1", "2", "3"], "--thresholds"),
+        (["--gen-length", "12"], "--gen-length must be a multiple of block_length"),
+        (["--methods", "prophet", "magic"], "--methods must be distinct names among"),
+        (["--overwrite", "--resume"], "--overwrite and resume exclude each other"),
+    ]
+    for extra, message in cases:
+        assert main(EVAL_SMALL + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    for extra, message in ((["--gen-length", "30"], "--gen-length"), (["--steps", "0"], "--steps"),
+                           (["--temperature", "-1"], "--temperature"), (["--model", "no/such/dir"], "--model")):
+        assert main(["generate-text", *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+    assert not os.path.exists(os.path.join(package, "prophet.json"))
+
+
+def test_benchmark_output_paths(tmp_path):
+    from fastgen.prophet.benchmark import benchmark_output_paths
+
+    assert benchmark_output_paths(tmp_path) == (tmp_path / "prophet.json", tmp_path / "prophet.png")
+    assert benchmark_output_paths(tmp_path / "new" / "r.json")[1] == tmp_path / "new" / "r.png"
+    (tmp_path / "r.png").write_text("x")  # the plot alone exists: refused too
+    with pytest.raises(FileExistsError, match="overwrite must be set to replace the existing file .*r.png"):
+        benchmark_output_paths(tmp_path / "r.json")
+    assert benchmark_output_paths(tmp_path / "r.json", overwrite=True)[0] == tmp_path / "r.json"
+    with pytest.raises(ValueError, match="out must be a .json file or an existing folder"):
+        benchmark_output_paths(tmp_path / "r.txt")
+
+
+def test_package_loads_lazily_and_builtin_registry_resolves():
+    import subprocess
+    import sys
+
+    # the CLI's option dataclasses live in fastgen.prophet.text/benchmark: `fastgen --help` must not pay for torch
+    code = "import sys, fastgen.cli.text; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+    pipe = fastgen.load_builtin("arith-dlm")  # registry entry "fastgen.prophet:load_builtin_dlm"
+    assert isinstance(pipe, LLaDA2Pipeline) and isinstance(pipe.scheduler, ProphetScheduler)
+    assert ProphetScheduler.__module__ == "fastgen.prophet"  # the path saved pipelines name (model_index.json)

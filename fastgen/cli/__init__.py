@@ -35,10 +35,6 @@ comes first (help text of groups: :data:`GROUP_HELP`). A module listed here but 
 is skipped, so ``eval``, ``text`` and ``distill`` can land in any order. ``Command(..., recipe=True)``
 adds ``--config FILE``: a YAML/JSON recipe with the config's fields as keys, overridden by the options
 given on the command line (what ``fastgen distill --config recipe.yaml`` uses).
-
-Until ``fastgen/cli/text.py`` exists, the argparse module ``fastgen.cli_text`` (``register(subparsers)`` /
-``register_eval(...)``, ``func(args) -> int``) is registered through :data:`LEGACY_MODULES`; delete the
-entry when the module is converted.
 """
 from __future__ import annotations
 
@@ -57,8 +53,6 @@ from .command import (Command, Parser, UsageError, add_common_options, extra_hin
 
 # Command modules under fastgen/cli/, in the order of `fastgen --help`; each defines COMMANDS: list[Command].
 COMMAND_MODULES = ["sample", "search", "teleport", "linear_ag", "eval", "text", "distill"]
-# module under fastgen/cli/ that replaces it -> old argparse module, registered while the new one is absent.
-LEGACY_MODULES = {"text": "fastgen.cli_text"}
 GROUP_HELP = {"eval": "evaluation commands (FID, reference statistics, Prophet benchmark)"}
 
 
@@ -126,18 +120,6 @@ class _Builder:
             if action.dest in values:
                 action.required = False
 
-    def add_legacy(self, module) -> None:
-        before = dict(self.sub.choices)
-        module.register(self.sub)
-        added = [p for name, p in self.sub.choices.items() if name not in before]
-        if hasattr(module, "register_eval"):
-            eval_sub = self.group("eval")
-            before_eval = dict(eval_sub.choices)
-            module.register_eval(eval_sub)
-            added += [p for name, p in eval_sub.choices.items() if name not in before_eval]
-        for parser in added:
-            add_common_options(parser, threads=True)
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The full ``fastgen`` parser (every command module present in this tree)."""
@@ -151,10 +133,6 @@ def _build() -> _Builder:
         if module is not None:
             for command in module.COMMANDS:
                 builder.add(command)
-        elif name in LEGACY_MODULES:
-            legacy = _import_optional(LEGACY_MODULES[name])
-            if legacy is not None:
-                builder.add_legacy(legacy)
     return builder
 
 
@@ -187,8 +165,6 @@ def main(argv: list[str] | None = None) -> int:
 
             set_num_threads(ns.threads)
         with _quiet_loading():
-            if command is None:  # a legacy argparse module
-                return int(ns.func(ns) or 0)
             record = command.run(command.make_config(ns))
         print_record(command, record, as_json=as_json)
         return 0
@@ -228,7 +204,7 @@ def _is_user_error(err: Exception) -> bool:
     return isinstance(err, (ValueError, TypeError, OSError)) or type(err).__module__.split(".")[0] == "fastgen"
 
 
-__all__ = ["Command", "COMMAND_MODULES", "LEGACY_MODULES", "GROUP_HELP", "build_parser", "main"]
+__all__ = ["Command", "COMMAND_MODULES", "GROUP_HELP", "build_parser", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())
