@@ -455,7 +455,7 @@ def test_eval_prophet_refuses_bad_outputs_before_loading(tmp_path, monkeypatch, 
         (["--thresholds", "1", "2", "3"], "--thresholds"),
         (["--gen-length", "12"], "--gen-length must be a multiple of block_length"),
         (["--methods", "prophet", "magic"], "--methods must be distinct names among"),
-        (["--overwrite", "--resume"], "--overwrite and resume exclude each other"),
+        (["--overwrite", "--resume"], "overwrite and resume exclude each other"),
     ]
     for extra, message in cases:
         assert main(EVAL_SMALL + extra) == 2
