@@ -11,7 +11,6 @@ Writes benchmarks/results/loop_overhead.json and .png.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -21,15 +20,16 @@ from pathlib import Path
 
 import torch
 from diffusers import DPMSolverMultistepScheduler
-from transformers import HfArgumentParser
 
-import fastgen
+from fastgen.benchmarking import builtin_pipeline, diffusers_class_loop, parse_options, pyplot, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclass
 class LoopOverheadConfig:
+    """What the FastGen loop costs over stock diffusers (same model, seeds, scheduler, CFG; same process)."""
+
     batch_sizes: list[int] = field(default_factory=lambda: [4, 100], metadata={"help": "images per call"})
     steps: int = field(default=20, metadata={"help": "solver steps (CFG: 2 evaluations each)"})
     guidance_scale: float = field(default=3.0, metadata={"help": "CFG scale"})
@@ -38,36 +38,21 @@ class LoopOverheadConfig:
     out: str = field(default=str(RESULTS / "loop_overhead.json"), metadata={"help": "output JSON (PNG beside it)"})
 
 
-def stock_loop(pipe, labels: torch.Tensor, noise: torch.Tensor, steps: int, scale: float) -> torch.Tensor:
-    """The diffusers recipe, written out: batched cond/uncond, CFG on epsilon, ``scheduler.step``."""
-    sched = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    sched.set_timesteps(steps)
-    x = noise * sched.init_noise_sigma
-    null = torch.full_like(labels, pipe.null_class_label)
-    class_labels = torch.cat([null, labels])
-    for t in sched.timesteps:
-        eps_u, eps_c = pipe.unet(torch.cat([x, x]), t, class_labels=class_labels).sample.chunk(2)
-        x = sched.step(eps_u + scale * (eps_c - eps_u), t, x).prev_sample
-    return x
-
-
 def main(argv=None) -> int:
-    (cfg,) = HfArgumentParser(LoopOverheadConfig).parse_args_into_dataclasses(argv)
-    torch.set_num_threads(cfg.threads)
-    pipe = fastgen.load_builtin("digits")
-    pipe.set_progress_bar_config(disable=True)
-    size = pipe.unet.config.sample_size
+    cfg = parse_options(LoopOverheadConfig, argv)
+    pipe = builtin_pipeline("digits", threads=cfg.threads)
     rows = []
     for batch in cfg.batch_sizes:
-        labels = torch.arange(batch) % 10
-        noise = torch.randn(batch, 1, size, size, generator=torch.Generator().manual_seed(0))
+        labels, seeds = [i % 10 for i in range(batch)], list(range(batch))
 
         def fastgen_call():
-            return pipe(class_labels=labels.tolist(), num_inference_steps=cfg.steps, guidance="cfg",
-                        guidance_scale=cfg.guidance_scale, latents=noise, output_type="latent").images
+            return pipe(class_labels=labels, num_inference_steps=cfg.steps, guidance="cfg", seed=seeds,
+                        guidance_scale=cfg.guidance_scale, output_type="latent").images.clamp(-1, 1)
 
         def stock_call():
-            return stock_loop(pipe, labels, noise, cfg.steps, cfg.guidance_scale)
+            scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+            return diffusers_class_loop(pipe.unet, scheduler, labels, seeds, cfg.steps, cfg.guidance_scale,
+                                        pipe.null_class_label)
 
         with torch.no_grad():
             diff = float((fastgen_call() - stock_call()).abs().max())
@@ -86,24 +71,17 @@ def main(argv=None) -> int:
                "cpu_seconds_fastgen": med_cpu["fastgen"], "cpu_seconds_diffusers": med_cpu["diffusers"],
                "cpu_ratio": med_cpu["fastgen"] / med_cpu["diffusers"], "max_abs_diff": diff,
                "ratio_of_minima": min(wall["fastgen"]) / min(wall["diffusers"])}
-        print(json.dumps(row))
+        print(row, flush=True)
         rows.append(row)
-    out = Path(cfg.out)
     record = {"config": asdict(cfg), "hardware": f"{platform.machine()} CPU, {os.cpu_count()} cores, "
               f"{cfg.threads} torch thread(s)", "torch": torch.__version__, "rows": rows}
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out)
+    out = write_json(cfg.out, record)
     _plot(record, out.with_suffix(".png"))
     return 0
 
 
 def _plot(record: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = record["rows"]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     xs = range(len(rows))

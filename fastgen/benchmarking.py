@@ -30,6 +30,9 @@ def parse_options(options: type[T], argv: Sequence[str] | None = None) -> T:
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(options, description=(options.__doc__ or "").strip().split("\n")[0])
+    for action in parser._actions:  # argparse %-formats help texts: a literal "seed % 10" must not crash --help
+        if action.help and "%" in action.help and "%(" not in action.help:
+            action.help = action.help.replace("%", "%%")
     return parser.parse_args_into_dataclasses(args=None if argv is None else list(argv))[0]
 
 
