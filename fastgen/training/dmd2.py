@@ -153,9 +153,11 @@ class DMD2(DistillMethod):
     """DMD2 (arXiv:2405.14867): one- or few-step student, fake-score critic, GAN head.
 
     Args:
-        teacher: the teacher :class:`~fastgen.denoiser.Denoiser` (its network is frozen and put in eval
-            mode; student and fake score start as copies of it, or as LoRA adapters on it).
-        guider: the teacher's guidance (e.g. ``fastgen.guidance.CFG(2.0)``), applied to the teacher only.
+        teacher: the teacher :class:`~fastgen.denoiser.Denoiser`, or a :class:`~fastgen.training.teacher.Teacher`
+            bundle (its ``guided`` denoiser is used as is). The network is frozen and put in eval mode;
+            student and fake score start as copies of it, or as LoRA adapters on it.
+        guider: the teacher's guidance (e.g. ``fastgen.guidance.CFG(2.0)``), applied to the teacher only
+            (with a ``Teacher`` bundle: overrides its guidance when given).
         config: :class:`DMD2Config`; keyword options override its fields.
     """
 
@@ -173,12 +175,19 @@ class DMD2(DistillMethod):
             config = type(config)(**{**{f.name: getattr(config, f.name) for f in fields(config)}, **options})
         self.config = config
         self.needs_real_data = config.use_gan
+        if hasattr(teacher, "denoiser") and hasattr(teacher, "guided"):  # fastgen.training.teacher.Teacher
+            bundle_null = getattr(teacher, "null_label", None)
+            guided = teacher.guided if guider is None else _guided(teacher.denoiser, guider)
+            teacher = teacher.denoiser
+        else:
+            bundle_null, guided = None, _guided(teacher, guider)
         network = teacher.model
         network.requires_grad_(False).eval()
         schedule, prediction_type = teacher.schedule, teacher.prediction_type
         self.__dict__["teacher_denoiser"] = teacher
-        self.set_teacher(_guided(teacher, guider))
-        self.null_label = config.null_label if config.null_label is not None else null_class_label(network)
+        self.set_teacher(guided)
+        self.null_label = next((v for v in (config.null_label, bundle_null, null_class_label(network)) if v is not None),
+                               None)
         self._lora = config.lora_student or config.lora_fake_score
         lora_kwargs = dict(rank=config.lora_rank, alpha=config.lora_alpha, target_modules=config.lora_target_modules)
         from . import lora

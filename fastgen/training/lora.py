@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from typing import Iterator, Sequence
 
 import torch
@@ -27,7 +28,10 @@ def _tuner_layers(network: torch.nn.Module):
 
 def default_target_modules(network: torch.nn.Module) -> list[str]:
     """The attention, feed-forward and resnet conv/linear layer names present in ``network``."""
-    names = {n for n, m in network.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    kinds = (torch.nn.Linear, torch.nn.Conv2d, BaseTunerLayer)  # layers already adapted count too
+    names = {n for n, m in network.named_modules() if isinstance(m, kinds)}
     found = [t for t in DEFAULT_TARGET_MODULES if any(n == t or n.endswith("." + t) for n in names)]
     if not found:
         raise ValueError(f"no LoRA target module found in {type(network).__name__}; pass lora_target_modules.")
@@ -52,10 +56,12 @@ def add_lora(network: torch.nn.Module, adapter_name: str, rank: int = 16, alpha:
     for n, p in network.named_parameters():
         if "lora_" not in n:
             p.requires_grad_(False)
-    if hasattr(network, "add_adapter"):
-        network.add_adapter(config, adapter_name=adapter_name)
-    else:
-        inject_adapter_in_model(config, network, adapter_name=adapter_name)
+    with warnings.catch_warnings():  # a second adapter on one network is the point here
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+        if hasattr(network, "add_adapter"):
+            network.add_adapter(config, adapter_name=adapter_name)
+        else:
+            inject_adapter_in_model(config, network, adapter_name=adapter_name)
     params = adapter_parameters(network, adapter_name)
     for n, p in network.named_parameters():
         if n in flags:
