@@ -114,6 +114,15 @@ class DistillMethod(torch.nn.Module):
         """Loss of the critic update (fake-score DSM, + GAN discriminator, + R1); ``"loss"`` required."""
         raise NotImplementedError
 
+    def forward(self, phase: str, batch: Batch) -> dict[str, torch.Tensor]:
+        """``phase`` ``"generator"`` or ``"critic"``: the trainer calls the method through this forward so
+        that DDP/FSDP wrappers (and accelerate's autocast) see one module call per micro-step."""
+        if phase == "generator":
+            return self.generator_loss(batch)
+        if phase == "critic":
+            return self.critic_loss(batch)
+        raise ValueError(f"phase must be 'generator' or 'critic', got {phase!r}.")
+
     def trainer_state(self) -> dict:
         """Training state saved in the trainer's checkpoint (tensors or plain values); default none."""
         return {}
