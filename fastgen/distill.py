@@ -19,6 +19,7 @@ import sys
 
 def _state():
     import torch
+    from accelerate import PartialState
     return PartialState(cpu=not torch.cuda.is_available())
 
 

@@ -127,6 +127,35 @@ class DistillConfig:
             raise ValueError(f"method_options must be a JSON object, got {value!r}.")
         return parsed
 
+    def method_class(self):
+        """The method's class (``METHODS[method]``, imported)."""
+        import importlib
+
+        module_name, cls_name = METHODS[self.method].split(":")
+        return getattr(importlib.import_module(module_name), cls_name)
+
+    def method_config(self):
+        """The method's own config (``cls.config_class``: DMD2Config, FDistillConfig) from the shared fields
+        (``student_timesteps``, ``divergence``) and ``method_options``; validated by its constructor."""
+        cls = self.method_class()
+        config_cls = getattr(cls, "config_class", None)
+        options = self.method_kwargs()
+        if config_cls is None:
+            return options
+        names = {f.name for f in dataclasses.fields(config_cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ValueError(f"method_options: {self.method} does not accept {unknown}; accepted: {sorted(names)}.")
+        shared = {name: getattr(self, name) for name in ("student_timesteps", "divergence") if name in names}
+        kwargs = {**shared, **options}
+        for key, value in kwargs.items():  # YAML/JSON lists -> the tuples the method configs use
+            if isinstance(value, list) and key.endswith("_time"):
+                kwargs[key] = tuple(value)
+        try:
+            return config_cls(**kwargs)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"method_options ({self.method}): {err}") from None
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         if isinstance(out["method_options"], dict):
@@ -193,7 +222,7 @@ class DistillConfig:
                 or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.student_timesteps)
                 or list(self.student_timesteps) != sorted(set(self.student_timesteps), reverse=True)):
             bad("student_timesteps", "must be a non-empty list of distinct non-negative integers in descending order")
-        self.method_kwargs()  # JSON check
+        self.method_config()  # unknown or bad method options fail here, before any model loads
         if not isinstance(num_processes, int) or num_processes < 1:
             raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}.")
         per_update = num_processes * self.gradient_accumulation_steps

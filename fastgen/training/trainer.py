@@ -40,9 +40,9 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import (CheckpointError, finalize_checkpoint, latest_checkpoint, load_network, network_state_dict,
-                         rotate_checkpoints, save_network, verify_checkpoint)
-from .config import METHODS, DistillConfig
+from .checkpoint import (CheckpointError, finalize_checkpoint, latest_checkpoint, load_network, rotate_checkpoints,
+                         save_network, verify_checkpoint)
+from .config import DistillConfig
 from .data import RealData, load_real_data, seeded_generator
 from .method import Batch, DistillMethod
 
@@ -66,23 +66,12 @@ def evaluate_samples(images01: torch.Tensor, labels: torch.Tensor | None, *, ref
 
 
 def build_method(config: DistillConfig, teacher) -> DistillMethod:
-    """Instantiate ``config.method`` with the teacher and the config fields its constructor accepts
-    (matched by name), plus ``config.method_options`` (unknown names are an error)."""
-    import importlib
-    import inspect
-
-    module_name, cls_name = METHODS[config.method].split(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    params = inspect.signature(cls).parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {name: getattr(config, name) for name in config.to_dict() if name in params and name != "teacher"}
-    options = config.method_kwargs()
-    unknown = [k for k in options if k not in params and not accepts_any]
-    if unknown:
-        raise ValueError(f"method_options: {config.method} does not accept {unknown}; accepted: "
-                         f"{sorted(k for k in params if k not in ('self', 'teacher'))}.")
-    kwargs.update(options)
-    return cls(teacher, **kwargs)
+    """Instantiate ``config.method`` on the teacher with its config (:meth:`DistillConfig.method_config`)."""
+    cls = config.method_class()
+    method_config = config.method_config()
+    if isinstance(method_config, dict):
+        return cls(teacher, **method_config)
+    return cls(teacher, config=method_config)
 
 
 class DistillTrainer:
@@ -152,6 +141,9 @@ class DistillTrainer:
             for p in ps:
                 p.requires_grad_(True)
         method.to(acc.device)
+        for ps in self.params.values():  # trainable weights stay fp32 (a LoRA on a bf16 teacher base)
+            for p in ps:
+                p.data = p.data.float()
         self.optimizers = {}
         for g in self.group_names:
             lr = config.learning_rate if g == GENERATOR_GROUP else (config.learning_rate_critic or config.learning_rate)
@@ -171,7 +163,7 @@ class DistillTrainer:
         self.ema = None
         if config.use_ema:
             from diffusers.training_utils import EMAModel
-            self.ema = EMAModel(self.student.parameters(), decay=config.ema_decay,
+            self.ema = EMAModel(self.params[GENERATOR_GROUP], decay=config.ema_decay,
                                 update_after_step=config.ema_update_after_step)
             self.ema.to(acc.device)
 
@@ -224,7 +216,7 @@ class DistillTrainer:
             for name, net in self._networks().items():
                 save_network(net, Path(output_dir) / name)
             if self.ema is not None:
-                params = list(self.student.parameters())
+                params = self.params[GENERATOR_GROUP]
                 self.ema.store(params)
                 self.ema.copy_to(params)
                 try:
@@ -235,13 +227,12 @@ class DistillTrainer:
             weights.pop()
 
     def _load_hook(self, models, input_dir):
+        if self.ema is not None:  # EMA weights pass through the student, then the networks are loaded
+            load_network(self.student, Path(input_dir) / "student_ema")
+            for shadow, p in zip(self.ema.shadow_params, self.params[GENERATOR_GROUP]):
+                shadow.data.copy_(p.data)
         for name, net in self._networks().items():
             load_network(net, Path(input_dir) / name)
-        if self.ema is not None:
-            state = network_state_dict(Path(input_dir) / "student_ema")
-            names = [n for n, _ in self.student.named_parameters()]
-            for shadow, n in zip(self.ema.shadow_params, names):
-                shadow.data.copy_(state[n].to(shadow.device, shadow.dtype))
         while models:
             models.pop()
 
@@ -425,7 +416,7 @@ class DistillTrainer:
         cfg, acc = self.config, self.accelerator
         metrics: dict[str, float] = {}
         if acc.is_main_process:
-            params = list(self.student.parameters())
+            params = self.params[GENERATOR_GROUP]
             if self.ema is not None:
                 self.ema.store(params)
                 self.ema.copy_to(params)
@@ -490,7 +481,7 @@ class DistillTrainer:
             self._update("generator", [GENERATOR_GROUP], 0, stats)
             # 3. EMA
             if self.ema is not None:
-                self.ema.step(self.student.parameters())
+                self.ema.step(self.params[GENERATOR_GROUP])
             self.step += 1
             count += 1
             bar.update(1)
@@ -529,21 +520,29 @@ class DistillTrainer:
                 "step": self.step, "steps_this_run": self.step - start_step, "metrics": metrics}
 
     def export_student(self) -> Path | None:
-        """Save the (EMA) student: as a pipeline folder when the method offers ``save_student_pipeline``,
-        else its network folder, under ``<output_dir>/student``."""
+        """Save the (EMA) student under ``<output_dir>/student``: a :class:`FastGenStudentPipeline` folder for
+        class-conditional teachers (methods with ``student_network()``), else the student network's folder."""
         acc = self.accelerator
         folder = self.output_dir / "student"
         if acc.is_main_process:
-            params = list(self.student.parameters())
+            params = self.params[GENERATOR_GROUP]
             if self.ema is not None:
                 self.ema.store(params)
                 self.ema.copy_to(params)
             try:
                 tmp = folder.with_name("student.tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
-                saver: Callable | None = getattr(self.method, "save_student_pipeline", None)
-                if saver is not None and self.teacher is not None:
-                    saver(tmp, self.teacher)
+                network_fn = getattr(self.method, "student_network", None)
+                pipe = getattr(self.teacher, "pipeline", None)
+                if network_fn is not None and pipe is not None and hasattr(pipe, "num_classes"):
+                    from ..pipelines.student import FastGenStudentPipeline
+
+                    timesteps = list(getattr(getattr(self.method, "config", None), "student_timesteps",
+                                             self.config.student_timesteps))
+                    student_pipe = FastGenStudentPipeline.from_teacher(pipe, network_fn(), timesteps)
+                    student_pipe.save_pretrained(tmp)
+                elif network_fn is not None:
+                    save_network(network_fn(), tmp)
                 else:
                     save_network(self.student, tmp)
                 shutil.rmtree(folder, ignore_errors=True)
