@@ -18,6 +18,9 @@ _LAZY = {
     "FastGenPipelineOutput": "fastgen.pipelines.common",
     "NoiseSchedule": "fastgen.schedule",
     "Denoiser": "fastgen.denoiser",
+    "GuidedDenoiser": "fastgen.denoiser",
+    "Prediction": "fastgen.denoiser",
+    "Parameterization": "fastgen.parameterization",
     "sample_loop": "fastgen.sampling",
     "set_attention": "fastgen.attention",
 }

@@ -8,12 +8,38 @@ receives*, so it works whatever sampler produced that timestep.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Mapping
 
 import torch
 
 _KINDS = ("vp_discrete", "edm", "flow")
+_VP_KEYS = ("beta_start", "beta_schedule", "trained_betas")
+
+
+def scheduler_config_dict(config) -> dict[str, Any]:
+    """A scheduler's config as a plain dict whose ``_class_name`` names the scheduler class (diffusers leaves it
+    out of a live instance's ``config``)."""
+    if hasattr(config, "config"):
+        return {"_class_name": type(config).__name__, **dict(config.config)}
+    return dict(config)
+
+
+def is_flow_config(config) -> bool:
+    """The ONE rule for flow-matching (rectified-flow) models, for a scheduler or its config: a ``FlowMatch*``
+    scheduler, or a multistep solver in flow mode (``use_flow_sigmas=True`` or
+    ``prediction_type="flow_prediction"``, as diffusers' DPM-Solver/UniPC and fastgen's USFScheduler)."""
+    cfg = scheduler_config_dict(config)
+    return _is_flow_match(cfg) or bool(cfg.get("use_flow_sigmas")) or cfg.get("prediction_type") == "flow_prediction"
+
+
+def _is_flow_match(cfg: Mapping[str, Any]) -> bool:
+    """A FlowMatch* scheduler's config: named so, or (a config without ``_class_name``) with FlowMatch's
+    ``shift`` key and no VP beta keys."""
+    if cfg.get("_class_name"):
+        return str(cfg["_class_name"]).startswith("FlowMatch")
+    return "shift" in cfg and not any(k in cfg for k in _VP_KEYS)
 
 
 def _betas_from_config(config: Mapping[str, Any]) -> torch.Tensor:
@@ -74,20 +100,19 @@ class NoiseSchedule:
             self.alphas_cumprod = ac
             # lambda_k = log(alpha_k / sigma_k), strictly decreasing in k.
             self._lambdas = 0.5 * (torch.log(ac) - torch.log1p(-ac))
+            self._grid = torch.arange(len(ac), dtype=torch.float64)
             self.num_train_timesteps = len(ac)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_scheduler_config(cls, config) -> "NoiseSchedule":
         """Build from a diffusers scheduler or its config (``pipe.scheduler`` / ``pipe.scheduler.config``)."""
-        name = type(config).__name__ if hasattr(config, "config") else ""
-        config = dict(config.config if hasattr(config, "config") else config)
-        name = name or str(config.get("_class_name", ""))
+        config = scheduler_config_dict(config)
         n = int(config.get("num_train_timesteps", 1000))
-        is_vp = "beta_start" in config or "trained_betas" in config or "beta_schedule" in config
-        if "FlowMatch" in name or (not is_vp and "shift" in config) or config.get("prediction_type") == "flow_prediction":
+        if is_flow_config(config):
             return cls("flow", num_train_timesteps=n)
-        if name.startswith("EDM") or (not is_vp and "sigma_data" in config):
+        is_vp = any(k in config for k in _VP_KEYS)
+        if str(config.get("_class_name", "")).startswith("EDM") or (not is_vp and "sigma_data" in config):
             return cls(
                 "edm",
                 sigma_min=config.get("sigma_min", 0.002),
@@ -98,12 +123,21 @@ class NoiseSchedule:
         alphas_cumprod = torch.cumprod((1.0 - betas.float()), dim=0).double()
         return cls("vp_discrete", alphas_cumprod=alphas_cumprod)
 
+    def to(self, device: str | torch.device) -> "NoiseSchedule":
+        """This schedule with its tables on ``device`` (the maps then run there, without a host round trip)."""
+        out = copy.copy(self)
+        if self.kind == "vp_discrete":
+            out.alphas_cumprod = self.alphas_cumprod.to(device)
+            out._lambdas = self._lambdas.to(device)
+            out._grid = self._grid.to(device)
+        return out
+
     # ------------------------------------------------------------------ forward maps
     def lambda_(self, t: torch.Tensor | float) -> torch.Tensor:
         """Half log-SNR ``lambda(t) = log(alpha(t) / sigma(t))`` (float64)."""
-        t = torch.as_tensor(t, dtype=torch.float64)
+        t = self._as_time(t)
         if self.kind == "vp_discrete":
-            return _interp(t, torch.arange(self.num_train_timesteps, dtype=torch.float64), self._lambdas)
+            return _interp(t, self._grid, self._lambdas)
         if self.kind == "edm":
             return -torch.log(t)
         s = t / self.num_train_timesteps
@@ -111,7 +145,7 @@ class NoiseSchedule:
 
     def alpha_sigma(self, t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
         """``(alpha(t), sigma(t))`` in float64 for the network time input ``t``."""
-        t = torch.as_tensor(t, dtype=torch.float64)
+        t = self._as_time(t)
         if self.kind == "vp_discrete":
             lam = self.lambda_(t)
             return torch.sqrt(torch.sigmoid(2 * lam)), torch.sqrt(torch.sigmoid(-2 * lam))
@@ -123,11 +157,10 @@ class NoiseSchedule:
     # ------------------------------------------------------------------ inverse maps
     def t_from_lambda(self, lam: torch.Tensor | float) -> torch.Tensor:
         """Inverse of :meth:`lambda_` (float64); clamps to the trained range for ``vp_discrete``."""
-        lam = torch.as_tensor(lam, dtype=torch.float64)
+        lam = self._as_time(lam)
         if self.kind == "vp_discrete":
             # lambdas decrease with t: interpolate on the flipped (increasing) table.
-            grid = torch.arange(self.num_train_timesteps, dtype=torch.float64)
-            return _interp(lam, self._lambdas.flip(0), grid.flip(0))
+            return _interp(lam, self._lambdas.flip(0), self._grid.flip(0))
         if self.kind == "edm":
             return torch.exp(-lam)
         return self.num_train_timesteps * torch.sigmoid(-lam)
@@ -136,6 +169,13 @@ class NoiseSchedule:
         """What the network receives for time ``t`` (``c_noise`` for EDM, ``t`` otherwise)."""
         t = torch.as_tensor(t, dtype=torch.float64)
         return 0.25 * torch.log(t) if self.kind == "edm" else t
+
+    def _as_time(self, t) -> torch.Tensor:
+        """``t`` as float64 on the tables' device (CPU for non-tabled kinds: the device of ``t``)."""
+        device = self._grid.device if self.kind == "vp_discrete" else None
+        if isinstance(t, torch.Tensor):
+            return t.to(device=device or t.device, dtype=torch.float64)
+        return torch.as_tensor(t, dtype=torch.float64, device=device)
 
     @property
     def t_min(self) -> float:

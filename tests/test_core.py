@@ -187,6 +187,7 @@ def test_sd3_transformer_flow_loop_matches_hand_written_loop():
     """SD3's transformer with flow matching: sample_loop (x0-space CFG) equals the stock recipe."""
     from diffusers import SD3Transformer2DModel
 
+    from fastgen.denoiser import GuidedDenoiser
     from fastgen.sampling import sample_loop
 
     torch.manual_seed(0)
@@ -214,10 +215,82 @@ def test_sd3_transformer_flow_loop_matches_hand_written_loop():
     sched.set_timesteps(steps)
     den = Denoiser.from_scheduler(model, sched)
     assert den.prediction_type == "flow" and den.schedule.kind == "flow"
+    cond = {"encoder_hidden_states": text, "pooled_projections": pooled}
+    uncond = {"encoder_hidden_states": neg_text, "pooled_projections": neg_pooled}
     with torch.no_grad():
-        res = sample_loop(den, noise.clone(), sched, sched.timesteps,
-                          {"encoder_hidden_states": text, "pooled_projections": pooled},
-                          {"encoder_hidden_states": neg_text, "pooled_projections": neg_pooled},
-                          CFG(guidance_scale=scale))
+        res = sample_loop(GuidedDenoiser(den, CFG(guidance_scale=scale), cond, uncond), noise.clone(), sched)
     assert torch.allclose(res.latents, x, atol=1e-4)
     assert res.nfe == 2 * steps
+
+    # The project's own flow USFScheduler drives the same loop (one flow-detection rule everywhere); with the
+    # flow UniPC preset it reproduces diffusers' flow-mode UniPC on the same model.
+    from diffusers import UniPCMultistepScheduler
+
+    from fastgen.solvers import USFScheduler
+
+    usf = USFScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config, preset="usf-unipc-bh2-2p")
+    den_usf = Denoiser.from_scheduler(model, usf)
+    assert den_usf.prediction_type == "flow" and den_usf.schedule.kind == "flow"
+    stock = UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0,
+                                    solver_type="bh2", disable_corrector=list(range(steps)))
+    outs = []
+    for sch in (usf, stock):
+        sch.set_timesteps(steps)
+        with torch.no_grad():
+            outs.append(sample_loop(GuidedDenoiser(Denoiser.from_scheduler(model, sch), CFG(guidance_scale=scale),
+                                                   cond, uncond), noise.clone(), sch).latents)
+    assert torch.isfinite(outs[0]).all()
+    assert torch.allclose(outs[0], outs[1], atol=1e-4)
+
+
+# ---------------------------------------------------------------- Parameterization / GuidedDenoiser
+@pytest.mark.parametrize("name", ["epsilon", "v_prediction", "sample", "flow"])
+def test_parameterization_round_trip_closed_form(name):
+    """x_t = a x0 + s eps: the network output of each parameterisation maps back to (x0, eps) exactly."""
+    from fastgen import Parameterization
+
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 2, generator=g, dtype=torch.float64), torch.randn(3, 2, generator=g, dtype=torch.float64)
+    a = torch.tensor([[0.9], [0.5], [0.2]], dtype=torch.float64)
+    s = 1 - a if name == "flow" else torch.sqrt(1 - a**2)
+    x = a * x0 + s * eps
+    out = {"epsilon": eps, "v_prediction": a * eps - s * x0, "sample": x0, "flow": eps - x0}[name]
+    p = Parameterization(name)
+    got_x0, got_eps = p.to_x0_eps(out, x, a, s)
+    assert torch.allclose(got_x0, x0, atol=1e-12) and torch.allclose(got_eps, eps, atol=1e-12)
+    assert torch.allclose(p.to_x0(out, x, a, s), x0, atol=1e-12)
+    assert torch.allclose(p.from_x0(x0, x, a, s), out, atol=1e-12)
+    assert Parameterization("flow_prediction") == Parameterization("flow")
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        Parameterization("score")
+
+
+def test_guided_denoiser_per_row_times_and_autograd():
+    """Training use: one time per row, CFG in one batch (2 NFE per row), gradients reach the network; rows are
+    independent of their batch-mates (batch of 3 == three batches of 1)."""
+    from fastgen.denoiser import GuidedDenoiser
+    from fastgen.guidance import APG, CFG
+
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    net = tiny_class_unet()
+    den = Denoiser.from_scheduler(net, sched)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, 8, 8, generator=g)
+    t = torch.tensor([10, 500, 990])
+    labels = torch.tensor([0, 1, 2])
+    null = torch.full_like(labels, 10)
+    for guider in (CFG(guidance_scale=2.0), APG(guidance_scale=2.0, norm_threshold=0.0)):
+        gd = GuidedDenoiser(den, guider)
+        pred = gd(x, t, cond={"class_labels": labels}, uncond={"class_labels": null})
+        assert pred.nfe_per_row.tolist() == [2, 2, 2]
+        rows = [gd(x[i:i + 1], t[i:i + 1], cond={"class_labels": labels[i:i + 1]},
+                   uncond={"class_labels": null[i:i + 1]}).model_output for i in range(3)]
+        assert torch.allclose(pred.model_output, torch.cat(rows), atol=1e-5)
+        # x0 of the guided output is consistent with the forward process at each row's own time
+        a, s = den.alpha_sigma(t, x)
+        assert a.shape == (3, 1, 1, 1) and torch.allclose(a * pred.x0 + s * pred.eps, x, atol=1e-5)
+    fake = GuidedDenoiser(den)
+    loss = fake(x, t, cond={"class_labels": labels}).x0.square().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    assert fake(x, t, cond={"class_labels": labels}).nfe_per_row.tolist() == [1, 1, 1]

@@ -130,6 +130,11 @@ class AdaptiveGuidance(CFGFamilyGuidance):
     def _checks_truncation(self) -> bool:
         return True
 
+    def combines_linearly(self) -> bool:
+        """CFG or the conditional prediction per row (LinearAG: CFG with an affine estimate of the unconditional
+        branch): linear unless rescaled. Similarities are read through the context in ``space`` either way."""
+        return not getattr(self, "guidance_rescale", 0.0) > 0.0
+
     def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None) -> GuiderOutput:
         if pred_uncond is None or not self._guidance_active():
             return GuiderOutput(pred=self._rescale(pred_cond, pred_cond), pred_cond=pred_cond, pred_uncond=pred_uncond)
@@ -222,11 +227,21 @@ class LinearAG(AdaptiveGuidance):
         self.history: tuple[torch.Tensor, torch.Tensor] | None = None  # (ε_c, ε_u) of the previous step
         self._history_step: int | None = None
 
-    def begin_run(self, num_inference_steps: int, start_step: int = 0, batch_size: int | None = None, **info) -> None:
+    def prepare_call(self, *, model_path=None, scheduler=None, num_inference_steps: int | None = None) -> None:
+        """Find the fitted coefficients next to the model (when none were given) and check them, before any
+        model work; the sampling loop itself never reads files."""
+        if self.fit is None and num_inference_steps is not None:
+            self._find_fit(model_path, scheduler, num_inference_steps)
+        if self.fit is not None and num_inference_steps is not None:
+            self._check_fit(num_inference_steps, scheduler)
+
+    def begin_run(self, num_inference_steps: int, start_step: int = 0, batch_size: int | None = None,
+                  scheduler=None) -> None:
         if self.fit is None:
-            self._find_fit(info.get("model_path"), info.get("scheduler"), num_inference_steps)
-        self._check_fit(num_inference_steps, info.get("scheduler"))
-        super().begin_run(num_inference_steps, start_step, batch_size, **info)
+            raise ValueError("guidance 'linear-ag' has no fitted coefficients: pass LinearAG(coefficients=path) or run "
+                             "it through a FastGen pipeline, which finds them next to the model.")
+        self._check_fit(num_inference_steps, scheduler)
+        super().begin_run(num_inference_steps, start_step, batch_size, scheduler)
 
     def _find_fit(self, model_path, scheduler, num_steps) -> None:
         name = type(scheduler).__name__ if scheduler is not None else "<scheduler>"

@@ -1,29 +1,48 @@
-"""Shared machinery of fastgen's CFG-family guiders: the diffusers guider protocol plus fastgen's run hooks.
+"""Shared machinery of fastgen's guiders: the loop-hook protocol and the CFG-family base class.
 
-Every guider here is a ``diffusers.guiders.BaseGuidance``. Besides the diffusers per-step protocol
-(``set_state`` -> ``prepare_inputs`` / ``num_conditions`` -> ``forward``) the FastGen sampling loop calls
-optional hooks that diffusers' modular pipelines never call, so a guider must also work without them:
+Every guider here is a ``diffusers.guiders.BaseGuidance``, driven per step with diffusers' protocol
+(``set_state`` -> ``num_conditions`` -> ``forward``). The FastGen :class:`~fastgen.denoiser.GuidedDenoiser`
+also talks to a guider through :class:`LoopGuider`, a ``typing.Protocol`` whose extra hooks have no-op defaults
+in :class:`LoopHooks`; a guider from elsewhere (diffusers' own) is wrapped once by :func:`as_loop_guider`, so
+the loop never asks ``hasattr``:
 
-- ``begin_run(num_inference_steps, start_step, batch_size, ...)``: once per sampling run, before any network
-  call; resets run state (APG momentum, AG truncation flags, LinearAG history). Runs that start mid-schedule
-  (teleportation, img2img) get a clean state too. Without the hook (diffusers-driven runs) a new run is
-  detected in ``set_state`` when the step index goes back or ``num_inference_steps`` changes.
-- ``set_model_input(context)``: each step, the :class:`~fastgen.sampling.GuidanceContext` (model input
-  ``x_t``, alpha/sigma, the space of the predictions) so a guider can read predictions in another space.
-- ``uncond_rows()``: which samples still need the unconditional evaluation (per-sample Adaptive Guidance);
-  ``None`` means all of them.
-- ``wants_conditional_forward``: call ``forward(pred_cond=...)`` even at conditional-only steps (LinearAG).
+- ``prepare_call(model_path, scheduler, num_inference_steps)``: once per pipeline call, before any model work
+  (LinearAG finds and checks its fitted coefficients here).
+- ``begin_run(num_inference_steps, start_step, batch_size, scheduler)``: once per sampling run; resets run state
+  (APG momentum, AG truncation flags, LinearAG history), also for runs that start mid-schedule. Without it
+  (diffusers-driven runs) a new run is detected in ``set_state`` when the step index goes back.
+- ``set_model_input(context)``: each evaluation, the :class:`~fastgen.denoiser.GuidanceContext` (x_t,
+  alpha/sigma, the space of the predictions) so a guider can read predictions in another space.
+- ``uncond_rows()``: which rows still need the unconditional evaluation (per-sample AG); ``None`` = all.
+- ``wants_conditional_forward``: call ``forward(pred_cond=...)`` at conditional-only steps too (LinearAG).
+- ``step_record()``: extra per-step log entries.
 """
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
-from diffusers.guiders import BaseGuidance
+from diffusers.guiders import BaseGuidance, ClassifierFreeGuidance
 from diffusers.guiders.guider_utils import rescale_noise_cfg
 
-from .cfg import _quiet_experimental_warning
+
+def _quiet_experimental_warning():
+    """diffusers logs an 'experimental' warning for every guider built; fastgen builds one per call."""
+    return _LoggerLevel("diffusers.guiders.guider_utils", logging.ERROR)
+
+
+class _LoggerLevel:
+    def __init__(self, name: str, level: int):
+        self.logger, self.level = logging.getLogger(name), level
+
+    def __enter__(self):
+        self.old = self.logger.level
+        self.logger.setLevel(self.level)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.old)
 
 
 def check_number(name: str, value, *, low: float | None = None, high: float | None = None,
@@ -49,7 +68,105 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}.")
 
 
-class CFGFamilyGuidance(BaseGuidance):
+
+class LoopHooks:
+    """No-op defaults of the FastGen loop hooks (see the module docstring); guiders override what they use."""
+
+    wants_conditional_forward: bool = False
+
+    def prepare_call(self, *, model_path=None, scheduler=None, num_inference_steps: int | None = None) -> None:
+        """Once per pipeline call, before model work: resolve files and settings the run needs."""
+
+    def begin_run(self, num_inference_steps: int, start_step: int = 0, batch_size: int | None = None,
+                  scheduler=None) -> None:
+        """A sampling run of ``num_inference_steps`` starts at ``start_step``."""
+
+    def reset_run_state(self) -> None:
+        """Forget what carries over between steps of a run (momentum, truncation flags)."""
+
+    def set_model_input(self, context) -> None:
+        """The model input and parameterisation of the current evaluation."""
+
+    def uncond_rows(self) -> torch.Tensor | None:
+        """Rows that need the unconditional branch (``None``: all)."""
+        return None
+
+    def step_record(self) -> dict[str, Any]:
+        """Extra entries for the per-step log."""
+        return {}
+
+    def combines_linearly(self) -> bool:
+        """True when the rule is affine in the predictions with weights summing to 1 per row (CFG and its
+        truncations without rescale): then it gives the same result on data predictions as on raw outputs
+        (every parameterisation is affine in x0 at fixed x_t), and the loop skips the conversions."""
+        return False
+
+
+@runtime_checkable
+class LoopGuider(Protocol):
+    """What :class:`~fastgen.denoiser.GuidedDenoiser` needs of a guider: diffusers' per-step protocol plus
+    the :class:`LoopHooks`."""
+
+    wants_conditional_forward: bool
+
+    @property
+    def num_conditions(self) -> int: ...
+
+    def set_state(self, step: int, num_inference_steps: int, timestep) -> None: ...
+
+    def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None): ...
+
+    def prepare_call(self, *, model_path=None, scheduler=None, num_inference_steps: int | None = None) -> None: ...
+
+    def begin_run(self, num_inference_steps: int, start_step: int = 0, batch_size: int | None = None,
+                  scheduler=None) -> None: ...
+
+    def reset_run_state(self) -> None: ...
+
+    def set_model_input(self, context) -> None: ...
+
+    def uncond_rows(self) -> torch.Tensor | None: ...
+
+    def step_record(self) -> dict[str, Any]: ...
+
+
+class _ForeignGuider(LoopHooks):
+    """A diffusers guider without fastgen's hooks, driven through diffusers' protocol only."""
+
+    def __init__(self, guider: BaseGuidance):
+        self.inner = guider
+
+    @property
+    def num_conditions(self) -> int:
+        return self.inner.num_conditions
+
+    def set_state(self, step: int, num_inference_steps: int, timestep) -> None:
+        self.inner.set_state(step=step, num_inference_steps=num_inference_steps, timestep=timestep)
+
+    def forward(self, pred_cond, pred_uncond=None):
+        if pred_uncond is None:
+            return self.inner.forward(pred_cond=pred_cond)
+        return self.inner.forward(pred_cond=pred_cond, pred_uncond=pred_uncond)
+
+
+def as_loop_guider(guider) -> LoopGuider | None:
+    """``guider`` itself when it implements :class:`LoopHooks`, else wrapped with no-op hooks."""
+    if guider is None or isinstance(guider, LoopHooks):
+        return guider
+    if not isinstance(guider, BaseGuidance):
+        raise TypeError(f"guidance must be a diffusers BaseGuidance object, got {type(guider).__name__}.")
+    return _ForeignGuider(guider)
+
+
+def is_linear_guider(guider) -> bool:
+    """Whether ``guider`` combines linearly (see :meth:`LoopHooks.combines_linearly`; diffusers' own CFG without
+    rescale does)."""
+    if isinstance(guider, LoopHooks):
+        return guider.combines_linearly()
+    return isinstance(guider, ClassifierFreeGuidance) and not getattr(guider, "guidance_rescale", 0.0) > 0.0
+
+
+class CFGFamilyGuidance(LoopHooks, BaseGuidance):
     """Base of the CFG-family guiders: two predictions (cond, uncond), a step window, run-state resets.
 
     Subclasses implement ``forward`` and ``reset_run_state``. Guidance is active at step i iff it is enabled,
@@ -78,7 +195,8 @@ class CFGFamilyGuidance(BaseGuidance):
         """Forget everything carried between steps of one run (override and call super)."""
         self.context = None
 
-    def begin_run(self, num_inference_steps: int, start_step: int = 0, batch_size: int | None = None, **info) -> None:
+    def begin_run(self, num_inference_steps: int, start_step: int = 0, batch_size: int | None = None,
+                  scheduler=None) -> None:
         """FastGen hook: a new sampling run begins at ``start_step`` of ``num_inference_steps``."""
         self.reset_run_state()
         self._last_step, self._last_num_steps = None, num_inference_steps
@@ -94,13 +212,6 @@ class CFGFamilyGuidance(BaseGuidance):
     def set_model_input(self, context) -> None:
         """FastGen hook: the model input and parameterisation of the current step."""
         self.context = context
-
-    def uncond_rows(self) -> torch.Tensor | None:
-        return None
-
-    @property
-    def wants_conditional_forward(self) -> bool:
-        return False
 
     # ------------------------------------------------------------------ diffusers protocol
     def _guidance_active(self) -> bool:

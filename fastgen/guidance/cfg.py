@@ -1,30 +1,13 @@
 """Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598) as a diffusers guider."""
 from __future__ import annotations
 
-import logging
-
 from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.configuration_utils import register_to_config
 
-
-def _quiet_experimental_warning():
-    """diffusers logs an 'experimental' warning for every guider built; fastgen builds one per call."""
-    return _LoggerLevel("diffusers.guiders.guider_utils", logging.ERROR)
+from .base import LoopHooks, _quiet_experimental_warning
 
 
-class _LoggerLevel:
-    def __init__(self, name: str, level: int):
-        self.logger, self.level = logging.getLogger(name), level
-
-    def __enter__(self):
-        self.old = self.logger.level
-        self.logger.setLevel(self.level)
-
-    def __exit__(self, *exc):
-        self.logger.setLevel(self.old)
-
-
-class CFG(ClassifierFreeGuidance):
+class CFG(LoopHooks, ClassifierFreeGuidance):
     """Classifier-free guidance: ``pred = uncond + w (cond - uncond)`` (diffusers' formulation).
 
     Ho & Salimans, "Classifier-Free Diffusion Guidance", arXiv:2207.12598. ``guidance_scale`` w keeps
@@ -47,3 +30,6 @@ class CFG(ClassifierFreeGuidance):
     ):
         with _quiet_experimental_warning():
             super().__init__(guidance_scale, guidance_rescale, use_original_formulation, start, stop, enabled)
+
+    def combines_linearly(self) -> bool:
+        return not self.guidance_rescale > 0.0

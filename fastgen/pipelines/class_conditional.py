@@ -7,8 +7,6 @@ from diffusers import AutoencoderKL, DiffusionPipeline, DiTTransformer2DModel, T
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..denoiser import Denoiser
-from ..sampling import sample_loop
 from ..teleport import ClassGaussianStats
 from .common import FastGenPipelineMixin, FastGenPipelineOutput
 
@@ -174,18 +172,15 @@ class FastGenClassPipeline(FastGenPipelineMixin, DiffusionPipeline):
         self._set_timesteps(scheduler, num_inference_steps, device, timesteps)
         latents = latents * scheduler.init_noise_sigma
 
-        denoiser = Denoiser.from_scheduler(net, scheduler)
         cond = {"class_labels": labels}
         uncond = {"class_labels": torch.full_like(labels, self.null_class_label)}
-        step_kwargs = self._step_kwargs(scheduler, generator, eta)
-        result = sample_loop(
-            denoiser, latents, scheduler, scheduler.timesteps, cond, uncond, guider,
-            guidance_space=guidance_space, step_kwargs=step_kwargs,
-            teleport=teleport, teleport_fraction=teleport_fraction,
+        self._interrupt = False
+        result = self._denoise(
+            net, scheduler, latents, scheduler.timesteps, cond, uncond, guider, guidance_space=guidance_space,
+            generator=generator, eta=eta, teleport=teleport, teleport_fraction=teleport_fraction,
             callback_on_step_end=callback_on_step_end,
-            callback_tensors={"class_labels": lambda: cond["class_labels"]},
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            pipe=self, progress_bar=self.progress_bar,
+            callback_tensors={"class_labels": (lambda: cond["class_labels"], lambda v: cond.__setitem__("class_labels", v))},
         )
         images = self._decode(result.latents, output_type)
         self.maybe_free_model_hooks()

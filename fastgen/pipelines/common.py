@@ -24,7 +24,8 @@ from diffusers.utils import BaseOutput
 
 from ..attention import check_attention_mode, set_attention
 from ..guidance import resolve_guidance
-from ..sampling import GUIDANCE_SPACES, make_generators
+from ..denoiser import GUIDANCE_SPACES, Denoiser, GuidedDenoiser
+from ..sampling import SampleResult, make_generators, sample_loop
 from ..solvers import resolve_solver
 
 ENTRY_PREFIX = "fastgen_"
@@ -134,7 +135,36 @@ class FastGenPipelineMixin:
         teleport = resolve_teleport(teleport)
         guider = resolve_guidance(guidance, guidance_scale)
         scheduler = resolve_solver(solver, self.scheduler)
+        if guider is not None and hasattr(guider, "prepare_call"):  # fastgen guiders: files and checks, before work
+            guider.prepare_call(model_path=getattr(self, "name_or_path", None), scheduler=scheduler,
+                                num_inference_steps=num_inference_steps)
         return guider, scheduler, teleport
+
+    def _denoise(self, network, scheduler, latents, timesteps, cond, uncond, guider, *, guidance_space, generator,
+                 eta, teleport, teleport_fraction, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                 callback_tensors: dict[str, tuple[Any, Any]] | None = None) -> SampleResult:
+        """Run :func:`~fastgen.sampling.sample_loop` with diffusers' call plumbing: the step callback (named
+        tensors from ``callback_tensors``: name -> (getter, setter)), ``interrupt`` and the progress bar."""
+        model = GuidedDenoiser(Denoiser.from_scheduler(network, scheduler), guider, cond, uncond, guidance_space)
+        callback = None
+        if callback_on_step_end is not None:
+            tensors = callback_tensors or {}
+
+            def callback(i, t, latents, prediction):
+                available = {"latents": latents, **{k: get() for k, (get, _) in tensors.items()}}
+                if "denoised" in callback_on_step_end_tensor_inputs:
+                    available["denoised"] = prediction.x0
+                outputs = dict(callback_on_step_end(self, i, t, {k: available[k] for k in
+                                                                 callback_on_step_end_tensor_inputs}) or {})
+                latents = outputs.pop("latents", latents)
+                for k, v in outputs.items():
+                    if k in tensors:
+                        tensors[k][1](v)
+                return latents
+
+        return sample_loop(model, latents, scheduler, timesteps, step_kwargs=self._step_kwargs(scheduler, generator, eta),
+                           teleport=teleport, teleport_fraction=teleport_fraction, callback=callback,
+                           interrupt=lambda: getattr(self, "_interrupt", False), progress_bar=self.progress_bar)
 
     # ------------------------------------------------------------------ text-to-image helpers (SD, SDXL)
     def _begin_text_call(self, *, guider, guidance_scale, guidance_rescale, clip_skip, cross_attention_kwargs,

@@ -8,8 +8,6 @@ from .common import quiet_transformers_import
 with quiet_transformers_import():  # transformers warns that torchvision is absent; it is optional
     from diffusers import StableDiffusionPipeline
 
-from ..denoiser import Denoiser
-from ..sampling import sample_loop
 from .common import FastGenPipelineMixin, FastGenPipelineOutput
 
 
@@ -109,21 +107,15 @@ class FastGenStableDiffusionPipeline(FastGenPipelineMixin, StableDiffusionPipeli
                                     dtype=latents.dtype, cross_attention_kwargs=cross_attention_kwargs)
 
         self._num_timesteps = len(timesteps)
-        result = sample_loop(
-            Denoiser.from_scheduler(self.unet, scheduler), latents, scheduler, timesteps, cond, uncond, guider,
-            guidance_space=guidance_space, step_kwargs=self._step_kwargs(scheduler, generator, eta),
-            teleport=teleport, teleport_fraction=teleport_fraction,
+        result = self._denoise(
+            self.unet, scheduler, latents, timesteps, cond, uncond, guider, guidance_space=guidance_space,
+            generator=generator, eta=eta, teleport=teleport, teleport_fraction=teleport_fraction,
             callback_on_step_end=callback_on_step_end,
-            callback_tensors={
-                "prompt_embeds": lambda: cond["encoder_hidden_states"],
-                "negative_prompt_embeds": lambda: (uncond or {}).get("encoder_hidden_states"),
-            },
-            callback_setters={
-                "prompt_embeds": lambda v: cond.__setitem__("encoder_hidden_states", v),
-                "negative_prompt_embeds": lambda v: uncond.__setitem__("encoder_hidden_states", v) if uncond else None,
-            },
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            pipe=self, progress_bar=self.progress_bar,
+            callback_tensors={
+                "prompt_embeds": (lambda: cond["encoder_hidden_states"], lambda v: cond.__setitem__("encoder_hidden_states", v)),
+                "negative_prompt_embeds": (lambda: (uncond or {}).get("encoder_hidden_states"), lambda v: uncond.__setitem__("encoder_hidden_states", v) if uncond else None),
+            },
         )
         latents = result.latents
         if output_type != "latent":

@@ -8,8 +8,6 @@ from .common import quiet_transformers_import
 with quiet_transformers_import():  # transformers warns that torchvision is absent; it is optional
     from diffusers import StableDiffusionXLPipeline
 
-from ..denoiser import Denoiser
-from ..sampling import sample_loop
 from .common import FastGenPipelineMixin, FastGenPipelineOutput
 
 
@@ -137,23 +135,16 @@ class FastGenStableDiffusionXLPipeline(FastGenPipelineMixin, StableDiffusionXLPi
             scheduler.set_begin_index(0)
 
         self._num_timesteps = len(timesteps)
-        result = sample_loop(
-            Denoiser.from_scheduler(self.unet, scheduler), latents, scheduler, timesteps, cond, uncond, guider,
-            guidance_space=guidance_space, step_kwargs=self._step_kwargs(scheduler, generator, eta),
-            teleport=teleport, teleport_fraction=teleport_fraction,
+        result = self._denoise(
+            self.unet, scheduler, latents, timesteps, cond, uncond, guider, guidance_space=guidance_space,
+            generator=generator, eta=eta, teleport=teleport, teleport_fraction=teleport_fraction,
             callback_on_step_end=callback_on_step_end,
-            callback_tensors={
-                "prompt_embeds": lambda: cond["encoder_hidden_states"],
-                "add_text_embeds": lambda: cond["added_cond_kwargs"]["text_embeds"],
-                "add_time_ids": lambda: cond["added_cond_kwargs"]["time_ids"],
-            },
-            callback_setters={
-                "prompt_embeds": lambda v: cond.__setitem__("encoder_hidden_states", v),
-                "add_text_embeds": lambda v: cond["added_cond_kwargs"].__setitem__("text_embeds", v),
-                "add_time_ids": lambda v: cond["added_cond_kwargs"].__setitem__("time_ids", v),
-            },
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            pipe=self, progress_bar=self.progress_bar,
+            callback_tensors={
+                "prompt_embeds": (lambda: cond["encoder_hidden_states"], lambda v: cond.__setitem__("encoder_hidden_states", v)),
+                "add_text_embeds": (lambda: cond["added_cond_kwargs"]["text_embeds"], lambda v: cond["added_cond_kwargs"].__setitem__("text_embeds", v)),
+                "add_time_ids": (lambda: cond["added_cond_kwargs"]["time_ids"], lambda v: cond["added_cond_kwargs"].__setitem__("time_ids", v)),
+            },
         )
         image = self._decode_latents(result.latents, output_type)
         self.maybe_free_model_hooks()

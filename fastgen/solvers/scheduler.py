@@ -34,6 +34,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 
+from ..parameterization import Parameterization
 from ..schedule import NoiseSchedule
 from .usf import (SolverSchedule, check_flow_preset, check_preset, flow_reference_config, is_flow_config,
                   preset_schedule, taylor_coefficients)
@@ -394,15 +395,7 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
     def _convert(self, out: torch.Tensor, x: torch.Tensor, t: float) -> _Point:
         """x0 and eps from the raw output at network time ``t`` (x0 thresholded/clipped, eps consistent)."""
         a, s, lam = self._ab(t)
-        p = self.config.prediction_type
-        if p == "flow_prediction":  # v = eps - x0 with a = 1 - s: x0 = x - s v, eps = x + a v
-            x0, eps = x - s * out, x + a * out
-        elif p == "epsilon":
-            x0, eps = (x - s * out) / a, out
-        elif p == "v_prediction":
-            x0, eps = a * x - s * out, a * out + s * x
-        else:
-            x0, eps = out, (x - a * out) / s
+        x0, eps = Parameterization(self.config.prediction_type).to_x0_eps(out, x, a, s)
         eps_raw = eps
         if self.config.thresholding:
             x0 = _threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)

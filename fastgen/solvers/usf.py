@@ -43,6 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..schedule import _is_flow_match, is_flow_config
+
 PREDICTIONS = ("data", "noise", "ddim")
 RELAXATIONS = ("none", "dpmsolver-2", "unipc-bh1", "unipc-bh2", "linear")
 CORRECTORS = ("none", "pseudo", "implicit")
@@ -483,21 +485,6 @@ _FLOW_UNSUPPORTED = {"use_karras_sigmas": "Karras sigmas", "use_exponential_sigm
 _FLOW_PIPELINE_KEYS = ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
 _FLOW_MATCH_ONLY = ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "invert_sigmas",
                     "stochastic_sampling")
-
-
-def is_flow_config(config: Mapping[str, Any]) -> bool:
-    """Whether a diffusers scheduler config describes a flow-matching model: a ``FlowMatch*`` scheduler,
-    or a multistep solver in flow mode (``use_flow_sigmas=True`` / ``prediction_type="flow_prediction"``)."""
-    cfg = dict(config)
-    return _is_flow_match(cfg) or bool(cfg.get("use_flow_sigmas")) or cfg.get("prediction_type") == "flow_prediction"
-
-
-def _is_flow_match(cfg: Mapping[str, Any]) -> bool:
-    """A FlowMatch* scheduler's config: named so, or (an instance's config has no ``_class_name``) with
-    FlowMatch's ``shift`` key and no VP beta keys."""
-    if "_class_name" in cfg:
-        return str(cfg["_class_name"]).startswith("FlowMatch")
-    return "shift" in cfg and not any(k in cfg for k in ("beta_start", "beta_schedule", "trained_betas"))
 
 
 def flow_reference_config(config: Mapping[str, Any], keep_pipeline_keys: bool = False) -> dict[str, Any]:
