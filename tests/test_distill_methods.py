@@ -25,38 +25,6 @@ from tiny import tiny_class_unet, tiny_dit, tiny_sd, tiny_sdxl
 TABLE = ("rkl", "kl", "js", "sh", "jf", "sf")  # the divergences of the spec's gradient-identity test
 
 
-# ---------------------------------------------------------------------- GuidedDenoiser stand-in
-def _install_guided_denoiser_standin():
-    """Until Core II's GuidedDenoiser is on this branch: the API.md call with CFG in x0 space."""
-    import fastgen.denoiser as fd
-
-    if hasattr(fd, "GuidedDenoiser"):
-        return
-
-    class Prediction:
-        def __init__(self, x0, eps, model_output):
-            self.x0, self.eps, self.model_output = x0, eps, model_output
-
-    class GuidedDenoiser:
-        def __init__(self, den, guider=None, cond=None, uncond=None, guidance_space="x0"):
-            self.denoiser, self.guider = den, guider
-
-        def __call__(self, x, t, cond=None, uncond=None, step=None):
-            out = self.denoiser(x, t, cond)
-            x0, eps = self.denoiser.to_x0_eps(out, x, t)
-            w = getattr(self.guider, "guidance_scale", 1.0)
-            if self.guider is not None and uncond is not None and w != 1:
-                out_u = self.denoiser(x, t, uncond)
-                x0u, eps_u = self.denoiser.to_x0_eps(out_u, x, t)
-                x0, eps, out = x0u + w * (x0 - x0u), eps_u + w * (eps - eps_u), out_u + w * (out - out_u)
-            return Prediction(x0, eps, out)
-
-    fd.GuidedDenoiser = GuidedDenoiser
-
-
-_install_guided_denoiser_standin()
-
-
 # ---------------------------------------------------------------------- h(r)
 def test_h_at_one_matches_the_spec_table():
     one = torch.ones(3)

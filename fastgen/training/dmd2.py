@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, GuidedDenoiser
 from .discriminator import DiscriminatorHead, FeatureTap, default_feature_blocks
 from .method import Batch, DistillMethod
-from .students import DEFAULT_ONE_STEP_TIMESTEP, Student, model_target, null_class_label, split_conditions
+from .students import DEFAULT_ONE_STEP_TIMESTEP, Student, null_class_label, split_conditions
 
 GAN_FEATURE_SOURCES = ("teacher", "fake_score")
 FAKE_SCORE_LOSSES = ("model", "x0")
@@ -130,12 +130,6 @@ class DMD2Config:
         return self.gan_weight_discriminator > 0
 
 
-def _guided(denoiser: Denoiser, guider=None):
-    from ..denoiser import GuidedDenoiser
-
-    return GuidedDenoiser(denoiser, guider=guider)
-
-
 @contextlib.contextmanager
 def _no_param_grad(params: list[torch.nn.Parameter]) -> Iterator[None]:
     """Record a forward without gradients into ``params`` (gradients still flow to the inputs)."""
@@ -177,10 +171,10 @@ class DMD2(DistillMethod):
         self.needs_real_data = config.use_gan
         if hasattr(teacher, "denoiser") and hasattr(teacher, "guided"):  # fastgen.training.teacher.Teacher
             bundle_null = getattr(teacher, "null_label", None)
-            guided = teacher.guided if guider is None else _guided(teacher.denoiser, guider)
+            guided = teacher.guided if guider is None else GuidedDenoiser(teacher.denoiser, guider=guider)
             teacher = teacher.denoiser
         else:
-            bundle_null, guided = None, _guided(teacher, guider)
+            bundle_null, guided = None, GuidedDenoiser(teacher, guider=guider)
         network = teacher.model
         network.requires_grad_(False).eval()
         schedule, prediction_type = teacher.schedule, teacher.prediction_type
@@ -215,7 +209,7 @@ class DMD2(DistillMethod):
             self._student_params = list(self.student_module.network.parameters())
         fake_den = Denoiser(fake_network, schedule, prediction_type)
         self.__dict__["fake_denoiser"] = fake_den
-        self.__dict__["fake_score"] = _guided(fake_den, None)
+        self.__dict__["fake_score"] = GuidedDenoiser(fake_den)
         # Discriminator head on teacher (default) or fake-score features.
         if config.use_gan:
             source = network if config.gan_features == "teacher" else fake_network
@@ -325,7 +319,7 @@ class DMD2(DistillMethod):
         if c.fake_score_loss == "x0":
             loss_dsm = F.mse_loss(pred.x0.float(), x0.float())
         else:
-            target = model_target(self.fake_denoiser, x0, x_t, t)
+            target = self.fake_denoiser.from_x0(x0, x_t, t)
             loss_dsm = F.mse_loss(pred.model_output.float(), target.float())
         out = {"dsm": loss_dsm.detach()}
         loss = loss_dsm

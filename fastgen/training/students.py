@@ -34,21 +34,6 @@ def check_student_timesteps(timesteps: Sequence[int], num_train_timesteps: int =
     return ts
 
 
-def predict_x0(denoiser: Denoiser, x: torch.Tensor, t, cond: Mapping[str, Any]) -> torch.Tensor:
-    """The denoiser's data prediction at ``(x, t)`` (one network forward)."""
-    if hasattr(denoiser, "predict"):  # Core II Denoiser
-        return denoiser.predict(x, t, cond)[0]
-    return denoiser.to_x0_eps(denoiser(x, t, cond), x, t)[0]
-
-
-def model_target(denoiser: Denoiser, x0: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
-    """The raw network output that would predict ``x0`` at ``(x, t)`` (the DSM regression target)."""
-    if hasattr(denoiser, "parameterization"):
-        a, s = denoiser.alpha_sigma(t, like=x)
-        return denoiser.parameterization.from_x0(x0, x, a, s)
-    return denoiser.from_x0(x0, x, t)
-
-
 def null_class_label(network: torch.nn.Module) -> int | None:
     """The unconditional label of a class-conditional diffusers network (``None`` if not class-conditional)."""
     cfg = getattr(network, "config", {})
@@ -105,11 +90,11 @@ class Student(torch.nn.Module):
         """``x0`` from the student's input ``x`` at step index ``step`` (timestep ``timesteps[step]``)."""
         t = torch.full((x.shape[0],), self.timesteps[step], device=x.device, dtype=torch.long)
         if self.adapter is None:
-            return predict_x0(self.denoiser, x, t, cond)
+            return self.denoiser.predict(x, t, cond)[0]
         from .lora import use_adapter
 
         with use_adapter(self.network, self.adapter):
-            return predict_x0(self.denoiser, x, t, cond)
+            return self.denoiser.predict(x, t, cond)[0]
 
     def renoise(self, x0: torch.Tensor, step: int, generator) -> torch.Tensor:
         """The input of step ``step``: ``alpha x0 + sigma eps`` with fresh noise (LCMScheduler's chain)."""
