@@ -63,6 +63,8 @@ class DistillConfig:
     dataset: str = field(default="auto", metadata={
         "help": "real data for the GAN term: auto (the teacher's training split for builtin:digits), none, "
                 "builtin:digits, a folder of images, or a .safetensors file/folder of latents"})
+    prompts: str | None = field(default=None, metadata={
+        "help": "text-to-image teachers: a text file with one training prompt per line"})
     resolution: int | None = field(default=None, metadata={"help": "image size of a folder dataset (default: the teacher's)"})
     method_options: str | None = field(default=None, metadata={
         "help": "JSON object of extra method arguments (e.g. '{\"gan_loss_weight_gen\": 0.003}'); a mapping in YAML"})
@@ -245,6 +247,26 @@ class DistillConfig:
         elif not (Path(teacher) / "model_index.json").is_file():
             raise FileNotFoundError(f"teacher: {teacher!r} is not a diffusers pipeline folder (no model_index.json); "
                                     f"pass builtin:digits or a folder saved with save_pretrained.")
+        # the student must fit the teacher: its timesteps inside the teacher's training schedule (read from the
+        # scheduler config file, no model load)
+        folder = Path(teacher)
+        if teacher.startswith("builtin:"):
+            from ..builtin import builtin_path
+            folder = builtin_path(teacher.split(":", 1)[1])
+        sched = folder / "scheduler" / "scheduler_config.json"
+        if sched.is_file():
+            steps = int(json.loads(sched.read_text()).get("num_train_timesteps", 1000))
+            if max(self.student_timesteps) >= steps:
+                raise ValueError(f"student_timesteps: {self.student_timesteps} do not fit the teacher {teacher!r}, whose "
+                                 f"schedule has timesteps 0..{steps - 1}.")
+        if self.prompts is not None and not Path(self.prompts).is_file():
+            raise FileNotFoundError(f"prompts: {self.prompts!r} is not a file (one prompt per line).")
+        if not teacher.startswith("builtin:") and self.prompts is None:
+            name = json.loads((Path(teacher) / "model_index.json").read_text()).get("_class_name", "")
+            name = name[-1] if isinstance(name, list) else str(name)
+            if "StableDiffusion" in name:
+                raise ValueError(f"prompts: the teacher {teacher!r} is text-to-image ({name}); pass a prompt file "
+                                 f"(one prompt per line) with --prompts.")
         data = self.dataset
         if data not in ("auto", "none") and not data.startswith("builtin:") and not Path(data).exists():
             raise FileNotFoundError(f"dataset: {data!r} does not exist; pass auto, none, builtin:digits, a folder of "

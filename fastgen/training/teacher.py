@@ -108,10 +108,40 @@ class Teacher:
         return vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
 
     def to(self, device, dtype: torch.dtype | None = None) -> "Teacher":
-        self.network.to(device=device, dtype=dtype)
-        if self.vae is not None:
-            self.vae.to(device=device)
+        """Move the frozen parts to ``device`` (the network also to ``dtype`` when given)."""
+        self.network.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
+        for name in ("vae", "text_encoder", "text_encoder_2"):
+            module = getattr(self.pipeline, name, None)
+            if isinstance(module, torch.nn.Module):
+                module.to(device=device)
         return self
+
+    # ------------------------------------------------------------------ text conditions
+    @property
+    def is_text(self) -> bool:
+        return getattr(self.pipeline, "text_encoder", None) is not None or \
+            getattr(self.pipeline, "text_encoder_2", None) is not None
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], device) -> dict[str, dict]:
+        """``{"cond": network kwargs, "uncond": network kwargs}`` of ``prompts`` (empty negative prompt),
+        the labels format of text teachers (``split_conditions`` in :mod:`.students`)."""
+        pipe = self.pipeline
+        if getattr(pipe, "text_encoder_2", None) is not None or "XL" in type(pipe).__name__:
+            pe, npe, pooled, npooled = pipe.encode_prompt(prompt=list(prompts), device=device, num_images_per_prompt=1,
+                                                          do_classifier_free_guidance=True)
+            h, w = (int(s) * pipe.vae_scale_factor for s in self.sample_shape[1:])
+            projection_dim = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None
+                              else pipe.text_encoder_2.config.projection_dim)
+            time_ids = pipe._get_add_time_ids((h, w), (0, 0), (h, w), dtype=pe.dtype,
+                                              text_encoder_projection_dim=projection_dim).to(device)
+            time_ids = time_ids.repeat(len(prompts), 1)
+
+            def branch(embeds, pool):
+                return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pool, "time_ids": time_ids}}
+            return {"cond": branch(pe, pooled), "uncond": branch(npe, npooled)}
+        pe, npe = pipe.encode_prompt(list(prompts), device, 1, True, None)
+        return {"cond": {"encoder_hidden_states": pe}, "uncond": {"encoder_hidden_states": npe}}
 
 
 def load_pipeline(spec: str):

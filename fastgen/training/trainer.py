@@ -110,8 +110,9 @@ class DistillTrainer:
         self.teacher = teacher
         self.method = method
         if teacher is not None:
-            weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision, torch.float32)
-            teacher.to(acc.device, dtype=weight_dtype if acc.device.type == "cuda" else torch.float32)
+            # frozen weights in the autocast dtype on GPU (as diffusers' training examples); fp32 on CPU
+            weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
+            teacher.to(acc.device, dtype=weight_dtype if acc.device.type == "cuda" else None)
             sample_shape = sample_shape or tuple(teacher.sample_shape)
             num_classes = num_classes if num_classes is not None else teacher.num_classes
         if sample_shape is None:
@@ -120,6 +121,13 @@ class DistillTrainer:
             raise ValueError("sample_shape: pass the student's noise shape (C, H, W) when no teacher is given.")
         self.sample_shape = tuple(int(s) for s in sample_shape)
         self.num_classes = num_classes
+        self.prompts: list[str] | None = None
+        if teacher is not None and getattr(teacher, "is_text", False):
+            if not config.prompts:
+                raise ValueError("prompts: a text-to-image teacher needs a prompt file (one prompt per line).")
+            self.prompts = [line.strip() for line in Path(config.prompts).read_text().splitlines() if line.strip()]
+            if not self.prompts:
+                raise ValueError(f"prompts: {config.prompts!r} holds no prompts.")
         if real_data is None and getattr(method, "needs_real_data", False):
             real_data = load_real_data(config.dataset, teacher_name=config.teacher, sample_shape=self.sample_shape,
                                        latent=bool(teacher is not None and teacher.vae is not None), seed=config.seed,
@@ -308,8 +316,7 @@ class DistillTrainer:
         for micro in range(accum):
             chunk_index = acc.process_index * accum + micro
             gen = seeded_generator(cfg.seed, self.step, PHASES[phase], critic_iter, chunk_index, device=device)
-            labels = (torch.randint(0, self.num_classes, (chunk,), generator=gen, device=device)
-                      if self.num_classes else None)
+            labels = self._draw_labels(chunk, gen)
             noise = torch.randn((chunk, *self.sample_shape), generator=gen, device=device)
             real = real_labels = None
             if self.real_data is not None:
@@ -319,6 +326,25 @@ class DistillTrainer:
                     real = self.teacher.encode(real, gen)
                 real_labels = real_labels.to(device) if real_labels is not None else None
             yield Batch(labels=labels, noise=noise, real=real, generator=gen, real_labels=real_labels)
+
+    def _draw_labels(self, n: int, gen: torch.Generator):
+        """Conditions of ``n`` rows: class ids, encoded prompts (``{"cond", "uncond"}``) or ``None``."""
+        device = self.accelerator.device
+        if self.prompts is not None:
+            idx = torch.randint(0, len(self.prompts), (n,), generator=gen, device=gen.device).tolist()
+            return self.teacher.encode_prompts([self.prompts[i] for i in idx], device)
+        if self.num_classes:
+            return torch.randint(0, self.num_classes, (n,), generator=gen, device=gen.device).to(device)
+        return None
+
+    def _fixed_labels(self, ids: range):
+        """Conditions of evaluation samples ``ids``: class ``i % num_classes`` or prompt ``i % len(prompts)``."""
+        device = self.accelerator.device
+        if self.prompts is not None:
+            return self.teacher.encode_prompts([self.prompts[i % len(self.prompts)] for i in ids], device)
+        if self.num_classes:
+            return torch.tensor([i % self.num_classes for i in ids], device=device)
+        return None
 
     def _set_trainable(self, groups: list[str]) -> None:
         on = set(groups)
@@ -401,13 +427,13 @@ class DistillTrainer:
             ids = range(start, min(num_samples, start + batch_size))
             noise = torch.stack([torch.randn(self.sample_shape, generator=torch.Generator().manual_seed(seed + i))
                                  for i in ids]).to(device)
-            labels = (torch.tensor([i % self.num_classes for i in ids], device=device) if self.num_classes else None)
+            labels = self._fixed_labels(ids)
             with self.accelerator.autocast():
                 x = self.method.sample(noise, labels)
             if self.teacher is not None and self.teacher.vae is not None:
                 x = self.teacher.decode(x)
             images.append(((x.float().clamp(-1, 1) + 1) / 2).cpu())
-            if labels is not None:
+            if isinstance(labels, torch.Tensor):
                 all_labels.append(labels.cpu())
         return torch.cat(images), (torch.cat(all_labels) if all_labels else None)
 
