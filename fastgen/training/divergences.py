@@ -92,10 +92,10 @@ class RatioConfig:
         logit_clamp: logits are clamped to ``[-logit_clamp, logit_clamp]`` before ``exp``.
         ratio_lower, ratio_upper: clip range of ``r``.
         ratio_normalization: divide ``r`` by its mean in its time bin.
-        num_bins: equal-width bins over ``[t_min, t_max]``.
-        t_min, t_max: the time range binned (the DM time distribution's range).
+        num_bins: equal-width bins over ``[bin_t_min, bin_t_max]``.
+        bin_t_min, bin_t_max: the time range binned (f-distill: the DM time range; standalone default [0, 1000)).
         ratio_ema_rate: per-bin EMA of the bin means (0: batch statistics only; 0.5 on ImageNet-64).
-        eps: added to the batch mean of ``h`` before dividing.
+        h_eps: added to the batch mean of ``h`` before dividing.
     """
 
     divergence: str = "js"
@@ -104,10 +104,10 @@ class RatioConfig:
     ratio_upper: float = 20.0
     ratio_normalization: bool = True
     num_bins: int = 10
-    t_min: float = 20.0
-    t_max: float = 980.0
+    bin_t_min: float | None = None
+    bin_t_max: float | None = None
     ratio_ema_rate: float = 0.0
-    eps: float = 1e-6
+    h_eps: float = 1e-6
 
     def __post_init__(self):
         check_divergence(self.divergence)
@@ -116,8 +116,8 @@ class RatioConfig:
                              f"{self.ratio_lower!r}, {self.ratio_upper!r}.")
         if isinstance(self.num_bins, bool) or not isinstance(self.num_bins, int) or self.num_bins < 1:
             raise ValueError(f"num_bins must be a positive integer, got {self.num_bins!r}.")
-        if not self.t_max > self.t_min:
-            raise ValueError(f"t_max must be > t_min, got t_min={self.t_min!r}, t_max={self.t_max!r}.")
+        if self.bin_t_min is not None and self.bin_t_max is not None and not self.bin_t_max > self.bin_t_min:
+            raise ValueError(f"bin_t_max must be > bin_t_min, got bin_t_min={self.bin_t_min!r}, bin_t_max={self.bin_t_max!r}.")
         if not 0.0 <= self.ratio_ema_rate < 1.0:
             raise ValueError(f"ratio_ema_rate must be in [0, 1), got {self.ratio_ema_rate!r}.")
 
@@ -147,7 +147,9 @@ class FDivergenceWeight:
 
     def bin_index(self, t: torch.Tensor) -> torch.Tensor:
         c = self.config
-        pos = (t.detach().double().reshape(-1) - c.t_min) / (c.t_max - c.t_min) * c.num_bins
+        t_min = 0.0 if c.bin_t_min is None else c.bin_t_min
+        t_max = 1000.0 if c.bin_t_max is None else c.bin_t_max
+        pos = (t.detach().double().reshape(-1) - t_min) / (t_max - t_min) * c.num_bins
         return pos.floor().long().clamp(0, c.num_bins - 1)
 
     def normalize_ratio(self, r: torch.Tensor, t: torch.Tensor, update: bool = True) -> torch.Tensor:
@@ -182,7 +184,7 @@ class FDivergenceWeight:
         h = h_weight(c.divergence, r)
         stats = self.reduce(torch.stack([h.double().sum(), torch.tensor(float(h.numel()), dtype=torch.float64,
                                                                           device=h.device)]))
-        return (h / (stats[0] / stats[1] + c.eps).to(h.dtype)).detach()
+        return (h / (stats[0] / stats[1] + c.h_eps).to(h.dtype)).detach()
 
     # ------------------------------------------------------------------ trainer state (spec 0.9)
     def state_dict(self) -> dict:

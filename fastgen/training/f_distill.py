@@ -12,42 +12,32 @@ by default), evaluated at the DM loss's ``(x_t, t)`` without gradient.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
-from .divergences import FDivergenceWeight, RatioConfig, check_divergence
+from .divergences import FDivergenceWeight, RatioConfig
 from .dmd2 import DMD2, DMD2Config
 
 
 @dataclass
-class FDistillConfig(DMD2Config):
-    """DMD2's options plus the divergence and ratio options of :class:`~.divergences.RatioConfig`.
-
-    ``ratio_t_min``/``ratio_t_max`` of the time bins default to the DM time range.
-    """
-
-    divergence: str = "js"
-    logit_clamp: float = 10.0
-    ratio_lower: float = 0.1
-    ratio_upper: float = 20.0
-    ratio_normalization: bool = True
-    num_bins: int = 10
-    ratio_ema_rate: float = 0.0
+class FDistillConfig(RatioConfig, DMD2Config):
+    """DMD2's options (:class:`~.dmd2.DMD2Config`) plus the divergence and ratio options of
+    :class:`~.divergences.RatioConfig`; the time bins span the DM time range unless ``bin_t_min``/``bin_t_max``
+    are given."""
 
     def __post_init__(self):
-        super().__post_init__()
-        check_divergence(self.divergence)
+        DMD2Config.__post_init__(self)
+        RatioConfig.__post_init__(self)
         if self.divergence != "rkl" and not self.use_gan:
             raise ValueError(f"divergence {self.divergence!r} needs the discriminator's density ratio: set "
                              f"gan_weight_discriminator > 0 (only 'rkl' runs without one).")
-        self.ratio_config()  # validate
 
     def ratio_config(self) -> RatioConfig:
-        return RatioConfig(divergence=self.divergence, logit_clamp=self.logit_clamp, ratio_lower=self.ratio_lower,
-                           ratio_upper=self.ratio_upper, ratio_normalization=self.ratio_normalization,
-                           num_bins=self.num_bins, t_min=float(self.dm_time[0]), t_max=float(self.dm_time[1]) + 1.0,
-                           ratio_ema_rate=self.ratio_ema_rate)
+        values = {f.name: getattr(self, f.name) for f in fields(RatioConfig)}
+        values["bin_t_min"] = float(self.dm_time[0]) if self.bin_t_min is None else self.bin_t_min
+        values["bin_t_max"] = float(self.dm_time[1]) + 1.0 if self.bin_t_max is None else self.bin_t_max
+        return RatioConfig(**values)
 
 
 class FDistill(DMD2):
