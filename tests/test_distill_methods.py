@@ -425,3 +425,23 @@ def test_one_method_step_on_tiny_architectures(arch, tmp_path):
     assert any(k.startswith("student_module.") for k in changed)
     assert any(k.startswith("fake_network.") for k in changed)
     assert any(k.startswith("discriminator.") for k in changed)
+
+
+def test_feature_tap_stops_after_the_tapped_block_and_head_sizes():
+    from fastgen.training.discriminator import DiscriminatorHead, FeatureTap
+
+    unet = tiny_class_unet()
+    den = Denoiser.from_scheduler(unet, DDPMScheduler())
+    x, t, cond = torch.randn(2, 1, 8, 8), torch.tensor([10, 900]), {"class_labels": torch.tensor([1, 2])}
+    seen = []
+    unet.up_blocks[0].register_forward_hook(lambda *a: seen.append("up"))
+    tap = FeatureTap(unet, ["mid_block", "down_blocks.0"])
+    feats = tap.run(den, x, t, cond)
+    assert seen == [] and set(feats) == {"mid_block", "down_blocks.0"}  # up blocks skipped
+    with tap.capture() as full:
+        den(x, t, cond)
+    assert seen == ["up"] and torch.equal(full["mid_block"], feats["mid_block"])
+    logits = DiscriminatorHead.for_network(unet, ["mid_block", "down_blocks.0"])(feats)
+    assert logits.shape == (2,)
+    with pytest.raises(ValueError, match="not found"):
+        FeatureTap(unet, ["middle"])

@@ -41,12 +41,21 @@ def feature_channels(network: nn.Module, block: str) -> int:
                      f"or transformer_blocks.<i>.")
 
 
+class StopForward(Exception):
+    """Raised by a :class:`FeatureTap` hook once every tapped block has run (the rest of the forward is skipped)."""
+
+
 class FeatureTap:
-    """Forward hooks that record the outputs of named blocks, only inside :meth:`capture`."""
+    """Forward hooks that record the outputs of named blocks, only inside :meth:`capture`.
+
+    :meth:`run` calls the network and stops it as soon as every tapped block has produced its output, so a
+    bottleneck head costs about half a forward.
+    """
 
     def __init__(self, network: nn.Module, blocks: Sequence[str]):
         self.blocks = list(blocks)
         self._store: dict[str, torch.Tensor] | None = None
+        self._stop = False
         self._handles = []
         for name in self.blocks:
             try:
@@ -59,6 +68,8 @@ class FeatureTap:
         def hook(module, args, output):
             if self._store is not None:
                 self._store[name] = output[0] if isinstance(output, (tuple, list)) else output
+                if self._stop and len(self._store) == len(self.blocks):
+                    raise StopForward
         return hook
 
     @contextlib.contextmanager
@@ -69,6 +80,21 @@ class FeatureTap:
             yield self._store
         finally:
             self._store = None
+
+    def run(self, fn, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """``fn(*args, **kwargs)`` (a network call) stopped after the last tapped block; the features."""
+        with self.capture() as features:
+            self._stop = True
+            try:
+                fn(*args, **kwargs)
+            except StopForward:
+                pass
+            finally:
+                self._stop = False
+        missing = [b for b in self.blocks if b not in features]
+        if missing:
+            raise RuntimeError(f"feature blocks {missing} did not run in the network's forward.")
+        return features
 
     def remove(self) -> None:
         for h in self._handles:

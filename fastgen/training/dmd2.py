@@ -262,8 +262,8 @@ class DMD2(DistillMethod):
             den, adapter, params = self.teacher_denoiser, None, []
         else:
             den, adapter, params = self.fake_denoiser, self._fake_adapter, ([] if backbone_grad else self._fake_params)
-        with self._adapter(adapter), _no_param_grad(params), self.tap.capture() as features:
-            den(x_t, t, cond)
+        with self._adapter(adapter), _no_param_grad(params):
+            features = self.tap.run(den, x_t, t, cond)  # the forward stops after the last tapped block
         return self.discriminator(features)
 
     @staticmethod
