@@ -205,18 +205,18 @@ def test_truncated_checkpoint_is_a_clear_error_and_latest_falls_back(reference_r
 
 
 def test_save_interrupted_before_the_marker_leaves_no_complete_looking_checkpoint(reference_run, tmp_path, monkeypatch):
-    import fastgen.training.trainer as trainer_module
+    import fastgen.training.checkpoint as ckpt
     out = tmp_path / "savekill"
-    original = trainer_module.finalize_checkpoint
+    original = ckpt.write_marker
 
-    def dying(tmp, final, step):
+    def dying(folder, step):  # the process dies while writing the marker of checkpoint 8
         if step == 8:
             raise KeyboardInterrupt("killed while saving")
-        return original(tmp, final, step)
-    monkeypatch.setattr(trainer_module, "finalize_checkpoint", dying)
+        return original(folder, step)
+    monkeypatch.setattr(ckpt, "write_marker", dying)
     with pytest.raises(KeyboardInterrupt), single_thread():
         run_toy(out)
-    monkeypatch.setattr(trainer_module, "finalize_checkpoint", original)
+    monkeypatch.setattr(ckpt, "write_marker", original)
     assert (out / "checkpoint-8.tmp").is_dir() and not (out / "checkpoint-8").exists()
     assert latest_checkpoint(out) == out / "checkpoint-4"
     with single_thread():
