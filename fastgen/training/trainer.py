@@ -52,15 +52,18 @@ LOG_NAME = "train_log.jsonl"
 
 
 # ---------------------------------------------------------------------- evaluator (one switch point)
-def evaluate_samples(images01: torch.Tensor, labels: torch.Tensor | None, *, reference: str = "builtin:digits",
-                     extractor: str = "digits") -> dict[str, float]:
-    """Metrics of generated images in [0, 1] through the evaluator (``fastgen.metrics.evaluate_images``);
-    empty when the evaluator is not installed."""
+def evaluate_samples(images01: torch.Tensor, labels: torch.Tensor | None, *, accelerator=None,
+                     reference: str = "builtin:digits", extractor: str = "digits") -> dict[str, float]:
+    """Metrics of generated images in [0, 1] through the evaluator (``fastgen.metrics.evaluate_images``: FID,
+    KID, precision/recall, class accuracy, roughness, ...); every process calls it (features are sharded over
+    ``accelerator``'s processes and reduced). Empty when the evaluator is not installed."""
     try:
         from ..metrics import evaluate_images
     except ImportError:
         return {}
-    res = evaluate_images(images01, labels=labels, extractor=extractor, reference=reference, progress=False)
+    n = int(images01.shape[0])
+    res = evaluate_images(images01, labels=labels, extractor=extractor, reference=reference, progress=False,
+                          accelerator=accelerator, kid_subset_size=min(1000, n))
     return {k: float(v) for k, v in res.to_dict().items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
 
@@ -438,30 +441,33 @@ class DistillTrainer:
         return torch.cat(images), (torch.cat(all_labels) if all_labels else None)
 
     def evaluate(self) -> dict[str, float]:
-        """Evaluate the EMA student on the fixed seed set (main process) and write a sample grid."""
+        """Evaluate the EMA student on the fixed seed set and write a sample grid (main process).
+
+        Every process generates the same samples (seeded per sample) and takes part in the evaluator's
+        sharded feature pass, so no process waits on a collective another one skips."""
         cfg, acc = self.config, self.accelerator
         metrics: dict[str, float] = {}
-        if acc.is_main_process:
-            params = self.params[GENERATOR_GROUP]
-            if self.ema is not None:
-                self.ema.store(params)
-                self.ema.copy_to(params)
-            was_training = self.method.training
-            self.method.eval()
-            try:
-                t0 = time.perf_counter()
-                images, labels = self.generate(cfg.num_validation_samples, cfg.validation_seed, cfg.validation_batch_size)
-                gen_s = time.perf_counter() - t0
-                if cfg.teacher == "builtin:digits":
-                    metrics = evaluate_samples(images, labels)
-                metrics["generate_seconds"] = gen_s
+        params = self.params[GENERATOR_GROUP]
+        if self.ema is not None:
+            self.ema.store(params)
+            self.ema.copy_to(params)
+        was_training = self.method.training
+        self.method.eval()
+        try:
+            t0 = time.perf_counter()
+            images, labels = self.generate(cfg.num_validation_samples, cfg.validation_seed, cfg.validation_batch_size)
+            gen_s = time.perf_counter() - t0
+            if cfg.teacher == "builtin:digits":
+                metrics = evaluate_samples(images, labels, accelerator=acc)
+            metrics["generate_seconds"] = gen_s
+            if acc.is_main_process:
                 self._write_grid(images[:100], labels)
-            except NotImplementedError:
-                metrics = {}
-            finally:
-                self.method.train(was_training)
-                if self.ema is not None:
-                    self.ema.restore(params)
+        except NotImplementedError:
+            metrics = {}
+        finally:
+            self.method.train(was_training)
+            if self.ema is not None:
+                self.ema.restore(params)
         acc.wait_for_everyone()
         return metrics
 
