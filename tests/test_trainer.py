@@ -165,13 +165,14 @@ def reference_run(tmp_path_factory):
 # ----------------------------------------------------------------------------- resume
 def test_sigkill_between_checkpoints_then_resume_latest_matches_uninterrupted_run(reference_run, tmp_path):
     out = tmp_path / "killed"
-    proc = _script(out, "kill_at_step=18", "checkpoints_total_limit=2", check=False)  # 18th generator micro-step
+    proc = _script(out, "kill_at_step=20", "checkpoints_total_limit=2", check=False)  # 21st generator micro-step
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert [s for s, _ in list_checkpoints(out)] == [4, 8]  # killed in generator step 10
+    assert [s for s, _ in list_checkpoints(out)] == [4, 8]  # killed in generator step 11, after logging step 10
+    assert json.loads((out / "train_log.jsonl").read_text().splitlines()[-1])["step"] == 10
     with single_thread():
         run_toy(out, resume_from_checkpoint="latest", checkpoints_total_limit=2)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [2, 4, 6, 8, 10, 12]
+    assert [r["step"] for r in log] == [2, 4, 6, 8, 10, 12]  # the interrupted run's step-10 record was dropped
     for name in ("student", "checkpoint-12/generator", "checkpoint-12/critic", "checkpoint-12/student_ema"):
         assert _max_diff(_weights(reference_run / name), _weights(out / name)) <= 1e-6, name
     ref_log = [json.loads(line) for line in (reference_run / "train_log.jsonl").read_text().splitlines()]

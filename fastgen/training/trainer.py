@@ -305,7 +305,25 @@ class DistillTrainer:
         else:
             path = Path(resume)
         self.load_checkpoint(path)
+        self._trim_log()
         self._print(f"resumed from {path} at generator step {self.step}")
+
+    def _trim_log(self) -> None:
+        """Drop log records after the resumed step (written by the interrupted run), so curves have one
+        record per step."""
+        log = self.output_dir / LOG_NAME
+        if not self.accelerator.is_main_process or not log.is_file():
+            return
+        keep = []
+        for line in log.read_text().splitlines():
+            try:
+                if int(json.loads(line).get("step", 0)) <= self.step:
+                    keep.append(line)
+            except (ValueError, AttributeError):
+                continue
+        tmp = log.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, log)
 
     # ------------------------------------------------------------------ batches
     def _batches(self, phase: str, critic_iter: int):
