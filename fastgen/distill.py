@@ -17,21 +17,15 @@ import os
 import sys
 
 
-def _state():
-    import torch
-    from accelerate import PartialState
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from .training.config import parse_config
+    from .training.config import launch_state, parse_config, validate_for_launch
 
     try:
         config, extras = parse_config(argv)
-        config.validate(_state().num_processes)
+        validate_for_launch(config)
         if extras["print_config"] or extras["validate_only"]:
-            if _state().is_main_process:
+            if launch_state().is_main_process:
                 print(json.dumps(config.to_dict(), sort_keys=True) if extras["json"] or extras["print_config"]
                       else f"fastgen distill: configuration valid ({config.method}, teacher {config.teacher}).")
             if extras["validate_only"]:
@@ -42,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"fastgen distill: error: {err}", file=sys.stderr)
         return 2
-    if _state().is_main_process:
+    if launch_state().is_main_process:
         if extras["json"]:
             print(json.dumps(summary, sort_keys=True, default=str))
         else:

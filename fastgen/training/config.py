@@ -279,6 +279,20 @@ class DistillConfig:
                                     f"a checkpoint-<step> folder.")
 
 
+def launch_state():
+    """accelerate's ``PartialState`` of this launch (``cpu=True`` without CUDA: torchrun-style CPU launches
+    then run as MULTI_CPU with gloo)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def validate_for_launch(config: DistillConfig) -> DistillConfig:
+    """:meth:`DistillConfig.validate` with the number of processes of this launch."""
+    return config.validate(launch_state().num_processes)
+
+
 # ---------------------------------------------------------------------- loading
 def config_field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(DistillConfig)]

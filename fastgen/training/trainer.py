@@ -94,10 +94,9 @@ class DistillTrainer:
     def __init__(self, config: DistillConfig, method: DistillMethod | None = None, teacher=None, *,
                  real_data: RealData | None = None, sample_shape: tuple[int, ...] | None = None,
                  num_classes: int | None = None, accelerator=None):
-        from accelerate import PartialState
+        from .config import launch_state
 
-        num_processes = (accelerator.num_processes if accelerator is not None
-                         else PartialState(cpu=not torch.cuda.is_available()).num_processes)
+        num_processes = accelerator.num_processes if accelerator is not None else launch_state().num_processes
         config.validate(num_processes, check_paths=method is None or teacher is not None)
         self.config = config
         self.output_dir = Path(config.output_dir)
