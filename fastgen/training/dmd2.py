@@ -130,6 +130,11 @@ class DMD2Config:
         return self.gan_weight_discriminator > 0
 
 
+def _trainable_copy(network: torch.nn.Module) -> torch.nn.Module:
+    """A float32 copy of the teacher network with gradients on, in train mode (student, fake score)."""
+    return copy.deepcopy(network).float().requires_grad_(True).train()
+
+
 @contextlib.contextmanager
 def _no_param_grad(params: list[torch.nn.Parameter]) -> Iterator[None]:
     """Record a forward without gradients into ``params`` (gradients still flow to the inputs)."""
@@ -191,8 +196,8 @@ class DMD2(DistillMethod):
             lora.add_lora(network, "student", **lora_kwargs)
             self.student_module = Student(network, schedule, prediction_type, config.student_timesteps, adapter="student")
         else:
-            self.student_module = Student(copy.deepcopy(network).requires_grad_(True).train(), schedule,
-                                          prediction_type, config.student_timesteps)
+            self.student_module = Student(_trainable_copy(network), schedule, prediction_type,
+                                          config.student_timesteps)
         # Fake score: a copy of the teacher, or adapter "fake_score" on the same network.
         if config.lora_fake_score:
             self._fake_params = lora.add_lora(network, "fake_score", **lora_kwargs)
@@ -200,9 +205,9 @@ class DMD2(DistillMethod):
             if not config.lora_student:
                 self.base = network  # register the shared base (and its adapters) once
         else:
-            fake_network, self._fake_adapter = copy.deepcopy(network).requires_grad_(True).train(), None
+            fake_network, self._fake_adapter = _trainable_copy(network), None
             self.fake_network = fake_network
-            self._fake_params = [p for p in fake_network.parameters()]
+            self._fake_params = list(fake_network.parameters())
         if config.lora_student:
             self._student_params = lora.adapter_parameters(network, "student")
         else:
@@ -216,6 +221,12 @@ class DMD2(DistillMethod):
             blocks = list(config.feature_blocks or default_feature_blocks(source))
             self.discriminator = DiscriminatorHead.for_network(source, blocks)
             self.__dict__["tap"] = FeatureTap(source, blocks)
+
+    def train(self, mode: bool = True) -> "DMD2":
+        super().train(mode)
+        if self._lora:  # the shared base is the frozen teacher: always in eval mode
+            self.teacher_denoiser.model.eval()
+        return self
 
     # ------------------------------------------------------------------ contract
     def optimizer_groups(self) -> dict[str, list[torch.nn.Parameter]]:
