@@ -251,6 +251,18 @@ def test_phases_do_not_leak_gradients_and_lr_warms_up(tmp_path):
     assert summary["step"] == 3 and (tmp_path / "run" / "checkpoint-3" / "COMPLETE.json").is_file()
 
 
+def test_real_data_stream_is_a_seeded_permutation_per_epoch_and_position_addressed():
+    data = toy_real_data(seed=3)
+    first = data.indices(0, 20)
+    assert sorted(first.tolist()) == list(range(20))                     # epoch 0 is a permutation
+    assert sorted(data.indices(20, 20).tolist()) == list(range(20))       # so is epoch 1
+    assert not torch.equal(first, data.indices(20, 20))                   # a different one
+    across = data.indices(15, 10)                                         # spans the epoch boundary
+    assert torch.equal(across, torch.cat([first[15:], data.indices(20, 5)]))
+    assert torch.equal(toy_real_data(seed=3).indices(15, 10), across)     # a fresh source (resume) agrees
+    assert not torch.equal(toy_real_data(seed=4).indices(0, 20), first)  # the trainer seed matters
+
+
 def test_evaluation_writes_a_grid(tmp_path):
     run_toy(tmp_path / "run", max_train_steps=2, validation_steps=2, num_validation_samples=12,
             validation_batch_size=5, checkpointing_steps=100)

@@ -26,11 +26,28 @@ import torch
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def seed_from_key(*key: int) -> int:
+    """A 63-bit seed from a tuple of ints (SplitMix64 chained over the key; stable across runs and platforms)."""
+    h = 0x243F6A8885A308D3
+    for k in key:
+        h = _splitmix64(h ^ (int(k) & _MASK64))
+    return h >> 1
+
+
 def seeded_generator(*key: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """A ``torch.Generator`` on ``device`` seeded from a tuple of non-negative ints (stable across runs)."""
-    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    """A ``torch.Generator`` on ``device`` seeded from a tuple of ints (:func:`seed_from_key`)."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
+    gen.manual_seed(seed_from_key(*key))
     return gen
 
 
@@ -67,6 +84,10 @@ class RealData:
 
     def indices(self, start: int, count: int) -> torch.Tensor:
         """Example indices of stream positions ``start .. start + count - 1``."""
+        first, last = start // self.length, (start + count - 1) // self.length
+        if first == last:  # the common case: one epoch
+            offset = start - first * self.length
+            return self._perm(first)[offset: offset + count]
         pos = torch.arange(start, start + count, dtype=torch.long)
         epochs = pos // self.length
         out = torch.empty_like(pos)

@@ -177,6 +177,9 @@ class DistillTrainer:
                                 update_after_step=config.ema_update_after_step)
             self.ema.to(acc.device)
 
+        from accelerate.utils import DistributedType
+        self._plain_steps = acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU,
+                                                     DistributedType.MULTI_CPU)
         acc.register_save_state_pre_hook(self._save_hook)
         acc.register_load_state_pre_hook(self._load_hook)
         self.step = 0
@@ -390,11 +393,16 @@ class DistillTrainer:
                 v = value.detach().float().mean() / accum
                 update[k] = update[k] + v if k in update else v
         scaler = acc.scaler
+        # Plain DDP / single device: torch's clip and the raw optimiser step (accelerate's wrappers probe
+        # installed packages on every call, ~10% of a small model's step); sharded setups go through accelerate.
+        plain = self._plain_steps
         for g in groups:
             opt = self.optimizers[g]
             if cfg.max_grad_norm > 0:
                 if scaler is not None:
                     scaler.unscale_(opt.optimizer)
+                    norm = torch.nn.utils.clip_grad_norm_(self.params[g], cfg.max_grad_norm)
+                elif plain:
                     norm = torch.nn.utils.clip_grad_norm_(self.params[g], cfg.max_grad_norm)
                 else:
                     norm = acc.clip_grad_norm_(self.params[g], cfg.max_grad_norm)
@@ -405,7 +413,7 @@ class DistillTrainer:
             scaler.update()
         else:
             for g in groups:
-                self.optimizers[g].step()
+                (self.optimizers[g].optimizer if plain else self.optimizers[g]).step()
         for g in groups:
             self.schedulers[g].step()
             self.optimizers[g].zero_grad(set_to_none=True)
