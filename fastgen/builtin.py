@@ -1,6 +1,8 @@
 """Built-in assets: small models trained by scripts in this repository and shipped inside the package.
 
-``fastgen.load_builtin(name)`` returns a ready pipeline, ``fastgen.builtin_path(name)`` the folder.
+``fastgen.load_builtin(name)`` returns a ready pipeline, ``fastgen.builtin_path(name)`` the folder,
+``fastgen.builtin.load_pipeline(spec)`` a FastGen pipeline from ``"builtin:<name>"`` or a diffusers folder
+(the ``--model`` of every command), ``fastgen.builtin.asset_path(relpath)`` a file shipped in the package.
 """
 from __future__ import annotations
 
@@ -41,3 +43,55 @@ def load_builtin(name: str, **kwargs):
     module_name, fn_name = _BUILTINS[name][1].split(":")
     loader = getattr(importlib.import_module(module_name), fn_name)
     return loader(path, **kwargs)
+
+
+def asset_path(relative: str) -> Path:
+    """A file shipped under ``fastgen/assets`` (e.g. ``"digits-reference/train_stats.npz"``); FileNotFoundError if absent."""
+    path = ASSETS_DIR / relative
+    if not path.exists():
+        raise FileNotFoundError(f"packaged asset {relative!r} is missing at {path}; reinstall fastgen.")
+    return path
+
+
+def load_pipeline(model: str = "builtin:digits", attention: str = "auto", device: str = "cpu"):
+    """A FastGen pipeline from ``"builtin:<name>"`` or a diffusers folder, its class chosen by model family.
+
+    Folders whose ``model_index.json`` names a Stable Diffusion XL, Stable Diffusion 1.x/2.x, DiT or
+    FastGen class pipeline load as :class:`~fastgen.FastGenStableDiffusionXLPipeline`,
+    :class:`~fastgen.FastGenStableDiffusionPipeline` or :class:`~fastgen.FastGenClassPipeline`.
+    ``attention`` and ``device`` are checked before anything is loaded.
+    """
+    from .attention import check_attention_mode
+    from .runtime import check_device
+
+    if not isinstance(model, (str, Path)):
+        raise TypeError(f"model must be 'builtin:<name>' or a diffusers folder path, got {type(model).__name__}.")
+    check_attention_mode(attention)
+    device = check_device(device)
+    model = str(model)
+    if model.startswith("builtin:"):
+        return load_builtin(model.split(":", 1)[1], attention=attention).to(device)
+    path = Path(model)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"model must be 'builtin:digits' or a diffusers folder with model_index.json; "
+                                f"{model!r} has none.")
+    import json
+
+    try:
+        name = json.loads((path / "model_index.json").read_text())["_class_name"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"model: {path / 'model_index.json'} is not a valid diffusers model index "
+                         f"(JSON with '_class_name'): {err}") from None
+    name = name[1] if isinstance(name, list) else str(name)
+    from . import FastGenClassPipeline, FastGenStableDiffusionPipeline, FastGenStableDiffusionXLPipeline
+
+    if "XL" in name:
+        cls = FastGenStableDiffusionXLPipeline
+    elif "StableDiffusion" in name:
+        cls = FastGenStableDiffusionPipeline
+    elif "DiT" in name or "Class" in name:
+        cls = FastGenClassPipeline
+    else:
+        raise ValueError(f"model pipeline class {name!r} is not supported; fastgen handles class-conditional "
+                         f"(DiT, FastGenClassPipeline), Stable Diffusion and SDXL folders.")
+    return cls.from_pretrained(path, attention=attention).to(device)

@@ -1,7 +1,9 @@
 """Built-in datasets: scikit-learn's bundled handwritten digits, upsampled for diffusion models.
 
-``sklearn.datasets.load_digits()`` ships 1,797 grey-scale 8x8 digits (intensities 0..16) with
-every scikit-learn install, so the built-in models train and evaluate with no download.
+``sklearn.datasets.load_digits()`` holds 1,797 grey-scale 8x8 digits (intensities 0..16, UCI optdigits).
+fastgen ships the same arrays as a package asset (``fastgen/assets/digits-data/digits.npz``, written by
+``scripts/make_digits_data.py``), so the built-in models train and evaluate with no download and no
+scikit-learn.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+DIGITS_ASSET = "digits-data/digits.npz"
 SPLITS = ("features", "train", "heldout", "all")
 _SPLIT_SEED = 0
 _N_FEATURES = 500
@@ -19,18 +22,24 @@ _N_TRAIN = 1000
 
 @lru_cache(maxsize=1)
 def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
-    """``load_digits()`` images (float64 [1797, 8, 8], 0..16) and targets, read once per process."""
-    from sklearn.datasets import load_digits
+    """The 1,797 digits (float64 [1797, 8, 8], 0..16) and targets (int64), as ``load_digits()`` gives them,
+    read once per process from the packaged asset."""
+    from .builtin import asset_path
 
-    data = load_digits()
-    images, target = data.images.copy(), data.target.copy()
+    path = asset_path(DIGITS_ASSET)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            images, target = f["images"].astype(np.float64), f["target"].astype(np.int64)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"packaged digits data {str(path)!r} is unreadable ({err}); reinstall fastgen or "
+                         f"rebuild it with scripts/make_digits_data.py.") from None
     images.flags.writeable = False
     target.flags.writeable = False
     return images, target
 
 
 def digits_split_indices(split: str = "train") -> np.ndarray:
-    """Indices into ``load_digits()`` of ``split`` (see :func:`load_digits_images`)."""
+    """Indices into the 1,797 digits (``load_digits()`` order) of ``split`` (see :func:`load_digits_images`)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}.")
     n = len(_raw_digits()[1])

@@ -65,6 +65,7 @@ def sample_loop(model: GuidedDenoiser, latents: torch.Tensor, scheduler, timeste
         latents = teleport_latents(model.denoiser.schedule, scheduler, latents, timesteps, start, teleport)
     model.begin_run(len(timesteps), start, latents.shape[0], scheduler=scheduler)
     nfe = torch.zeros(latents.shape[0], dtype=torch.long)
+    finite: list[torch.Tensor] = []  # one flag per step, read once after the loop (no device sync per step)
     record: list[dict[str, Any]] = []
     step_kwargs = step_kwargs or {}
     scale_input = getattr(scheduler, "scale_model_input", lambda x, t: x)  # FlowMatch schedulers have none
@@ -76,6 +77,7 @@ def sample_loop(model: GuidedDenoiser, latents: torch.Tensor, scheduler, timeste
             x_in = scale_input(latents, t)
             pred = model(x_in, t, step=i)
             nfe += pred.nfe_per_row
+            finite.append(torch.isfinite(pred.model_output).all())
             record.append({"step": i, "timestep": t, "nfe": _per_sample_count(pred.nfe_per_row.tolist()),
                            **model.step_record()})
             latents = scheduler.step(pred.model_output, t, latents, **step_kwargs, return_dict=False)[0]
@@ -84,8 +86,21 @@ def sample_loop(model: GuidedDenoiser, latents: torch.Tensor, scheduler, timeste
             bar.update()
     for entry in record:  # timesteps to floats once, after the loop (no device sync per step)
         entry["timestep"] = float(entry["timestep"])
+    _check_finite(finite, record)
     counts = nfe.tolist()
     return SampleResult(latents=latents, nfe=_per_sample_count(counts), steps=record, nfe_per_sample=counts)
+
+
+class NonFiniteError(ValueError):
+    """The network produced NaN or inf while sampling (broken weights, an overflowing dtype or scale)."""
+
+
+def _check_finite(flags: list[torch.Tensor], record: list[dict[str, Any]]) -> None:
+    if flags and not bool(torch.stack(flags).all()):
+        first = int((~torch.stack(flags)).nonzero()[0])
+        raise NonFiniteError(
+            f"the network output is NaN/inf at step {record[first]['step']} (timestep {record[first]['timestep']:g}); "
+            f"check the model weights, the dtype (fp16 overflow) and guidance_scale.")
 
 
 def teleport_start(num_steps: int, teleport: Callable | None, teleport_fraction: float) -> int:

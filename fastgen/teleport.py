@@ -145,7 +145,7 @@ class GaussianStats:
         if path.suffix not in STATS_FORMATS:
             raise ValueError(f"teleport statistics must be a {' or '.join(STATS_FORMATS)} file, got {str(path)!r}.")
         if not path.is_file():
-            raise ValueError(f"teleport statistics file {str(path)!r} does not exist.")
+            raise FileNotFoundError(f"teleport statistics file {str(path)!r} does not exist.")
         try:
             if path.suffix == ".safetensors":
                 from safetensors.torch import load_file
@@ -158,8 +158,11 @@ class GaussianStats:
         missing = [k for k in ("mean", "eigenvalues", "eigenvectors") if k not in data]
         if missing:
             raise ValueError(f"teleport statistics file {str(path)!r} lacks {missing}.")
-        residual = float(data["residual_variance"].reshape(-1)[0]) if "residual_variance" in data else 0.0
-        return cls(data["mean"], data["eigenvalues"], data["eigenvectors"], residual)
+        try:
+            residual = float(data["residual_variance"].reshape(-1)[0]) if "residual_variance" in data else 0.0
+            return cls(data["mean"], data["eigenvalues"], data["eigenvectors"], residual)
+        except (ValueError, RuntimeError, IndexError) as err:
+            raise ValueError(f"teleport statistics file {str(path)!r} is invalid: {err}") from None
 
     def scaled(self, scale: float, shift: float = 0.0) -> "GaussianStats":
         """Statistics of ``scale * x + shift`` (e.g. ``scale=2, shift=-1`` maps [0, 1] images to [-1, 1])."""
@@ -305,24 +308,34 @@ class ClassGaussianStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ClassGaussianStats":
+        """Load statistics saved by :meth:`save`: FileNotFoundError for a missing file, ValueError naming
+        the file for a corrupt one or one that holds a single :class:`GaussianStats`."""
         path = Path(path)
-        if path.suffix != ".safetensors" or not path.is_file():
-            raise ValueError(f"class statistics must be an existing .safetensors file, got {str(path)!r}.")
+        if path.suffix != ".safetensors":
+            raise ValueError(f"class statistics must be a .safetensors file, got {str(path)!r}.")
+        if not path.is_file():
+            raise FileNotFoundError(f"class statistics file {str(path)!r} does not exist.")
         from safetensors import safe_open
         from safetensors.torch import load_file
-        with safe_open(str(path), "pt") as f:
-            fmt = (f.metadata() or {}).get("format")
+        try:
+            with safe_open(str(path), "pt") as f:
+                fmt = (f.metadata() or {}).get("format")
+        except Exception as err:  # corrupt file: one clear message
+            raise ValueError(f"class statistics file {str(path)!r} could not be read: {err}") from None
         if fmt != "fastgen.class_gaussian_stats/1":
             raise ValueError(f"{str(path)!r} is not a class statistics file (format {fmt!r}); load it with GaussianStats.load.")
-        data = load_file(str(path))
-        groups: dict[str, dict] = {}
-        for key, value in data.items():
-            name, field_ = key.split(".", 1)
-            groups.setdefault(name, {})[field_] = value
-        build = lambda g: GaussianStats(g["mean"], g["eigenvalues"], g["eigenvectors"],  # noqa: E731
-                                        float(g["residual_variance"].reshape(-1)[0]))
-        uncond = build(groups.pop("uncond")) if "uncond" in groups else None
-        return cls({int(k): build(g) for k, g in groups.items()}, uncond)
+        try:
+            data = load_file(str(path))
+            groups: dict[str, dict] = {}
+            for key, value in data.items():
+                name, field_ = key.split(".", 1)
+                groups.setdefault(name, {})[field_] = value
+            build = lambda g: GaussianStats(g["mean"], g["eigenvalues"], g["eigenvectors"],  # noqa: E731
+                                            float(g["residual_variance"].reshape(-1)[0]))
+            uncond = build(groups.pop("uncond")) if "uncond" in groups else None
+            return cls({int(k): build(g) for k, g in groups.items()}, uncond)
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise ValueError(f"class statistics file {str(path)!r} is malformed: {err}") from None
 
     def __call__(self, x, **kwargs):
         raise ValueError("ClassGaussianStats needs the class labels of the batch: use it with FastGenClassPipeline, "
@@ -354,27 +367,29 @@ class ClassGaussianStats:
         return jump
 
 
+def _is_class_stats_file(path: Path) -> bool:
+    """Whether a readable ``.safetensors`` file says it holds :class:`ClassGaussianStats` (a corrupt one is
+    left to ``GaussianStats.load``, which names it in its error)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("format") == "fastgen.class_gaussian_stats/1"
+    except Exception:
+        return False
+
+
 def resolve_teleport(teleport):
-    """``None``, a callable (``GaussianStats`` included) or a path to saved statistics -> ``None`` or a callable."""
+    """``None``, a callable (``GaussianStats`` and ``ClassGaussianStats`` included) or a path to saved
+    statistics -> ``None`` or a callable."""
     if teleport is None or callable(teleport):
-        return teleport
-    if isinstance(teleport, ClassGaussianStats):
         return teleport
     if isinstance(teleport, (str, os.PathLike)):
         path = Path(teleport)
-        if path.suffix == ".safetensors" and path.is_file():
-            from safetensors import safe_open
-            with safe_open(str(path), "pt") as f:
-                if (f.metadata() or {}).get("format") == "fastgen.class_gaussian_stats/1":
-                    return ClassGaussianStats.load(path)
+        if path.suffix == ".safetensors" and path.is_file() and _is_class_stats_file(path):
+            return ClassGaussianStats.load(path)
         return GaussianStats.load(teleport)
     raise ValueError("teleport must be None, a GaussianStats or ClassGaussianStats, a path to saved statistics (.safetensors/.npz) or a "
                      f"callable fn(x, *, alpha_from, sigma_from, alpha_to, sigma_to) -> x; got {type(teleport).__name__}.")
-
-
-def teleport_grid_index(num_steps: int, fraction: float) -> int:
-    """How many of ``num_steps`` steps a ``teleport_fraction`` skips (the sampling loop's rounding)."""
-    return int(round(fraction * num_steps))
 
 
 __all__ = ["GaussianStats", "ClassGaussianStats", "teleport", "guided_teleport", "resolve_teleport", "STATS_FORMATS"]

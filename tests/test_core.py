@@ -294,3 +294,56 @@ def test_guided_denoiser_per_row_times_and_autograd():
     loss.backward()
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
     assert fake(x, t, cond={"class_labels": labels}).nfe_per_row.tolist() == [1, 1, 1]
+
+
+# ---------------------------------------------------------------- bad input before work, no silent garbage
+@pytest.fixture(scope="module")
+def digits_pipe():
+    import fastgen
+
+    pipe = fastgen.load_builtin("digits")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number >= 0"),
+    ({"guidance_scale": float("inf")}, "guidance_scale must be a finite number >= 0"),
+    ({"guidance_scale": -5.0}, "guidance_scale must be a finite number >= 0"),
+    ({"guidance_scale": "3"}, "guidance_scale must be a number"),
+    ({"num_inference_steps": 5000}, "num_inference_steps must be at most the scheduler's num_train_timesteps"),
+    ({"num_inference_steps": 0}, "num_inference_steps must be a positive integer"),
+    ({"teleport_fraction": 1.5}, "teleport_fraction must be a number in"),
+    ({"guidance_space": "eps"}, "guidance_space must be one of"),
+])
+def test_bad_call_arguments_fail_before_the_network_runs(digits_pipe, monkeypatch, kwargs, match):
+    def boom(*a, **k):
+        raise AssertionError("the network ran before the arguments were checked")
+
+    monkeypatch.setattr(digits_pipe.unet, "forward", boom)
+    with pytest.raises((ValueError, TypeError), match=match):
+        digits_pipe(class_labels=[1], **{"num_inference_steps": 2, **kwargs})
+
+
+def test_huge_guidance_scale_warns(digits_pipe):
+    with pytest.warns(UserWarning, match="far above the usual range"):
+        digits_pipe(class_labels=[1], num_inference_steps=1, guidance_scale=1e30, output_type="latent")
+
+
+def test_nan_network_output_is_an_error_naming_the_step(digits_pipe, monkeypatch):
+    """A model whose output turns NaN (broken weights) must not write a black grid and exit 0."""
+    from fastgen.sampling import NonFiniteError
+
+    real = digits_pipe.unet.forward
+    calls = {"n": 0}
+
+    def nan_after_two(*a, **k):
+        out = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] > 2:
+            out = (out[0] * float("nan"),)
+        return out
+
+    monkeypatch.setattr(digits_pipe.unet, "forward", nan_after_two)
+    with pytest.raises(NonFiniteError, match=r"NaN/inf at step 2 \(timestep"):
+        digits_pipe(class_labels=[1], num_inference_steps=4, output_type="latent")

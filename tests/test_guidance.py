@@ -342,4 +342,4 @@ def test_cli_fit_linear_ag(digits_like, tmp_path, capsys):
     pipe.set_progress_bar_config(disable=True)
     assert pipe([1], num_inference_steps=6, guidance="linear-ag", guidance_scale=3.0, seed=0).nfe < 12
     assert cli_main(["fit-linear-ag", "--model", str(folder), "--scale", "1"]) == 2
-    assert "--scale must be > 1" in capsys.readouterr().err
+    assert "--guidance-scale must be a number > 1" in capsys.readouterr().err

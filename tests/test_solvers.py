@@ -157,7 +157,7 @@ def test_bad_inputs_are_clear_value_errors(tmp_path):
         resolve_solver("usf-nope", base)
     with pytest.raises(ValueError, match="preset must be one of"):
         USFScheduler(preset="dpm")
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="missing.json"):
         resolve_solver(str(tmp_path / "missing.json"), base)
     with pytest.raises(ValueError, match="order must be"):
         StepDecision("data", 5).validate()
@@ -392,3 +392,42 @@ def test_presets_reproduce_diffusers_after_set_begin_index(unet, name):
             y = sched.step(out, t, y, return_dict=False)[0]
         outs.append(y)
     assert (outs[0] - outs[1]).abs().max() <= TOL
+
+
+def test_crossover_inherits_either_parents_final_step_half_the_time():
+    """Regression: ``rng.random() < 0.5 and a.final is None or b.final is None`` (precedence) gave the child
+    b's clean-data final step whenever b had one; each parent's final target must win with probability 1/2."""
+    import random
+    from fastgen.solvers.search import crossover, make_schedule, seed_candidates
+    space = toy_space(4)
+    plain = [c for c in seed_candidates(space) if c.afs == "none"]
+    first = plain[0]
+    second = next(c for c in plain[1:] if c.num_steps == first.num_steps)
+    with_final = make_schedule(space, list(first.meta["u"]), first.steps, "none", final_zero=False)
+    to_zero = make_schedule(space, list(second.meta["u"]), second.steps, "none", final_zero=True)
+    assert with_final.final_timestep is not None and to_zero.final_timestep is None
+    rng = random.Random(0)
+    for a, b in [(with_final, to_zero), (to_zero, with_final)]:
+        kept = [crossover(space, a, b, rng).final_timestep is None for _ in range(300)]
+        assert 0.4 < sum(kept) / len(kept) < 0.6, (a.final_timestep, b.final_timestep, sum(kept))
+    for parent in (with_final, to_zero):  # same final target in both parents: always that one
+        assert {crossover(space, parent, parent, rng).final_timestep for _ in range(20)} == {parent.final_timestep}
+
+
+def test_search_predictor_leaves_the_global_rng_alone(tmp_path):
+    """Regression: the S³ predictor reseeded the global torch RNG (``torch.manual_seed``) on every round; it
+    now draws its initial weights from a local generator (same weights as before, still seeded)."""
+    from fastgen.solvers.search import Predictor, search
+    torch.manual_seed(1234)
+    before = torch.random.get_rng_state()
+    pred = Predictor(12, seed=3)
+    pred.fit([[float(i == j) for j in range(12)] for i in range(12)], [1.0 + i for i in range(12)], iters=5)
+    pred.predict([[0.0] * 12])
+    assert torch.equal(torch.random.get_rng_state(), before)
+    again = Predictor(12, seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(again.net.parameters(), Predictor(12, seed=3).net.parameters()))
+    assert not torch.equal(again.net[0].weight, Predictor(12, seed=4).net[0].weight)
+    records = search(toy_space(), lambda s: 0.01 + sum(s.meta["u"]), budget=16, state_path=tmp_path / "s.json",
+                     log_path=tmp_path / "s.log", seed=0, proposals=16)
+    assert max(r["round"] for r in records) >= 1  # a predictor round ran
+    assert torch.equal(torch.random.get_rng_state(), before)

@@ -108,7 +108,7 @@ def test_stats_from_samples_full_and_low_rank(tmp_path):
 
 
 def test_bad_inputs(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
         GaussianStats.load(tmp_path / "missing.npz")
     with pytest.raises(ValueError, match="must be a .safetensors or .npz"):
         GaussianStats.load(tmp_path / "stats.pt")
@@ -234,3 +234,20 @@ def _saved_plain(tmp_path):
     path = tmp_path / "plain.safetensors"
     gaussian_stats().save(path)
     return path
+
+
+def test_resolve_teleport_passes_class_stats_through_and_dead_helpers_are_gone(tmp_path):
+    """Regression for the removed dead code: ``ClassGaussianStats`` is callable, so ``resolve_teleport``
+    returns it through the callable branch (its own branch could not run); ``teleport_grid_index`` had no user."""
+    import fastgen.teleport as tp
+    cond, uncond = two_gaussians()
+    cs = tp.ClassGaussianStats({0: cond}, uncond)
+    assert resolve_teleport(cs) is cs and resolve_teleport(cond) is cond and resolve_teleport(None) is None
+    cs.save(tmp_path / "c.safetensors")
+    assert isinstance(resolve_teleport(tmp_path / "c.safetensors"), tp.ClassGaussianStats)
+    cond.save(tmp_path / "g.safetensors")
+    assert isinstance(resolve_teleport(str(tmp_path / "g.safetensors")), GaussianStats)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match="bad.safetensors"):  # a corrupt file is named, not a SafetensorError
+        resolve_teleport(tmp_path / "bad.safetensors")
+    assert not hasattr(tp, "teleport_grid_index")

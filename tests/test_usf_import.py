@@ -286,7 +286,7 @@ def test_load_refuses_non_allowlisted_objects_and_bad_files(tmp_path):
     torch.save(dec, path)
     with pytest.raises(ValueError, match="weights_only=True"):
         load_usf_decisions(path)
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
         load_usf_decisions(tmp_path / "missing.pth")
     torch.save({"timesteps": torch.ones(3), "orders": [1, 1]}, tmp_path / "partial.pth")
     with pytest.raises(ValueError, match="missing keys"):

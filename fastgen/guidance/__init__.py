@@ -6,6 +6,9 @@ The sampling loop drives them with the diffusers guider protocol: ``set_state(st
 """
 from __future__ import annotations
 
+import math
+import warnings
+
 from typing import Callable
 
 from diffusers.guiders import BaseGuidance
@@ -29,13 +32,29 @@ def available_guidance() -> list[str]:
     return list(GUIDANCE_REGISTRY)
 
 
+# Scales above this are almost always a typo (SD uses 3-12); they are allowed, with a warning.
+LARGE_GUIDANCE_SCALE = 50.0
+
+
+def check_guidance_scale(guidance_scale) -> float:
+    """A guidance scale must be a finite number >= 0 (diffusers' meaning: <= 1 runs no unconditional branch);
+    negative scales would steer *away* from the condition and are refused; very large ones warn."""
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+        raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}.")
+    if not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale!r}.")
+    if guidance_scale > LARGE_GUIDANCE_SCALE:
+        warnings.warn(f"guidance_scale {guidance_scale:g} is far above the usual range (1-15); samples will likely "
+                      f"be saturated blobs.", stacklevel=3)
+    return float(guidance_scale)
+
+
 def resolve_guidance(guidance, guidance_scale: float) -> BaseGuidance | None:
     """Turn the pipeline's ``guidance=`` argument into a guider (or ``None``: conditional only).
 
     ``None`` keeps diffusers' behaviour: CFG when ``guidance_scale > 1``, otherwise no guidance.
     """
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-        raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}.")
+    check_guidance_scale(guidance_scale)
     if guidance is None:
         return CFG(guidance_scale=float(guidance_scale)) if guidance_scale > 1 else None
     if isinstance(guidance, BaseGuidance):
@@ -50,4 +69,4 @@ def resolve_guidance(guidance, guidance_scale: float) -> BaseGuidance | None:
 
 
 __all__ = ["APG", "AdaptiveGuidance", "CFG", "GUIDANCE_REGISTRY", "LinearAG", "available_guidance",
-           "fit_linear_ag_coefficients", "load_linear_ag_coefficients", "resolve_guidance"]
+           "check_guidance_scale", "fit_linear_ag_coefficients", "load_linear_ag_coefficients", "resolve_guidance"]

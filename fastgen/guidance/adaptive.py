@@ -323,27 +323,29 @@ def default_coefficients_path(model_path, scheduler_name: str, num_steps: int, g
 
 def load_linear_ag_coefficients(source: str | dict) -> dict:
     """Read and validate a LinearAG coefficients file (or its content); step keys become ints."""
+    where = "coefficients"
     if isinstance(source, dict):
         data = source
     else:
         path = Path(source)
+        where = f"coefficients file {str(path)!r}"
         if not path.is_file():
             raise FileNotFoundError(f"coefficients file {str(path)!r} does not exist; write one with fastgen fit-linear-ag.")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"coefficients file {str(path)!r} is not valid JSON: {err}.") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{where} is not valid JSON: {err}.") from None
     if not isinstance(data, dict) or data.get("format") != LINEAR_AG_FORMAT:
-        raise ValueError(f"coefficients must be a {LINEAR_AG_FORMAT!r} file written by fastgen fit-linear-ag.")
+        raise ValueError(f"{where} must be a {LINEAR_AG_FORMAT!r} file written by fastgen fit-linear-ag.")
     try:
         steps = {int(k): [float(c) for c in v] for k, v in data["steps"].items()}
         out = dict(data, steps=steps, num_inference_steps=int(data["num_inference_steps"]),
                    guidance_scale=float(data["guidance_scale"]))
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"coefficients file is missing or has a malformed field ({err}).") from None
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{where} is missing or has a malformed field ({err}).") from None
     if any(len(c) != len(LINEAR_AG_REGRESSORS) for c in steps.values()) or any(
             not 1 <= s < out["num_inference_steps"] for s in steps):
-        raise ValueError(f"coefficients steps must map step indices in [1, N) to {len(LINEAR_AG_REGRESSORS)} numbers "
+        raise ValueError(f"{where}: steps must map step indices in [1, N) to {len(LINEAR_AG_REGRESSORS)} numbers "
                          f"({', '.join(LINEAR_AG_REGRESSORS)}).")
     return out
 

@@ -77,7 +77,7 @@ class FastGenClassPipeline(FastGenPipelineMixin, DiffusionPipeline):
             raise ValueError(f"class_labels names {unknown} are not known; accepted names: {sorted(self.labels)}.")
         return [self.labels[n] for n in names]
 
-    def _class_label_tensor(self, class_labels) -> torch.Tensor:
+    def _class_label_tensor(self, class_labels, device=None) -> torch.Tensor:
         if class_labels is None:
             raise ValueError(f"class_labels is required: a class id in [0, {self.num_classes}) or a list of them.")
         if isinstance(class_labels, torch.Tensor):
@@ -94,7 +94,7 @@ class FastGenClassPipeline(FastGenPipelineMixin, DiffusionPipeline):
                 ids.append(int(label))
             else:
                 raise ValueError(f"class_labels entries must be class ids in [0, {self.num_classes}), got {label!r}.")
-        return torch.tensor(ids, dtype=torch.long, device=self._execution_device)
+        return torch.tensor(ids, dtype=torch.long, device=device or self._execution_device)
 
     # ------------------------------------------------------------------ call
     @torch.no_grad()
@@ -150,7 +150,8 @@ class FastGenClassPipeline(FastGenPipelineMixin, DiffusionPipeline):
             num_inference_steps=num_inference_steps, guidance=guidance, guidance_scale=guidance_scale,
             solver=solver, guidance_space=guidance_space, teleport=teleport, teleport_fraction=teleport_fraction,
         )
-        labels = self._class_label_tensor(class_labels)
+        device = self._execution_device  # walks every module: once per call
+        labels = self._class_label_tensor(class_labels, device)
         batch_size = len(labels)
         if isinstance(teleport, ClassGaussianStats):  # per-class (and guided) jump for these labels
             teleport = teleport.for_labels(labels, guidance_scale=getattr(guider, "guidance_scale", 1.0) if guider else 1.0)
@@ -159,15 +160,15 @@ class FastGenClassPipeline(FastGenPipelineMixin, DiffusionPipeline):
             raise ValueError(f"generator must be one generator or a list of {batch_size} (one per image), got {len(generator)}.")
 
         net = self.network
-        device = self._execution_device
+        dtype = net.dtype
         size = net.config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch_size, net.config.in_channels, height, width)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=net.dtype)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} (batch, channels, height, width), got {tuple(latents.shape)}.")
-        latents = latents.to(device=device, dtype=net.dtype)
+        latents = latents.to(device=device, dtype=dtype)
 
         self._set_timesteps(scheduler, num_inference_steps, device, timesteps)
         latents = latents * scheduler.init_noise_sigma

@@ -135,6 +135,10 @@ class FastGenPipelineMixin:
         teleport = resolve_teleport(teleport)
         guider = resolve_guidance(guidance, guidance_scale)
         scheduler = resolve_solver(solver, self.scheduler)
+        max_steps = scheduler.config.get("num_train_timesteps")
+        if max_steps is not None and num_inference_steps > max_steps:
+            raise ValueError(f"num_inference_steps must be at most the scheduler's num_train_timesteps ({max_steps}), "
+                             f"got {num_inference_steps}.")
         if guider is not None and hasattr(guider, "prepare_call"):  # fastgen guiders: files and checks, before work
             guider.prepare_call(model_path=getattr(self, "name_or_path", None), scheduler=scheduler,
                                 num_inference_steps=num_inference_steps)

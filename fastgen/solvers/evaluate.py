@@ -18,7 +18,7 @@ import torch
 from ..schedule import NoiseSchedule
 from .usf import SolverSchedule
 
-REFERENCE_STATS = Path(__file__).resolve().parents[2] / "eval" / "digits_train_stats.npz"
+REFERENCE_STATS = Path(__file__).resolve().parents[1] / "assets" / "digits-reference" / "train_stats.npz"
 
 
 def run_schedule(pipe, schedule, labels, seeds, scale: float, teleport=None, batch: int = 500) -> torch.Tensor:

@@ -39,6 +39,7 @@ from ..schedule import NoiseSchedule
 from .usf import (SolverSchedule, check_flow_preset, check_preset, flow_reference_config, is_flow_config,
                   preset_schedule, taylor_coefficients)
 
+_DATA = Parameterization("sample")
 _BASE_KEYS = ("timestep_spacing", "steps_offset", "final_sigmas_type", "lower_order_final", "euler_at_final",
               "clip_sample", "clip_sample_range", "set_alpha_to_one")
 _FLOW_KEYS = ("use_flow_sigmas", "flow_shift", "use_dynamic_shifting", "time_shift_type", "shift_terminal",
@@ -397,13 +398,13 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         a, s, lam = self._ab(t)
         x0, eps = Parameterization(self.config.prediction_type).to_x0_eps(out, x, a, s)
         eps_raw = eps
-        if self.config.thresholding:
-            x0 = _threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-            eps = (x - a * x0) / s
-        elif self.schedule.clip_denoised is not None:
-            c = float(self.schedule.clip_denoised)
-            x0 = x0.clamp(-c, c)
-            eps = (x - a * x0) / s
+        clip = self.schedule.clip_denoised
+        if self.config.thresholding or clip is not None:
+            if self.config.thresholding:
+                x0 = _threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+            else:
+                x0 = x0.clamp(-float(clip), float(clip))
+            eps = _DATA.to_x0_eps(x0, x, a, s)[1]  # the noise consistent with the clipped x0
         return _Point(t, lam, x0, eps, eps_raw, x)
 
     def _update(self, decision, order: int, x: torch.Tensor, t_from: float, t_to: float | None,

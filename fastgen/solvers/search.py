@@ -98,9 +98,17 @@ class Predictor:
 
     def __init__(self, dim: int, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-        self.net = torch.nn.Sequential(torch.nn.Linear(dim, 64), torch.nn.SiLU(), torch.nn.Linear(64, 64),
-                                       torch.nn.SiLU(), torch.nn.Linear(64, 1))
+        g.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+        # Built on the meta device and initialised from the local generator as nn.Linear initialises itself
+        # (same draws, same order), so the caller's global torch RNG is neither reseeded nor advanced.
+        layers = [torch.nn.Linear(dim, 64, device="meta"), torch.nn.SiLU(), torch.nn.Linear(64, 64, device="meta"),
+                  torch.nn.SiLU(), torch.nn.Linear(64, 1, device="meta")]
+        self.net = torch.nn.Sequential(*layers).to_empty(device="cpu")
+        for layer in self.net:
+            if isinstance(layer, torch.nn.Linear):
+                torch.nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=g)
+                bound = 1 / math.sqrt(layer.in_features)
+                torch.nn.init.uniform_(layer.bias, -bound, bound, generator=g)
         self.trained = False
 
     def fit(self, x: list[list[float]], y: list[float], iters: int = 150) -> None:
@@ -255,7 +263,8 @@ def crossover(space: SearchSpace, a: SolverSchedule, b: SolverSchedule, rng: ran
     u, steps = _fit_nfe(space, u, steps, a.afs, rng)
     for i in range(1, len(u)):
         u[i] = max(u[i], u[i - 1] + 1e-3)
-    return make_schedule(space, u, steps, a.afs, rng.random() < 0.5 and a.final_timestep is None or b.final_timestep is None)
+    final_from = a if rng.random() < 0.5 else b  # the final target is inherited from either parent, 1/2 each
+    return make_schedule(space, u, steps, a.afs, final_from.final_timestep is None)
 
 
 def key(schedule: SolverSchedule) -> str:
@@ -277,7 +286,11 @@ def search(space: SearchSpace, evaluate: Callable[[SolverSchedule], float], *, b
     state_path, log_path = Path(state_path), Path(log_path)
     records: list[dict[str, Any]] = []
     if state_path.is_file():
-        records = json.loads(state_path.read_text())["records"]
+        try:
+            records = json.loads(state_path.read_text())["records"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"search state file {str(state_path)!r} is not a search state ({err!r}); "
+                             "delete it to start afresh.") from None
     seen = {key(SolverSchedule.from_dict(r["schedule"])) for r in records}
     max_steps = space.nfe + space.teleport_steps + 1
     initial = [SolverSchedule.from_dict(c.to_dict()) for c in initial]

@@ -323,14 +323,19 @@ class SolverSchedule:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SolverSchedule":
+        """Read a schedule JSON: FileNotFoundError for a missing file, ValueError naming the file for a
+        corrupt or invalid one."""
         p = Path(path)
         if not p.is_file():
-            raise ValueError(f"schedule file {str(path)!r} does not exist.")
+            raise FileNotFoundError(f"schedule file {str(path)!r} does not exist.")
         try:
             data = json.loads(p.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"schedule file {str(path)!r} is not valid JSON: {err}.") from None
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"schedule file {str(path)!r} is not a valid solver schedule: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------- presets

@@ -52,10 +52,11 @@ def load_usf_decisions(path: str | os.PathLike) -> dict[str, Any]:
     containers, never arbitrary pickled objects) and return its decisions dict.
 
     Accepts the decisions dict, ``{"decisions": {...}}`` and the search's ``[decisions, metric]``.
-    Raises ValueError if the file is missing, cannot be read that way, or lacks the decision keys."""
+    Raises FileNotFoundError if the file is missing, ValueError (naming the file) if it cannot be read that
+    way or lacks the decision keys."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"USF schedule file {str(path)!r} does not exist.")
+        raise FileNotFoundError(f"USF schedule file {str(path)!r} does not exist.")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle.UnpicklingError, RuntimeError, EOFError, ...

@@ -1,0 +1,179 @@
+"""Sample a labelled image grid with any FastGen pipeline (``fastgen sample``; also usable from Python).
+
+:class:`SampleConfig` holds the options and their defaults (the CLI parses them from it);
+:func:`sample_grid` validates them, loads the model, samples and writes the grid.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+DEFAULT_CLASS_SCALE = 3.0  # CFG scale of class-conditional models when none is given
+DEFAULT_TEXT_SCALE = 7.5  # the SD pipelines' own default
+
+
+@dataclass
+class SampleConfig:
+    """Options of :func:`sample_grid` (and of ``fastgen sample``)."""
+
+    model: str = field(default="builtin:digits", metadata={
+        "help": "'builtin:digits' or a diffusers folder (class-conditional, SD 1.x/2.x or SDXL)"})
+    classes: Optional[list[int]] = field(default=None, metadata={
+        "help": "class ids for class-conditional models (default: every class)"})
+    prompt: Optional[list[str]] = field(default=None, metadata={"help": "prompt(s) for text-to-image models"})
+    negative_prompt: Optional[str] = field(default=None, metadata={"help": "negative prompt for text-to-image models"})
+    count: int = field(default=4, metadata={"help": "images per class or per prompt (one grid row each)"})
+    steps: int = field(default=20, metadata={"help": "solver steps (num_inference_steps)"})
+    guidance: str = field(default="cfg", metadata={
+        "help": "guidance method: cfg, apg, ag, linear-ag, or 'none' for the conditional model alone"})
+    guidance_scale: Optional[float] = field(default=None, metadata={
+        "help": f"guidance scale, diffusers' meaning (default: {DEFAULT_CLASS_SCALE:g} for class models, "
+                f"{DEFAULT_TEXT_SCALE:g} for text-to-image models)", "aliases": ["--scale"]})
+    solver: Optional[str] = field(default=None, metadata={
+        "help": "the pipeline's scheduler if unset; else a diffusers solver name (dpmsolver++, unipc, ...), a USF "
+                "preset (usf-default, ...) or a schedule JSON path (e.g. fastgen/assets/digits-schedules/nfe5.json)"})
+    seed: int = field(default=0, metadata={"help": "seed of the first image; image i uses seed + i"})
+    teleport: Optional[str] = field(default=None, metadata={
+        "help": "Gaussian statistics (.safetensors/.npz from `fastgen teleport-stats`) for analytical teleportation"})
+    teleport_fraction: Optional[float] = field(default=None, metadata={
+        "help": "share of steps replaced by the teleport (needs --teleport; default: the pipeline's)"})
+    batch_size: int = field(default=64, metadata={"help": "images per forward batch"})
+    attention: str = field(default="auto", metadata={"help": "attention backend: auto, sdpa or xformers"})
+    device: str = field(default="cpu", metadata={"help": "torch device (cpu, cuda, cuda:1, mps)"})
+    output: str = field(default="samples.png", metadata={"help": "where to write the grid (PNG)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar on stderr"})
+
+
+def check_output_path(path, suffixes: tuple[str, ...], name: str = "output") -> Path:
+    """``path`` as a Path if it has one of ``suffixes`` and its folder can be created; else ValueError."""
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"{name} must be a {' or '.join(suffixes)} path, got {str(path)!r}.")
+    if path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is a folder; give a file path ending in {suffixes[0]}.")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{name} {str(path)!r} cannot be written: {str(parent)!r} is a file, not a folder.")
+            if not os.access(parent, os.W_OK):
+                raise ValueError(f"{name} {str(path)!r} cannot be written: no write permission in {str(parent)!r}.")
+            break
+    return path
+
+
+def save_image_atomic(image, path: Path) -> None:
+    """Write a PIL image through a temporary file and ``os.replace`` (no half-written file on Ctrl-C)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG"))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check(config: SampleConfig) -> Path:
+    """Everything checkable before the model loads."""
+    from .guidance import check_guidance_scale, resolve_guidance
+    from .pipelines.common import check_positive_int
+
+    for name in ("count", "steps", "batch_size"):
+        check_positive_int(name, getattr(config, name))
+    if config.guidance_scale is not None:
+        check_guidance_scale(config.guidance_scale)
+    if config.guidance != "none":  # the library's one message naming the accepted values
+        resolve_guidance(config.guidance, 2.0 if config.guidance_scale is None else config.guidance_scale)
+    if config.teleport_fraction is not None and config.teleport is None:
+        raise ValueError("teleport_fraction needs teleport (statistics from `fastgen teleport-stats`).")
+    return check_output_path(config.output, (".png",))
+
+
+def sample_grid(config: SampleConfig | None = None, **overrides) -> dict:
+    """Sample ``config.count`` images per class (or prompt), write a labelled grid to ``config.output``.
+
+    One column per class or prompt, one row per repeat; image ``i`` uses seed ``config.seed + i``, so
+    the grid does not depend on ``batch_size``. Returns a JSON-serialisable record (output path, images,
+    NFE per image, seconds, ...).
+    """
+    config = SampleConfig(**overrides) if config is None else config
+    output = _check(config)
+    from .teleport import resolve_teleport
+
+    teleport = resolve_teleport(config.teleport)  # a bad file fails here, before the model loads
+    import torch
+
+    from . import FastGenClassPipeline
+    from .builtin import load_pipeline
+    from .grid import image_grid
+
+    t0 = time.perf_counter()
+    pipe = load_pipeline(config.model, attention=config.attention, device=config.device)
+    is_class = isinstance(pipe, FastGenClassPipeline)
+    if is_class:
+        if config.prompt:
+            raise ValueError("prompt is for text-to-image models; this model is class-conditional, use classes.")
+        keys = config.classes if config.classes is not None else list(range(pipe.num_classes))
+        scale = DEFAULT_CLASS_SCALE if config.guidance_scale is None else config.guidance_scale
+    else:
+        if not config.prompt:
+            raise ValueError("prompt is required for text-to-image models.")
+        if config.classes is not None:
+            raise ValueError("classes is for class-conditional models; this is a text-to-image model, use prompt.")
+        keys = list(config.prompt)
+        scale = DEFAULT_TEXT_SCALE if config.guidance_scale is None else config.guidance_scale
+    guidance = None if config.guidance == "none" else config.guidance
+    if guidance is None:
+        scale = 1.0
+    conds = [k for _ in range(config.count) for k in keys]  # one row per repeat, one column per class/prompt
+    kw = dict(num_inference_steps=config.steps, guidance=guidance, guidance_scale=scale, solver=config.solver)
+    if teleport is not None:
+        kw["teleport"] = teleport
+        if config.teleport_fraction is not None:
+            kw["teleport_fraction"] = config.teleport_fraction
+    images, nfe = [], None
+    one_batch = len(conds) <= config.batch_size
+    pipe.set_progress_bar_config(disable=not (config.progress and one_batch), desc="sampling", leave=False)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(conds), desc="sampling", unit="img", file=sys.stderr, leave=False,
+               disable=one_batch or not config.progress)
+    t1 = time.perf_counter()
+    for start in range(0, len(conds), config.batch_size):
+        chunk = conds[start:start + config.batch_size]
+        seeds = [config.seed + start + i for i in range(len(chunk))]
+        with torch.no_grad():
+            if is_class:
+                out = pipe(class_labels=chunk, seed=seeds, **kw)
+            else:
+                negative = [config.negative_prompt] * len(chunk) if config.negative_prompt else None
+                out = pipe(prompt=chunk, negative_prompt=negative, seed=seeds, **kw)
+        images.extend(out.images)
+        nfe = out.nfe
+        bar.update(len(chunk))
+    bar.close()
+    sample_seconds = time.perf_counter() - t1
+
+    name = config.model.split(":")[-1] if config.model.startswith("builtin:") else Path(config.model).name
+    solver = config.solver or type(pipe.scheduler).__name__
+    captions = [pipe.label_name(c) for c in conds] if is_class else None
+    title = (f"{name} | {Path(solver).name} | {config.steps} steps | {config.guidance} {scale:g} | NFE {nfe}/img"
+             + (" | teleport" if teleport is not None else ""))
+    ncols = len(keys) if len(keys) > 1 else min(len(conds), 8)
+    grid = image_grid(images, ncols=ncols, captions=captions, title=title,
+                      cell_size=64 if is_class else max(64, images[0].size[0]))
+    save_image_atomic(grid, output)
+    return {"output": str(output), "images": len(images), "nfe": nfe, "steps": config.steps,
+            "guidance": config.guidance, "guidance_scale": scale, "solver": solver,
+            "teleport": config.teleport, "seconds": round(time.perf_counter() - t0, 3),
+            "sampling_seconds": round(sample_seconds, 3), "device": config.device,
+            "threads": torch.get_num_threads()}
+
+
+__all__ = ["SampleConfig", "sample_grid", "check_output_path", "save_image_atomic"]
