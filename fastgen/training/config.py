@@ -8,8 +8,9 @@ Flag names follow diffusers' training examples (``output_dir``, ``resume_from_ch
 ``critic_steps_per_generator_step`` critic updates followed by one generator update, so a run does
 ``max_train_steps * (critic_steps_per_generator_step + 1)`` optimiser updates in all.
 
-A recipe is a YAML mapping of field names (``distill/digits-dmd2.yaml``); command-line flags override
-it: ``python -m fastgen.distill --config distill/digits-dmd2.yaml --max_train_steps 200``.
+A recipe is a YAML mapping of field names (``distill/digits-dmd2.yaml``) read by ``fastgen distill
+--config`` (:mod:`fastgen.cli.distill`); command-line flags override it:
+``fastgen distill --config distill/digits-dmd2.yaml --max-train-steps 200``.
 :meth:`DistillConfig.validate` raises one ``ValueError`` naming the field for every kind of bad input
 (unknown method or divergence, missing teacher folder, a global batch that does not split over
 processes x accumulation, non-positive steps or learning rates, ...) before any model is loaded.
@@ -17,7 +18,6 @@ processes x accumulation, non-positive steps or learning rates, ...) before any 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 from dataclasses import dataclass, field
@@ -84,10 +84,10 @@ class DistillConfig:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per update"})
     learning_rate: float = field(default=1e-4, metadata={"help": "generator learning rate"})
     learning_rate_critic: float | None = field(default=None, metadata={"help": "critic learning rate (default: learning_rate)"})
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
     adam_weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (DMD2: 0.01)"})
-    adam_epsilon: float = 1e-8
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
     lr_scheduler: str = field(default="constant_with_warmup", metadata={"help": f"one of {', '.join(LR_SCHEDULERS)}"})
     lr_warmup_steps: int = field(default=0, metadata={"help": "warm-up in generator steps (critic: x critic steps)"})
     max_grad_norm: float = field(default=10.0, metadata={"help": "gradient-norm clipping per network group (0 = off)"})
@@ -100,7 +100,7 @@ class DistillConfig:
     validation_steps: int = field(default=0, metadata={"help": "evaluate (FID, accuracy) and write a grid every N steps (0 = off)"})
     num_validation_samples: int = field(default=500, metadata={"help": "samples per evaluation (fixed seeds)"})
     validation_seed: int = field(default=0, metadata={"help": "sample i of an evaluation uses seed validation_seed + i"})
-    validation_batch_size: int = 250
+    validation_batch_size: int = field(default=250, metadata={"help": "samples per generation batch in evaluations"})
     logging_steps: int = field(default=10, metadata={"help": "log losses (JSONL, trackers, progress bar) every N steps"})
     report_to: str = field(default="auto", metadata={"help": "trackers: auto (tensorboard when installed), tensorboard, none"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -291,62 +291,3 @@ def launch_state():
 def validate_for_launch(config: DistillConfig) -> DistillConfig:
     """:meth:`DistillConfig.validate` with the number of processes of this launch."""
     return config.validate(launch_state().num_processes)
-
-
-# ---------------------------------------------------------------------- loading
-def config_field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(DistillConfig)]
-
-
-def check_keys(mapping: dict, source: str) -> None:
-    """Unknown keys (typos) in a recipe are an error naming the key and the closest field."""
-    names = config_field_names()
-    for key in mapping:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"{source}: unknown option {key!r}{hint} (options: see --help).")
-
-
-def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML recipe into a dict of :class:`DistillConfig` fields (checked for unknown keys)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config: recipe {str(path)!r} does not exist.")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config: {str(path)!r} must hold a mapping of option names to values.")
-    check_keys(data, f"config {path}")
-    return data
-
-
-def parse_config(argv: list[str] | None = None) -> tuple[DistillConfig, dict[str, Any]]:
-    """Parse ``[--config RECIPE.yaml] [--field value ...]`` into a :class:`DistillConfig` (not validated).
-
-    Returns the config and the extra CLI switches (``json``, ``validate_only``, ``print_config``).
-    """
-    import argparse
-
-    from transformers import HfArgumentParser
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(DistillConfig, description="Distil a diffusion teacher into a one- or few-step student.")
-    parser.add_argument("--config", default=None, help="YAML recipe (e.g. distill/digits-dmd2.yaml); flags override it")
-    parser.add_argument("--json", action="store_true", help="print the run summary as one JSON line")
-    parser.add_argument("--validate_only", "--validate-only", action="store_true",
-                        help="validate the configuration and exit before loading any model")
-    parser.add_argument("--print_config", "--print-config", action="store_true", help="print the resolved config as JSON")
-    if known.config:
-        recipe = load_recipe(known.config)
-        if isinstance(recipe.get("method_options"), dict):
-            recipe["method_options"] = json.dumps(recipe["method_options"])
-        parser.set_defaults(**recipe)
-    outputs = parser.parse_args_into_dataclasses(args=rest)
-    config = outputs[0]
-    ns = outputs[1] if len(outputs) > 1 else argparse.Namespace(json=False, validate_only=False, print_config=False)
-    extras = {"json": ns.json, "validate_only": ns.validate_only, "print_config": ns.print_config, "config": known.config}
-    return config, extras

@@ -146,7 +146,7 @@ class Teacher:
 
 def load_pipeline(spec: str):
     """A FastGen pipeline from ``builtin:<name>`` or a diffusers folder (the loader ``fastgen sample`` uses)."""
-    from ..cli_sample import load_pipeline as _load
+    from ..builtin import load_pipeline as _load
 
     return _load(spec, device="cpu")
 
