@@ -14,6 +14,7 @@ _LAZY = {
     "FastGenClassPipeline": "fastgen.pipelines.class_conditional",
     "FastGenStableDiffusionPipeline": "fastgen.pipelines.stable_diffusion",
     "FastGenStableDiffusionXLPipeline": "fastgen.pipelines.stable_diffusion_xl",
+    "FastGenStudentPipeline": "fastgen.pipelines.student",
     "FastGenPipelineOutput": "fastgen.pipelines.common",
     "NoiseSchedule": "fastgen.schedule",
     "Denoiser": "fastgen.denoiser",

@@ -10,6 +10,7 @@ from .common import FastGenPipelineOutput
 _LAZY = {
     "FastGenStableDiffusionPipeline": ".stable_diffusion",
     "FastGenStableDiffusionXLPipeline": ".stable_diffusion_xl",
+    "FastGenStudentPipeline": ".student",
 }
 
 __all__ = ["FastGenClassPipeline", "FastGenPipelineOutput", *_LAZY]

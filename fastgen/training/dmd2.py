@@ -1,0 +1,361 @@
+"""DMD2: distribution matching distillation with a fake-score critic and a GAN head.
+
+Yin et al., *One-step Diffusion with Distribution Matching Distillation* (DMD, arXiv:2311.18828) and
+*Improved Distribution Matching Distillation for Fast Image Synthesis* (DMD2, arXiv:2405.14867).
+
+Generator step (student ``G``, teacher denoiser ``mu_real`` with CFG, fake denoiser ``mu_fake``)::
+
+    x0 = G(z);  t ~ U[dm_time];  x_t = alpha_t x0 + sigma_t eps
+    grad = (mu_fake(x_t) - mu_real(x_t)) / mean|x0 - mu_real(x_t)|        # DMD's per-sample normaliser
+    L_DM = 1/2 || x0 - sg(x0 - w * grad) ||^2                              # d L_DM / d x0 = w * grad
+    L_G  = L_DM + gan_weight_generator * softplus(-D(alpha_t' x0 + sigma_t' eps'))
+
+with an optional per-sample weight ``w`` (f-distill's ``h(r)``; DMD2 has none). Critic step: the fake
+score learns the student's distribution by denoising score matching on *detached* student samples
+(``t ~ U[dsm_time]``), and the discriminator head (on frozen-teacher features by default, or on the
+fake score's, via forward hooks) the non-saturating logistic loss between noised real data and noised
+student samples (``t ~ U[gan_time]``), plus optional approximate R1 (the logits of a noised real
+sample and of that sample + ``r1_sigma`` noise should agree; spec correction 0.5).
+
+Defaults follow the spec: DM times in ``[20, 980]``, DSM and GAN times in ``[0, 999]``; the critic
+updates ``critic_steps_per_generator_step`` times per generator update (the trainer's option).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, fields
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..denoiser import Denoiser, GuidedDenoiser
+from .discriminator import DiscriminatorHead, FeatureTap, default_feature_blocks
+from .method import Batch, DistillMethod
+from .students import DEFAULT_ONE_STEP_TIMESTEP, Student, null_class_label, split_conditions
+
+GAN_FEATURE_SOURCES = ("teacher", "fake_score")
+FAKE_SCORE_LOSSES = ("model", "x0")
+
+
+def dmd_gradient(x0: torch.Tensor, mu_real: torch.Tensor, mu_fake: torch.Tensor) -> torch.Tensor:
+    """DMD's normalised score difference ``(mu_fake - mu_real) / mean|x0 - mu_real|`` (per sample, fp32)."""
+    x0, mu_real, mu_fake = x0.detach().float(), mu_real.detach().float(), mu_fake.detach().float()
+    dims = tuple(range(1, x0.ndim))
+    norm = (x0 - mu_real).abs().mean(dim=dims, keepdim=True)
+    return torch.nan_to_num((mu_fake - mu_real) / norm)
+
+
+def dmd_loss(x0: torch.Tensor, mu_real: torch.Tensor, mu_fake: torch.Tensor, weight: torch.Tensor | None = None,
+             reduction: str = "mean") -> torch.Tensor:
+    """``1/2 ||x0 - sg(x0 - w * grad)||^2``: its gradient in ``x0`` is ``w * grad`` under ``"sum"``.
+
+    ``weight`` (``[B]``, detached) scales each sample's gradient (f-distill's ``h``); ``None`` is DMD2.
+    ``"mean"`` (DMD2's reduction) divides by the number of elements.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
+    grad = dmd_gradient(x0, mu_real, mu_fake)
+    if weight is not None:
+        grad = grad * weight.detach().float().reshape((-1,) + (1,) * (x0.ndim - 1))
+    target = (x0.detach().float() - grad).detach()
+    return 0.5 * F.mse_loss(x0.float(), target, reduction=reduction)
+
+
+def _check_time_range(name: str, value) -> tuple[int, int]:
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in value) or not 0 <= value[0] <= value[1]):
+        raise ValueError(f"{name} must be a pair of integer timesteps (low, high) with 0 <= low <= high, got {value!r}.")
+    return int(value[0]), int(value[1])
+
+
+@dataclass
+class DMD2Config:
+    """DMD2 options (spec sections 0, 1.2, 1.3).
+
+    Args:
+        student_timesteps: the student's step list (``[700]``: one step at ``t* = 700``).
+        dm_time, dsm_time, gan_time: inclusive timestep ranges of the DM loss, the fake score's DSM
+            loss and the GAN (both generator and discriminator terms).
+        gan_weight_generator: weight of the generator's GAN term (0: no GAN term for the student).
+        gan_weight_discriminator: weight of the discriminator loss in the critic step (0: no
+            discriminator, no real data needed, i.e. plain DMD with TTUR).
+        r1_weight, r1_sigma: approximate R1 on noised real inputs (0: off).
+        gan_features: ``"teacher"`` (frozen teacher features, default) or ``"fake_score"`` (DMD2).
+        feature_blocks: blocks read by the discriminator (default: the bottleneck).
+        fake_score_loss: DSM target: ``"model"`` (the network's own parameterisation) or ``"x0"``.
+        dm_loss_weight: weight of the DM term.
+        lora_student, lora_fake_score: adapters on the one frozen teacher network instead of copies.
+        lora_rank, lora_alpha, lora_target_modules: LoRA options.
+        null_label: the unconditional class (default: from the network config).
+    """
+
+    student_timesteps: Sequence[int] = (DEFAULT_ONE_STEP_TIMESTEP,)
+    dm_time: tuple[int, int] = (20, 980)
+    dsm_time: tuple[int, int] = (0, 999)
+    gan_time: tuple[int, int] = (0, 999)
+    gan_weight_generator: float = 1e-3
+    gan_weight_discriminator: float = 1e-2
+    r1_weight: float = 0.0
+    r1_sigma: float = 0.1
+    gan_features: str = "teacher"
+    feature_blocks: Sequence[str] | None = None
+    fake_score_loss: str = "model"
+    dm_loss_weight: float = 1.0
+    lora_student: bool = False
+    lora_fake_score: bool = False
+    lora_rank: int = 16
+    lora_alpha: float | None = None
+    lora_target_modules: Sequence[str] | None = None
+    null_label: int | None = None
+
+    def __post_init__(self):
+        for name in ("dm_time", "dsm_time", "gan_time"):
+            setattr(self, name, _check_time_range(name, tuple(getattr(self, name))))
+        for name in ("gan_weight_generator", "gan_weight_discriminator", "r1_weight", "r1_sigma", "dm_loss_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}.")
+        if self.gan_weight_generator > 0 and self.gan_weight_discriminator == 0:
+            raise ValueError("gan_weight_generator > 0 needs a trained discriminator: set gan_weight_discriminator > 0.")
+        if self.gan_features not in GAN_FEATURE_SOURCES:
+            raise ValueError(f"gan_features must be one of {GAN_FEATURE_SOURCES}, got {self.gan_features!r}.")
+        if self.fake_score_loss not in FAKE_SCORE_LOSSES:
+            raise ValueError(f"fake_score_loss must be one of {FAKE_SCORE_LOSSES}, got {self.fake_score_loss!r}.")
+
+    @property
+    def use_gan(self) -> bool:
+        return self.gan_weight_discriminator > 0
+
+
+def _trainable_copy(network: torch.nn.Module) -> torch.nn.Module:
+    """A float32 copy of the teacher network with gradients on, in train mode (student, fake score)."""
+    return copy.deepcopy(network).float().requires_grad_(True).train()
+
+
+@contextlib.contextmanager
+def _no_param_grad(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Record a forward without gradients into ``params`` (gradients still flow to the inputs)."""
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+class DMD2(DistillMethod):
+    """DMD2 (arXiv:2405.14867): one- or few-step student, fake-score critic, GAN head.
+
+    Args:
+        teacher: the teacher :class:`~fastgen.denoiser.Denoiser`, or a :class:`~fastgen.training.teacher.Teacher`
+            bundle (its ``guided`` denoiser is used as is). The network is frozen and put in eval mode;
+            student and fake score start as copies of it, or as LoRA adapters on it.
+        guider: the teacher's guidance (e.g. ``fastgen.guidance.CFG(2.0)``), applied to the teacher only
+            (with a ``Teacher`` bundle: overrides its guidance when given).
+        config: :class:`DMD2Config`; keyword options override its fields.
+    """
+
+    name = "dmd2"
+    config_class = DMD2Config
+
+    def __init__(self, teacher: Denoiser, guider=None, config: DMD2Config | None = None, **options):
+        super().__init__()
+        config = config or self.config_class()
+        if options:
+            known = {f.name for f in fields(config)}
+            unknown = sorted(set(options) - known)
+            if unknown:
+                raise TypeError(f"unknown {self.name} options {unknown}; accepted: {sorted(known)}.")
+            config = type(config)(**{**{f.name: getattr(config, f.name) for f in fields(config)}, **options})
+        self.config = config
+        self.needs_real_data = config.use_gan
+        if hasattr(teacher, "denoiser") and hasattr(teacher, "guided"):  # fastgen.training.teacher.Teacher
+            bundle_null = getattr(teacher, "null_label", None)
+            guided = teacher.guided if guider is None else GuidedDenoiser(teacher.denoiser, guider=guider)
+            teacher = teacher.denoiser
+        else:
+            bundle_null, guided = None, GuidedDenoiser(teacher, guider=guider)
+        network = teacher.model
+        network.requires_grad_(False).eval()
+        schedule, prediction_type = teacher.schedule, teacher.prediction_type
+        self.__dict__["teacher_denoiser"] = teacher
+        self.set_teacher(guided)
+        self.null_label = next((v for v in (config.null_label, bundle_null, null_class_label(network)) if v is not None),
+                               None)
+        self._lora = config.lora_student or config.lora_fake_score
+        lora_kwargs = dict(rank=config.lora_rank, alpha=config.lora_alpha, target_modules=config.lora_target_modules)
+        from . import lora
+
+        # Student: a copy of the teacher, or adapter "student" on the teacher's network.
+        if config.lora_student:
+            lora.add_lora(network, "student", **lora_kwargs)
+            self.student_module = Student(network, schedule, prediction_type, config.student_timesteps, adapter="student")
+        else:
+            self.student_module = Student(_trainable_copy(network), schedule, prediction_type,
+                                          config.student_timesteps)
+        # Fake score: a copy of the teacher, or adapter "fake_score" on the same network.
+        if config.lora_fake_score:
+            self._fake_params = lora.add_lora(network, "fake_score", **lora_kwargs)
+            fake_network, self._fake_adapter = network, "fake_score"
+            if not config.lora_student:
+                self.base = network  # register the shared base (and its adapters) once
+        else:
+            fake_network, self._fake_adapter = _trainable_copy(network), None
+            self.fake_network = fake_network
+            self._fake_params = list(fake_network.parameters())
+        if config.lora_student:
+            self._student_params = lora.adapter_parameters(network, "student")
+        else:
+            self._student_params = list(self.student_module.network.parameters())
+        fake_den = Denoiser(fake_network, schedule, prediction_type)
+        self.__dict__["fake_denoiser"] = fake_den
+        self.__dict__["fake_score"] = GuidedDenoiser(fake_den)
+        # Discriminator head on teacher (default) or fake-score features.
+        if config.use_gan:
+            source = network if config.gan_features == "teacher" else fake_network
+            blocks = list(config.feature_blocks or default_feature_blocks(source))
+            self.discriminator = DiscriminatorHead.for_network(source, blocks)
+            self.__dict__["tap"] = FeatureTap(source, blocks)
+
+    def train(self, mode: bool = True) -> "DMD2":
+        super().train(mode)
+        if self._lora:  # the shared base is the frozen teacher: always in eval mode
+            self.teacher_denoiser.model.eval()
+        return self
+
+    # ------------------------------------------------------------------ contract
+    def optimizer_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        groups = {"generator": list(self._student_params), "critic": list(self._fake_params)}
+        if self.config.use_gan:
+            groups["discriminator"] = list(self.discriminator.parameters())
+        return groups
+
+    def student(self) -> Student:
+        return self.student_module
+
+    def student_network(self) -> torch.nn.Module:
+        """The student's weights as a plain teacher-architecture network (LoRA merged), for export."""
+        if self.config.lora_student:
+            from .lora import merged_copy
+
+            return merged_copy(self.student_module.network, "student")
+        return self.student_module.network
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, labels: Any, generator=None) -> torch.Tensor:
+        cond, _ = split_conditions(labels, self.null_label)
+        return self.student_module.sample(noise, cond, generator)
+
+    # ------------------------------------------------------------------ building blocks
+    def _adapter(self, name: str | None):
+        if not self._lora:
+            return contextlib.nullcontext()
+        from .lora import use_adapter
+
+        return use_adapter(self.teacher_denoiser.model, name)
+
+    def _teacher_x0(self, x_t, t, cond, uncond) -> torch.Tensor:
+        with torch.no_grad(), self._adapter(None):
+            return self.teacher(x_t, t, cond=cond, uncond=uncond).x0
+
+    def _fake_prediction(self, x_t, t, cond):
+        with self._adapter(self._fake_adapter):
+            return self.fake_score(x_t, t, cond=cond)
+
+    def _logits(self, x_t, t, cond, *, backbone_grad: bool) -> torch.Tensor:
+        """Discriminator logits at ``(x_t, t)``; ``backbone_grad``: let the GAN loss train the fake score."""
+        if self.config.gan_features == "teacher":
+            den, adapter, params = self.teacher_denoiser, None, []
+        else:
+            den, adapter, params = self.fake_denoiser, self._fake_adapter, ([] if backbone_grad else self._fake_params)
+        with self._adapter(adapter), _no_param_grad(params):
+            features = self.tap.run(den, x_t, t, cond)  # the forward stops after the last tapped block
+        return self.discriminator(features)
+
+    @staticmethod
+    def _timesteps(time_range: tuple[int, int], n: int, generator: torch.Generator, device) -> torch.Tensor:
+        low, high = time_range
+        t = torch.randint(low, high + 1, (n,), generator=generator, device=generator.device)
+        return t.to(device)
+
+    def _noised(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        eps = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        a, s = self.teacher_denoiser.alpha_sigma(t, like=x0)
+        return a * x0 + s * eps
+
+    def _conditions(self, labels):
+        return split_conditions(labels, self.null_label)
+
+    def dm_weight(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> tuple[torch.Tensor | None, dict]:
+        """Per-sample weight of the DM gradient (``None``: unweighted DMD2) and values to log."""
+        return None, {}
+
+    # ------------------------------------------------------------------ losses
+    def generator_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        c, g = self.config, batch.generator
+        cond, uncond = self._conditions(batch.labels)
+        x0 = self.student_module(batch.noise, cond, g)
+        t = self._timesteps(c.dm_time, x0.shape[0], g, x0.device)
+        x_t = self._noised(x0.detach(), t, g)
+        with torch.no_grad():
+            mu_real = self._teacher_x0(x_t, t, cond, uncond)
+            mu_fake = self._fake_prediction(x_t, t, cond).x0
+        weight, logs = self.dm_weight(x_t, t, cond)
+        loss_dm = dmd_loss(x0, mu_real, mu_fake, weight)
+        out = {"dm": loss_dm.detach(), **logs}
+        loss = c.dm_loss_weight * loss_dm
+        if c.use_gan and c.gan_weight_generator > 0:
+            t_gan = self._timesteps(c.gan_time, x0.shape[0], g, x0.device)
+            logits = self._logits(self._noised(x0, t_gan, g), t_gan, cond, backbone_grad=False)
+            loss_gan = F.softplus(-logits).mean()
+            loss = loss + c.gan_weight_generator * loss_gan
+            out["gan"] = loss_gan.detach()
+        out["loss"] = loss
+        return out
+
+    def critic_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        c, g = self.config, batch.generator
+        cond, _ = self._conditions(batch.labels)
+        with torch.no_grad():
+            x0 = self.student_module(batch.noise, cond, g).detach()
+        # Fake score: denoising score matching on detached student samples.
+        t = self._timesteps(c.dsm_time, x0.shape[0], g, x0.device)
+        x_t = self._noised(x0, t, g)
+        pred = self._fake_prediction(x_t, t, cond)
+        if c.fake_score_loss == "x0":
+            loss_dsm = F.mse_loss(pred.x0.float(), x0.float())
+        else:
+            target = self.fake_denoiser.from_x0(x0, x_t, t)
+            loss_dsm = F.mse_loss(pred.model_output.float(), target.float())
+        out = {"dsm": loss_dsm.detach()}
+        loss = loss_dsm
+        if c.use_gan:
+            if batch.real is None:
+                raise ValueError(f"{self.name} with a GAN term needs real data: Batch.real is None.")
+            real = batch.real.to(x0.device, x0.dtype)
+            real_cond = self._conditions(batch.real_labels)[0] if batch.real_labels is not None else cond
+            grad = c.gan_features == "fake_score"
+            t_real = self._timesteps(c.gan_time, real.shape[0], g, x0.device)
+            x_real = self._noised(real, t_real, g)
+            t_fake = self._timesteps(c.gan_time, x0.shape[0], g, x0.device)
+            x_fake = self._noised(x0, t_fake, g)
+            logits_real = self._logits(x_real, t_real, real_cond, backbone_grad=grad)
+            logits_fake = self._logits(x_fake, t_fake, cond, backbone_grad=grad)
+            loss_d = F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
+            loss = loss + c.gan_weight_discriminator * loss_d
+            out.update(disc=loss_d.detach(), logit_real=logits_real.detach().mean(),
+                       logit_fake=logits_fake.detach().mean())
+            if c.r1_weight > 0:
+                x_pert = x_real + c.r1_sigma * randn_tensor(x_real.shape, generator=g, device=x_real.device,
+                                                            dtype=x_real.dtype)
+                logits_pert = self._logits(x_pert, t_real, real_cond, backbone_grad=grad)
+                loss_r1 = (logits_real - logits_pert).pow(2).mean()
+                loss = loss + c.r1_weight * loss_r1
+                out["r1"] = loss_r1.detach()
+        out["loss"] = loss
+        return out

@@ -1,0 +1,129 @@
+"""One- and few-step students: a copy of the teacher network run at a fixed list of timesteps.
+
+A *one-step* student (DMD, Yin et al. 2024, arXiv:2311.18828) is the teacher's network evaluated once at a
+fixed timestep ``t*`` on pure noise, its output read as a data prediction ``x0``. A *few-step* student
+(DMD2, Yin et al. 2024, arXiv:2405.14867, section 4.4) runs a fixed list ``t_0 > t_1 > ...``: each step
+predicts ``x0`` and re-noises it to the next timestep with fresh noise (the ``LCMScheduler`` chain), and
+training feeds it inputs by *backward simulation*: the student's own chain, without gradients, up to a
+randomly chosen step, so training and inference see the same inputs.
+
+For the digits teacher (linear betas, ``alpha(999) ~ 0.006``) ``t* = 999`` diverged in a feasibility run
+and ``t* ~ 700`` worked, hence :data:`DEFAULT_ONE_STEP_TIMESTEP`.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..denoiser import Denoiser
+
+DEFAULT_ONE_STEP_TIMESTEP = 700
+
+
+def check_student_timesteps(timesteps: Sequence[int], num_train_timesteps: int = 1000) -> list[int]:
+    """Validate a student's timestep list: non-empty, integers in ``[0, T)``, strictly decreasing."""
+    ts = list(timesteps) if not isinstance(timesteps, int) else [timesteps]
+    if not ts or any(isinstance(t, bool) or not isinstance(t, int) for t in ts):
+        raise ValueError(f"student timesteps must be a non-empty list of integers, got {timesteps!r}.")
+    if any(not 0 <= t < num_train_timesteps for t in ts):
+        raise ValueError(f"student timesteps must lie in [0, {num_train_timesteps}), got {ts}.")
+    if any(b >= a for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"student timesteps must be strictly decreasing, got {ts}.")
+    return ts
+
+
+def null_class_label(network: torch.nn.Module) -> int | None:
+    """The unconditional label of a class-conditional diffusers network (``None`` if not class-conditional)."""
+    cfg = getattr(network, "config", {})
+    if cfg.get("num_class_embeds") is not None:
+        return int(cfg["num_class_embeds"]) - 1
+    if cfg.get("num_embeds_ada_norm") is not None:
+        return int(cfg["num_embeds_ada_norm"])
+    return None
+
+
+def split_conditions(labels: Any, null_label: int | None = None) -> tuple[dict, dict | None]:
+    """``(cond, uncond)`` network kwargs from a batch's labels.
+
+    * LongTensor ``[B]`` of class ids: ``{"class_labels": labels}`` and the null class as ``uncond``;
+    * ``{"cond": {...}, "uncond": {...}}``: the two dicts (text models: encoder outputs);
+    * any other dict: used as ``cond``, no ``uncond`` (no CFG possible).
+    """
+    if isinstance(labels, torch.Tensor):
+        uncond = None if null_label is None else {"class_labels": torch.full_like(labels, null_label)}
+        return {"class_labels": labels}, uncond
+    if isinstance(labels, Mapping):
+        if "cond" in labels:
+            return dict(labels["cond"]), (dict(labels["uncond"]) if labels.get("uncond") is not None else None)
+        return dict(labels), None
+    raise TypeError(f"labels must be a LongTensor of class ids or a dict of network inputs, got {type(labels).__name__}.")
+
+
+class Student(torch.nn.Module):
+    """A one- or few-step generator: ``network`` (a teacher copy or a LoRA view of it) at ``timesteps``.
+
+    Args:
+        network: the diffusers network (registered as the submodule ``network``; its weights are the
+            student's weights).
+        schedule: the teacher's :class:`~fastgen.schedule.NoiseSchedule`.
+        prediction_type: the teacher's parameterisation; the output is converted to ``x0``.
+        timesteps: the student's step list, e.g. ``[700]`` (one step) or ``[999, 749, 499, 249]``.
+        adapter: with a LoRA student, the name of its adapter (activated around every forward).
+    """
+
+    def __init__(self, network: torch.nn.Module, schedule, prediction_type: str = "epsilon",
+                 timesteps: Sequence[int] = (DEFAULT_ONE_STEP_TIMESTEP,), adapter: str | None = None):
+        super().__init__()
+        self.network = network
+        self.timesteps = check_student_timesteps(list(timesteps), schedule.num_train_timesteps)
+        self.adapter = adapter
+        # Not a submodule: the denoiser only refers to ``network`` (registered once, above).
+        self.__dict__["denoiser"] = Denoiser(network, schedule, prediction_type)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def denoise(self, x: torch.Tensor, step: int, cond: Mapping[str, Any]) -> torch.Tensor:
+        """``x0`` from the student's input ``x`` at step index ``step`` (timestep ``timesteps[step]``)."""
+        t = torch.full((x.shape[0],), self.timesteps[step], device=x.device, dtype=torch.long)
+        if self.adapter is None:
+            return self.denoiser.predict(x, t, cond)[0]
+        from .lora import use_adapter
+
+        with use_adapter(self.network, self.adapter):
+            return self.denoiser.predict(x, t, cond)[0]
+
+    def renoise(self, x0: torch.Tensor, step: int, generator) -> torch.Tensor:
+        """The input of step ``step``: ``alpha x0 + sigma eps`` with fresh noise (LCMScheduler's chain)."""
+        noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        a, s = self.denoiser.alpha_sigma(self.timesteps[step], like=x0)
+        return a * x0 + s * noise
+
+    def forward(self, noise: torch.Tensor, cond: Mapping[str, Any], generator=None, step: int | None = None
+                ) -> torch.Tensor:
+        """Training forward: ``x0`` with gradient at step ``step`` (random from ``generator`` if ``None``).
+
+        Earlier steps run without gradient from ``noise`` (DMD2's backward simulation).
+        """
+        if step is None:
+            step = 0 if self.num_steps == 1 else int(torch.randint(self.num_steps, (1,), generator=generator,
+                                                                   device=getattr(generator, "device", "cpu")))
+        x = noise
+        if step > 0:
+            with torch.no_grad():
+                for i in range(step):
+                    x = self.renoise(self.denoise(x, i, cond), i + 1, generator)
+        return self.denoise(x, step, cond)
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, cond: Mapping[str, Any], generator=None) -> torch.Tensor:
+        """The full chain from ``noise``: ``x0`` after ``num_steps`` network evaluations."""
+        x = noise
+        for i in range(self.num_steps):
+            x0 = self.denoise(x, i, cond)
+            if i + 1 < self.num_steps:
+                x = self.renoise(x0, i + 1, generator)
+        return x0

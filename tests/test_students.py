@@ -1,0 +1,141 @@
+"""Students: one/few-step chains, backward simulation, the student pipeline and the stock diffusers route."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline, LCMScheduler, StableDiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+
+from fastgen.denoiser import Denoiser
+from fastgen.pipelines.student import FastGenStudentPipeline, student_scheduler
+from fastgen.training.students import Student, check_student_timesteps, split_conditions
+
+from tiny import tiny_class_unet, tiny_sd
+
+
+def _student(timesteps):
+    unet = tiny_class_unet()
+    den = Denoiser.from_scheduler(unet, DDPMScheduler())
+    return Student(unet, den.schedule, "epsilon", timesteps), den
+
+
+def test_one_step_student_is_the_teacher_x0_at_t_star():
+    student, den = _student([700])
+    z, cond = torch.randn(3, 1, 8, 8), {"class_labels": torch.tensor([0, 4, 9])}
+    eps = den(z, torch.full((3,), 700), cond)
+    a, s = den.alpha_sigma(700, like=z)
+    expected = (z - s * eps) / a
+    assert torch.allclose(student(z, cond), expected, atol=1e-5)
+    assert torch.allclose(student.sample(z, cond), expected, atol=1e-5)
+
+
+def test_few_step_backward_simulation_runs_the_students_own_chain():
+    student, den = _student([999, 600, 300])
+    z, cond = torch.randn(2, 1, 8, 8), {"class_labels": torch.tensor([1, 2])}
+    # step 2 by hand: x0 at 999, re-noise to 600, x0, re-noise to 300, x0 (with gradient)
+    g = torch.Generator().manual_seed(5)
+    x = z
+    for i, t in enumerate([999, 600, 300]):
+        eps = den(x, torch.full((2,), t), cond)
+        a, s = den.alpha_sigma(t, like=x)
+        x0 = (x - s * eps) / a
+        if i < 2:
+            a2, s2 = den.alpha_sigma([999, 600, 300][i + 1], like=x)
+            x = a2 * x0 + s2 * torch.randn(x.shape, generator=g)
+    out = student(z, cond, torch.Generator().manual_seed(5), step=2)
+    assert torch.allclose(out, x0, atol=1e-4)
+    assert out.requires_grad
+    # the full sample is the same chain; a random step comes from the generator only
+    assert torch.allclose(student.sample(z, cond, torch.Generator().manual_seed(5)), x0.detach(), atol=1e-4)
+    a = student(z, cond, torch.Generator().manual_seed(3))
+    b = student(z, cond, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    # gradients reach the network only through the last step
+    student.network.zero_grad()
+    student(z, cond, torch.Generator().manual_seed(5), step=0).sum().backward()
+    assert student.network.conv_in.weight.grad is not None
+
+
+def test_student_timestep_and_label_errors():
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        check_student_timesteps([300, 600])
+    with pytest.raises(ValueError, match=r"\[0, 1000\)"):
+        check_student_timesteps([1000])
+    with pytest.raises(ValueError, match="non-empty"):
+        check_student_timesteps([])
+    with pytest.raises(TypeError, match="labels"):
+        split_conditions("a cat")
+    cond, uncond = split_conditions(torch.tensor([1, 2]), 10)
+    assert torch.equal(uncond["class_labels"], torch.tensor([10, 10]))
+
+
+def _student_pipe(timesteps):
+    unet = tiny_class_unet()
+    teacher = type("T", (), {"unet": unet, "scheduler": DDPMScheduler(), "vae": None, "config": {"id2label": None}})()
+    return FastGenStudentPipeline.from_teacher(teacher, unet, timesteps)
+
+
+@pytest.mark.parametrize("timesteps", [[700], [999, 499]])
+def test_student_pipeline_save_reload_both_routes_and_nfe(timesteps, tmp_path):
+    pipe = _student_pipe(timesteps)
+    assert isinstance(pipe.scheduler, LCMScheduler) and pipe.nfe == len(timesteps)
+    out = pipe(class_labels=[0, 3, 7], seed=11, output_type="pt")
+    assert out.nfe == len(timesteps) and out.images.shape == (3, 1, 8, 8)
+    # own step list by default: equal to the student module's chain on the same noise and generators
+    net = pipe.unet
+    den = Denoiser.from_scheduler(net, pipe.scheduler)
+    gens = [torch.Generator().manual_seed(11 + i) for i in range(3)]
+    z = randn_tensor((3, 1, 8, 8), generator=gens)
+    x0 = Student(net, den.schedule, "epsilon", timesteps).sample(z, {"class_labels": torch.tensor([0, 3, 7])}, gens)
+    assert torch.allclose(out.images, (x0 / 2 + 0.5).clamp(0, 1), atol=1e-6)
+    pipe.save_pretrained(tmp_path / "student")
+    for loader in (lambda p: FastGenStudentPipeline.from_pretrained(p),
+                   lambda p: DiffusionPipeline.from_pretrained(p, trust_remote_code=True)):
+        again = loader(tmp_path / "student")
+        assert type(again) is FastGenStudentPipeline
+        assert again.student_timesteps == timesteps and again.nfe == len(timesteps)
+        assert torch.equal(again(class_labels=[0, 3, 7], seed=11, output_type="pt").images, out.images)
+
+
+def test_student_pipeline_call_errors():
+    pipe = _student_pipe([700])
+    with pytest.raises(ValueError, match="guidance_scale"):
+        pipe(class_labels=[1], guidance_scale=2.0)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        pipe(class_labels=[1], num_inference_steps=4)
+    with pytest.raises(TypeError, match="unsupported"):
+        pipe(class_labels=[1], solver="ddim")
+
+
+@pytest.mark.parametrize("timesteps", [[700], [999, 749, 499, 249]])
+def test_stock_lcm_scheduler_route_matches_the_student_pipeline(timesteps):
+    """The documented diffusers-only loop (UNet + LCMScheduler with the student's timesteps) gives the
+    student pipeline's images."""
+    pipe = _student_pipe(timesteps)
+    labels = torch.tensor([2, 5])
+    ours = pipe(class_labels=labels, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(timesteps=pipe.config.student_timesteps)
+    generator = torch.Generator().manual_seed(0)
+    x = randn_tensor((2, 1, 8, 8), generator=generator)
+    for t in scheduler.timesteps:
+        eps = pipe.unet(x, t, class_labels=labels).sample
+        x = scheduler.step(eps, t, x, generator=generator).prev_sample
+    assert torch.allclose((x / 2 + 0.5).clamp(0, 1), ours, atol=2e-5)
+
+
+def test_stock_stable_diffusion_pipeline_route_runs_an_sd_student(tmp_path):
+    """An SD student (the teacher's UNet architecture) runs in StableDiffusionPipeline with LCMScheduler,
+    ``timesteps=student_timesteps`` and no CFG: the same latents as the Student module's chain."""
+    pipe = tiny_sd(tmp_path)
+    pipe = StableDiffusionPipeline(**{**pipe.components, "scheduler": student_scheduler(pipe.scheduler)})
+    pipe.set_progress_bar_config(disable=True)
+    den = Denoiser.from_scheduler(pipe.unet, pipe.scheduler)
+    timesteps = [999, 499]
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    stock = pipe("a red cat", timesteps=timesteps, guidance_scale=1.0, latents=z, output_type="latent",
+                 generator=torch.Generator().manual_seed(1)).images
+    embeds, _ = pipe.encode_prompt("a red cat", "cpu", 1, False)
+    ours = Student(pipe.unet, den.schedule, den.prediction_type, timesteps).sample(
+        z, {"encoder_hidden_states": embeds}, torch.Generator().manual_seed(1))
+    assert torch.allclose(stock, ours, atol=1e-5)
