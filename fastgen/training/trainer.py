@@ -56,11 +56,9 @@ def evaluate_samples(images01: torch.Tensor, labels: torch.Tensor | None, *, acc
                      reference: str = "builtin:digits", extractor: str = "digits") -> dict[str, float]:
     """Metrics of generated images in [0, 1] through the evaluator (``fastgen.metrics.evaluate_images``: FID,
     KID, precision/recall, class accuracy, roughness, ...); every process calls it (features are sharded over
-    ``accelerator``'s processes and reduced). Empty when the evaluator is not installed."""
-    try:
-        from ..metrics import evaluate_images
-    except ImportError:
-        return {}
+    ``accelerator``'s processes and reduced)."""
+    from ..metrics import evaluate_images
+
     n = int(images01.shape[0])
     res = evaluate_images(images01, labels=labels, extractor=extractor, reference=reference, progress=False,
                           accelerator=accelerator, kid_subset_size=min(1000, n))
