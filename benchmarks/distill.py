@@ -1,0 +1,109 @@
+"""One-step students of the built-in digits teacher against the teacher itself: FID vs generator steps.
+
+Collects the in-training evaluations of ``fastgen distill`` runs (their ``train_log.jsonl``: FID, class
+accuracy, roughness, precision/recall of the EMA student on the run's fixed seeds, sample i: seed i, digit
+i % 10) and scores the teacher on the same seeds and sample count with the same evaluator: 20 CFG steps
+(40 NFE), the shortest shipped S³ schedule (4 steps, 8 NFE) and DPM-Solver++ at 2 and 1 steps (4 and 2 NFE). Writes
+benchmarks/results/distill.json and .png (FID and roughness against generator steps and wall minutes).
+
+    fastgen distill --config distill/digits-fdistill-js.yaml --output-dir runs/js
+    fastgen distill --config distill/digits-fdistill-js.yaml --divergence rkl --output-dir runs/rkl
+    python benchmarks/distill.py --runs js=runs/js rkl=runs/rkl --n 500
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fastgen.benchmarking import builtin_pipeline, parse_options, pyplot, write_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SCHEDULES = Path(__file__).resolve().parent.parent / "fastgen" / "assets" / "digits-schedules"
+KEYS = ("fid", "accuracy", "roughness", "precision", "recall")
+
+
+@dataclass
+class DistillBenchmark:
+    """One-step students of the digits teacher vs the teacher: FID against generator steps."""
+
+    runs: list[str] = field(default_factory=list, metadata={"help": "label=run_folder pairs of fastgen distill runs"})
+    n: int = field(default=500, metadata={"help": "samples of the teacher cells (use the runs' num_validation_samples)"})
+    teacher_scale: float = field(default=2.0, metadata={"help": "teacher CFG scale (the recipes' guidance_scale)"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads"})
+    out: str = field(default=str(RESULTS / "distill.json"), metadata={"help": "results JSON (PNG beside it)"})
+
+
+def read_run(folder: str | os.PathLike) -> list[dict]:
+    """The evaluation records of a run, each with the wall minutes spent training up to it."""
+    minutes, rows, last_step = 0.0, [], 0
+    for line in Path(folder, "train_log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "seconds_per_step" in record:  # one record per logging window: seconds per step averaged over it
+            minutes += record["seconds_per_step"] * (record["step"] - last_step) / 60
+            last_step = record["step"]
+        if "eval/fid" in record:
+            rows.append({"step": record["step"], "wall_minutes": round(minutes, 2),
+                         **{k: record.get(f"eval/{k}") for k in KEYS}})
+    return rows
+
+
+def teacher_cells(n: int, scale: float, threads: int) -> list[dict]:
+    from fastgen.metrics import evaluate_pipeline
+
+    pipe = builtin_pipeline("digits", threads=threads)
+    cells = [("20 steps CFG", dict(num_inference_steps=20)),  # 40 NFE
+             ("S³ 4 steps", dict(num_inference_steps=4, solver=str(SCHEDULES / "nfe4.json"))),  # 8 NFE (shortest shipped)
+             ("DPM-Solver++ 2 steps", dict(num_inference_steps=2, solver="dpmsolver++")),  # 4 NFE
+             ("DPM-Solver++ 1 step", dict(num_inference_steps=1, solver="dpmsolver++"))]  # 2 NFE
+    out = []
+    for name, kwargs in cells:
+        res = evaluate_pipeline(pipe, n, seed=0, progress=False, guidance_scale=scale, **kwargs).to_dict()
+        out.append({"teacher": name, "guidance_scale": scale, "nfe": res["nfe"], **{k: res.get(k) for k in KEYS}})
+        print(out[-1], flush=True)
+    return out
+
+
+def main(argv=None) -> None:
+    opts = parse_options(DistillBenchmark, argv)
+    runs = {}
+    for spec in opts.runs:
+        label, sep, folder = spec.partition("=")
+        if not sep or not Path(folder, "train_log.jsonl").is_file():
+            raise ValueError(f"runs entries must be label=run_folder with a train_log.jsonl, got {spec!r}.")
+        runs[label] = {"folder": folder, "evaluations": read_run(folder)}
+    record = {"config": asdict(opts), "hardware": f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread "
+              "per job, shared with other jobs (wall minutes are noisy)",
+              "teacher": teacher_cells(opts.n, opts.teacher_scale, opts.threads), "students": runs}
+    out = write_json(opts.out, record)
+    plot(record, out.with_suffix(".png"))
+
+
+def plot(record: dict, path: Path) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for label, run in record["students"].items():
+        rows = run["evaluations"]
+        axes[0].plot([r["step"] for r in rows], [r["fid"] for r in rows], marker="o", label=f"student {label}")
+        axes[1].plot([r["wall_minutes"] for r in rows], [r["fid"] for r in rows], marker="o", label=f"student {label}")
+        axes[2].plot([r["step"] for r in rows], [r["roughness"] for r in rows], marker="o", label=f"student {label}")
+    for cell in record["teacher"]:
+        for ax, key in ((axes[0], "fid"), (axes[1], "fid"), (axes[2], "roughness")):
+            ax.axhline(cell[key], ls="--", lw=1, color="grey" if "20 steps" in cell["teacher"] else "tab:red")
+            ax.text(ax.get_xlim()[1], cell[key], f" teacher {cell['teacher']} ({cell['nfe']:g} NFE)", fontsize=6,
+                    va="bottom", ha="right")
+    axes[0].set(xlabel="generator steps", ylabel="digits FID", yscale="log", title="FID vs generator steps")
+    axes[1].set(xlabel="wall minutes (1 thread, shared CPU)", ylabel="digits FID", yscale="log", title="FID vs time")
+    axes[2].set(xlabel="generator steps", ylabel="roughness (mean |neighbour diff|)", title="grain")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.suptitle(f"One-step students of the digits teacher (n = {record['config']['n']} fixed seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
