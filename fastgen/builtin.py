@@ -45,6 +45,15 @@ def load_builtin(name: str, **kwargs):
     return loader(path, **kwargs)
 
 
+def model_label(path) -> str:
+    """How records name a model folder: ``"builtin:<name>"`` for a built-in asset (no machine path), else the path."""
+    path = str(path or "")
+    for name, (folder, _) in _BUILTINS.items():
+        if path and Path(path).resolve() == (ASSETS_DIR / folder).resolve():
+            return f"builtin:{name}"
+    return path
+
+
 def asset_path(relative: str) -> Path:
     """A file shipped under ``fastgen/assets`` (e.g. ``"digits-reference/train_stats.npz"``); FileNotFoundError if absent."""
     path = ASSETS_DIR / relative

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..builtin import model_label
 from .adaptive import LINEAR_AG_FORMAT, LINEAR_AG_REGRESSORS, default_coefficients_path, fit_linear_ag_coefficients
 from .cfg import CFG
 
@@ -94,7 +95,7 @@ def fit_linear_ag(
         "num_samples": num_samples,
         "holdout": holdout,
         "seed": seed,
-        "model": str(getattr(pipe, "name_or_path", "") or ""),
+        "model": model_label(getattr(pipe, "name_or_path", "")),
     }
 
 
