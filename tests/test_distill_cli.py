@@ -49,7 +49,7 @@ def test_command_line_overrides_the_recipe_and_divergences_by_override(capsys):
     # flags win over the recipe, even a flag equal to the built-in default (recipe: 3 critic steps, default 5)
     assert (config.method, config.divergence, config.max_train_steps, config.critic_steps_per_generator_step) == (
         "fdistill", "kl", 7, 5)
-    assert config.learning_rate == 1e-4 and config.method_config().ratio_upper == 20.0  # from the recipe
+    assert config.learning_rate == 3e-5 and config.method_config().ratio_upper == 20.0  # from the recipe
     assert record["valid"] and record["processes"] == 1
     for divergence in ("rkl", "kl", "js", "sh", "jf", "sf", "neyman"):
         recipe_config(recipe, divergence=divergence).validate()
