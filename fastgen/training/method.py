@@ -43,6 +43,8 @@ seed and the step counter), so a resumed run draws exactly what an uninterrupted
 """
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +77,7 @@ class Batch:
         return int(self.noise.shape[0])
 
 
-class DistillMethod(torch.nn.Module):
+class DistillMethod(torch.nn.Module, abc.ABC):
     """Base class of distillation methods (see the module docstring for the contract).
 
     Subclasses set :attr:`name`, register their trainable networks as submodules in ``__init__``,
@@ -102,14 +104,17 @@ class DistillMethod(torch.nn.Module):
             raise RuntimeError(f"{type(self).__name__}: no teacher set; call set_teacher(teacher) first.")
         return teacher
 
+    @abc.abstractmethod
     def optimizer_groups(self) -> dict[str, list[torch.nn.Parameter]]:
         """``{group name: trainable parameters}``; ``"generator"`` must be present."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def generator_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Loss of the generator (student) update; must contain a scalar ``"loss"``."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def critic_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Loss of the critic update (fake-score DSM, + GAN discriminator, + R1); ``"loss"`` required."""
         raise NotImplementedError
@@ -132,6 +137,7 @@ class DistillMethod(torch.nn.Module):
         if state:
             raise ValueError(f"{type(self).__name__} keeps no trainer state, got keys {sorted(state)}.")
 
+    @abc.abstractmethod
     def student(self) -> torch.nn.Module:
         """The network saved as the student (and tracked by the EMA)."""
         raise NotImplementedError

@@ -65,7 +65,7 @@ class Teacher:
     def cond(self, labels: torch.Tensor) -> dict[str, Any]:
         """The network's condition kwargs for class ids ``labels``."""
         if self.num_classes is None:
-            raise NotImplementedError("text-conditional teachers pass encoder outputs as labels.")
+            raise TypeError("cond() takes class ids; text-conditional teachers pass encoder outputs as labels.")
         key = "class_labels"
         return {key: labels}
 
@@ -76,7 +76,7 @@ class Teacher:
     def sample_labels(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
         """``n`` class ids drawn uniformly with ``generator``."""
         if self.num_classes is None:
-            raise NotImplementedError("text-conditional teachers draw prompts from a prompt dataset.")
+            raise TypeError("sample_labels() draws class ids; text-conditional teachers draw prompts from a prompt dataset.")
         return torch.randint(0, self.num_classes, (n,), generator=generator, device=device)
 
     def copy_network(self) -> torch.nn.Module:
