@@ -34,6 +34,8 @@ class DistillBenchmark:
     teacher_scale: float = field(default=2.0, metadata={"help": "teacher CFG scale (the recipes' guidance_scale)"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads"})
     out: str = field(default=str(RESULTS / "distill.json"), metadata={"help": "results JSON (PNG beside it)"})
+    fresh: bool = field(default=False, metadata={"help": "re-score the teacher even if --out has its cells for the "
+                                                         "same n and scale"})
 
 
 def read_run(folder: str | os.PathLike) -> list[dict]:
@@ -66,6 +68,16 @@ def teacher_cells(n: int, scale: float, threads: int) -> list[dict]:
     return out
 
 
+def _teacher(opts: DistillBenchmark) -> list[dict]:
+    """The teacher cells: reused from ``--out`` when it was scored with the same sample count and scale."""
+    old = Path(opts.out)
+    if old.is_file() and not opts.fresh:
+        record = json.loads(old.read_text())
+        if (record["config"]["n"], record["config"]["teacher_scale"]) == (opts.n, opts.teacher_scale):
+            return record["teacher"]
+    return teacher_cells(opts.n, opts.teacher_scale, opts.threads)
+
+
 def main(argv=None) -> None:
     opts = parse_options(DistillBenchmark, argv)
     runs = {}
@@ -73,10 +85,10 @@ def main(argv=None) -> None:
         label, sep, folder = spec.partition("=")
         if not sep or not Path(folder, "train_log.jsonl").is_file():
             raise ValueError(f"runs entries must be label=run_folder with a train_log.jsonl, got {spec!r}.")
-        runs[label] = {"folder": folder, "evaluations": read_run(folder)}
+        runs[label] = {"run": Path(folder).name, "evaluations": read_run(folder)}  # no machine path in results
     record = {"config": asdict(opts), "hardware": f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread "
               "per job, shared with other jobs (wall minutes are noisy)",
-              "teacher": teacher_cells(opts.n, opts.teacher_scale, opts.threads), "students": runs}
+              "teacher": _teacher(opts), "students": runs}
     out = write_json(opts.out, record)
     plot(record, out.with_suffix(".png"))
 

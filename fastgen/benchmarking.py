@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
@@ -40,9 +39,9 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Write ``data`` as indented JSON through a temporary file and ``os.replace`` (never a half-written file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a plain open keeps the umask's file mode
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "w") as f:
             json.dump(data, f, indent=1)
             f.write("\n")
         os.replace(tmp, path)
