@@ -347,3 +347,23 @@ def test_nan_network_output_is_an_error_naming_the_step(digits_pipe, monkeypatch
     monkeypatch.setattr(digits_pipe.unet, "forward", nan_after_two)
     with pytest.raises(NonFiniteError, match=r"NaN/inf at step 2 \(timestep"):
         digits_pipe(class_labels=[1], num_inference_steps=4, output_type="latent")
+
+
+def test_guided_denoiser_under_bf16_autocast_matches_fp32():
+    """The trainers run the teacher and the fake score in bf16 autocast: same call, close to fp32, grads flow."""
+    from fastgen.denoiser import GuidedDenoiser
+    from fastgen.guidance import CFG
+
+    den = Denoiser.from_scheduler(tiny_class_unet(), DDPMScheduler(num_train_timesteps=1000))
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([100, 600])
+    cond, uncond = {"class_labels": torch.tensor([1, 2])}, {"class_labels": torch.tensor([10, 10])}
+    gd = GuidedDenoiser(den, CFG(guidance_scale=2.0), cond, uncond)
+    ref = gd(x, t).model_output
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gd(x, t)
+        loss = out.x0.float().square().mean()
+    loss.backward()
+    assert out.nfe_per_row.tolist() == [2, 2]
+    assert torch.allclose(out.model_output.float(), ref, atol=0.1, rtol=0.05)
+    assert any(p.grad is not None for p in den.parameters())
