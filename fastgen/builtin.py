@@ -146,6 +146,7 @@ def load_pipeline(model: str = "builtin:digits", attention: str = "auto", device
     device = check_device(device)
     model = str(model)
     if model.startswith("builtin:"):
+        builtin_path(model.split(":", 1)[1])  # an unknown name fails before anything loads
         return load_builtin(model.split(":", 1)[1], attention=attention).to(device)
     path = Path(model)
     name = check_model_folder(path)["_class_name"]
