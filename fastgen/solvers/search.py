@@ -324,7 +324,6 @@ def search(space: SearchSpace, evaluate: Callable[[SolverSchedule], float], *, b
             raise ValueError(f"initial schedules must have nfe={space.nfe}, got one with nfe={c.nfe}.")
         if "u" not in c.meta:
             c.meta["u"] = [round(space.to_u(t), 6) for t in c.timesteps]
-    rng = random.Random(seed * 1000003 + len(records))
     bar = progress(total=budget, initial=min(len(records), budget)) if progress else None
 
     def run(cands: list[SolverSchedule], rnd: int) -> None:
@@ -357,10 +356,17 @@ def search(space: SearchSpace, evaluate: Callable[[SolverSchedule], float], *, b
                 bar.set_postfix(best=f"{min(r['metric'] for r in records):.4g}")
 
     run(seed_candidates(space) + initial, 0)  # already-evaluated seeds are skipped, new ones run on resume
-    rnd = max((r["round"] for r in records), default=0)
+    # Resume = the uninterrupted run: each round's proposals depend only on the seed, the round number and
+    # the records of earlier rounds, so the last recorded round (perhaps cut short by a kill) is proposed
+    # again identically and its missing candidates are evaluated.
+    rnd = max((r["round"] for r in records), default=0) - 1
+    rnd = max(rnd, 0)
     while len(records) < budget:
         rnd += 1
-        ranked = sorted(records, key=lambda r: r["metric"])
+        rng = random.Random(seed * 1000003 + rnd)
+        earlier = [r for r in records if r["round"] < rnd]
+        seen_before = {key(SolverSchedule.from_dict(r["schedule"])) for r in earlier}
+        ranked = sorted(earlier, key=lambda r: r["metric"])
         parents = [SolverSchedule.from_dict(r["schedule"]) for r in ranked[:15]]
         weights = [1.0 / (i + 1) for i in range(len(parents))]
         pool = []
@@ -370,11 +376,11 @@ def search(space: SearchSpace, evaluate: Callable[[SolverSchedule], float], *, b
                 pool.append(crossover(space, a, rng.choices(parents, weights=weights)[0], rng))
             else:
                 pool.append(mutate(space, a, rng))
-        pool = [c for c in pool if key(c) not in seen]
-        if len(records) >= 12 and pool:
+        pool = [c for c in pool if key(c) not in seen_before]
+        if len(earlier) >= 12 and pool:
             pred = Predictor(len(encode(pool[0], max_steps)), seed=rnd)
-            pred.fit([encode(SolverSchedule.from_dict(r["schedule"]), max_steps) for r in records],
-                     [r["metric"] for r in records])
+            pred.fit([encode(SolverSchedule.from_dict(r["schedule"]), max_steps) for r in earlier],
+                     [r["metric"] for r in earlier])
             scores = pred.predict([encode(c, max_steps) for c in pool])
             pool = [c for _, c in sorted(zip(scores, pool), key=lambda z: z[0])]
             # exploit the predictor's best, keep one random proposal for exploration
