@@ -40,6 +40,8 @@ def builtin_path(name: str) -> Path:
 def load_builtin(name: str, **kwargs):
     """Load the built-in asset ``name``: ``"digits"`` -> ``FastGenClassPipeline``, ``"arith-dlm"`` -> text pipeline."""
     path = builtin_path(name)
+    if (path / "model_index.json").is_file():
+        check_model_folder(path)
     module_name, fn_name = _BUILTINS[name][1].split(":")
     loader = getattr(importlib.import_module(module_name), fn_name)
     return loader(path, **kwargs)
@@ -62,6 +64,71 @@ def asset_path(relative: str) -> Path:
     return path
 
 
+_WEIGHT_NAMES = ("diffusion_pytorch_model", "model")  # diffusers models, transformers models (text encoders)
+
+
+def check_model_folder(path) -> dict:
+    """Check a diffusers folder's files before loading it; returns its ``model_index.json``.
+
+    Cheap (JSON and safetensors headers only): a missing or invalid ``model_index.json``, a component
+    folder without its ``config.json`` or weights, an invalid component config, or a weights file that is
+    not a complete safetensors file (truncated, corrupt) is one error naming the file -- FileNotFoundError
+    for what is missing, ValueError for what is wrong.
+    """
+    import json
+
+    path = Path(path)
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"model must be 'builtin:digits' or a diffusers folder with model_index.json; "
+                                f"{str(path)!r} has none.")
+
+    def read_json(file: Path) -> dict:
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"model: {file} is not valid JSON ({' '.join(str(err).split())}).") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"model: {file} must hold a JSON object, got {type(data).__name__}.")
+        return data
+
+    index = read_json(index_file)
+    if "_class_name" not in index:
+        raise ValueError(f"model: {index_file} is not a valid diffusers model index (no '_class_name').")
+    for name, spec in index.items():
+        if name.startswith("_") or not (isinstance(spec, list) and len(spec) == 2 and spec[0] is not None):
+            continue
+        folder = path / name
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model: component folder {folder} named in {index_file} is missing.")
+        config = folder / "config.json"
+        if not config.is_file():
+            if any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")):
+                raise FileNotFoundError(f"model: {config} is missing.")
+            continue  # schedulers, tokenizers, feature extractors: diffusers checks their own files
+        read_json(config)
+        weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+        if not weights:
+            raise FileNotFoundError(f"model: no weights in {folder} (expected {_WEIGHT_NAMES[0]}.safetensors); "
+                                    "the file was removed or never saved.")
+        for file in weights:
+            if file.suffix == ".safetensors":
+                _check_safetensors(file)
+    return index
+
+
+def _check_safetensors(file: Path) -> None:
+    """ValueError naming ``file`` unless it is a complete safetensors file (header parses, data all there)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            f.keys()
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError / OSError
+        raise ValueError(f"model: {file} is not a complete safetensors file (truncated or corrupt: "
+                         f"{' '.join(str(err).split())}).") from None
+
+
 def load_pipeline(model: str = "builtin:digits", attention: str = "auto", device: str = "cpu"):
     """A FastGen pipeline from ``"builtin:<name>"`` or a diffusers folder, its class chosen by model family.
 
@@ -79,18 +146,10 @@ def load_pipeline(model: str = "builtin:digits", attention: str = "auto", device
     device = check_device(device)
     model = str(model)
     if model.startswith("builtin:"):
+        builtin_path(model.split(":", 1)[1])  # an unknown name fails before anything loads
         return load_builtin(model.split(":", 1)[1], attention=attention).to(device)
     path = Path(model)
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"model must be 'builtin:digits' or a diffusers folder with model_index.json; "
-                                f"{model!r} has none.")
-    import json
-
-    try:
-        name = json.loads((path / "model_index.json").read_text())["_class_name"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"model: {path / 'model_index.json'} is not a valid diffusers model index "
-                         f"(JSON with '_class_name'): {err}") from None
+    name = check_model_folder(path)["_class_name"]
     name = name[1] if isinstance(name, list) else str(name)
     from . import FastGenClassPipeline, FastGenStableDiffusionPipeline, FastGenStableDiffusionXLPipeline
 
@@ -103,4 +162,8 @@ def load_pipeline(model: str = "builtin:digits", attention: str = "auto", device
     else:
         raise ValueError(f"model pipeline class {name!r} is not supported; fastgen handles class-conditional "
                          f"(DiT, FastGenClassPipeline), Stable Diffusion and SDXL folders.")
-    return cls.from_pretrained(path, attention=attention).to(device)
+    try:
+        pipe = cls.from_pretrained(path, attention=attention)
+    except OSError as err:  # what the checks above cannot see (e.g. a missing tokenizer file): still one line
+        raise OSError(f"model: cannot load {path}: {' '.join(str(err).split())}") from None
+    return pipe.to(device)

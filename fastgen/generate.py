@@ -46,6 +46,7 @@ class SampleConfig:
     attention: str = field(default="auto", metadata={"help": "attention backend: auto, sdpa or xformers"})
     device: str = field(default="cpu", metadata={"help": "torch device (cpu, cuda, cuda:1, mps)"})
     output: str = field(default="samples.png", metadata={"help": "where to write the grid (PNG)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output file"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar on stderr"})
 
 
@@ -92,7 +93,11 @@ def _check(config: SampleConfig) -> Path:
         resolve_guidance(config.guidance, 2.0 if config.guidance_scale is None else config.guidance_scale)
     if config.teleport_fraction is not None and config.teleport is None:
         raise ValueError("teleport_fraction needs teleport (statistics from `fastgen teleport-stats`).")
-    return check_output_path(config.output, (".png",))
+    output = check_output_path(config.output, (".png",))
+    if output.exists() and not config.overwrite:
+        raise FileExistsError(f"output {str(output)!r} already exists; set overwrite (--overwrite) to replace it, "
+                              "or choose another output path.")
+    return output
 
 
 def sample_grid(config: SampleConfig | None = None, **overrides) -> dict:

@@ -76,6 +76,17 @@ def _check(config: SearchScheduleConfig) -> str:
     return metric
 
 
+# Options that change the search records; a resumed search must use the same ones (budget may grow).
+RESUME_OPTIONS = ("model", "metric", "samples", "reference_steps", "data_mean", "initial", "scale", "teleport", "seed")
+
+
+def _resume_options(config: SearchScheduleConfig, metric: str) -> dict:
+    options = {name: getattr(config, name) for name in RESUME_OPTIONS}
+    options["metric"] = metric
+    options["initial"] = [str(p) for p in config.initial]
+    return options
+
+
 def _data_mean(config: SearchScheduleConfig):
     """The data mean for the ``average_x0`` first step (rounded: it is stored inline in every candidate)."""
     path = config.data_mean
@@ -96,6 +107,12 @@ def search_schedule(config: SearchScheduleConfig | None = None, **overrides) -> 
     """Run the S³ search of ``config`` and write the best schedule to ``config.out``; returns a record."""
     config = SearchScheduleConfig(**overrides) if config is None else config
     metric = _check(config)
+    from .solvers.search import read_state
+
+    options = _resume_options(config, metric)
+    state_path = str(config.out) + ".state.json"
+    # a state from other options (or not a state) is refused here, before anything loads or is written
+    read_state(state_path, {"nfe": config.nfe, "teleport_steps": int(config.teleport is not None), **options})
     from .teleport import GaussianStats
     from .solvers.usf import SolverSchedule
 
@@ -124,8 +141,8 @@ def search_schedule(config: SearchScheduleConfig | None = None, **overrides) -> 
 
         progress = lambda **kw: tqdm(desc=f"S3 nfe={config.nfe}", unit="eval", file=sys.stderr, **kw)  # noqa: E731
     t0, c0 = time.time(), time.process_time()
-    records = search(space, ev, budget=config.budget, state_path=str(out) + ".state.json",
-                     log_path=str(out) + ".log.jsonl", seed=config.seed, progress=progress, initial=initial)
+    records = search(space, ev, budget=config.budget, state_path=state_path, log_path=str(out) + ".log.jsonl",
+                     seed=config.seed, progress=progress, initial=initial, options=options)
     best = ev.rescore(records[: config.rescore], config.rescore_samples)
     best.meta.update({"search": {
         "evaluations": len(records), "budget": config.budget, "samples": config.samples, "metric": ev.name,

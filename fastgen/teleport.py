@@ -151,6 +151,10 @@ class GaussianStats:
                 from safetensors.torch import load_file
                 data = load_file(str(path))
             else:
+                import zipfile
+
+                if not zipfile.is_zipfile(path):
+                    raise ValueError("not an .npz archive (not a zip file; truncated or another format)")
                 with np.load(path, allow_pickle=False) as f:
                     data = {k: torch.from_numpy(f[k]) for k in f.files}
         except Exception as err:  # corrupt file: one clear message

@@ -176,17 +176,22 @@ def _accumulate(fetch: Callable[[int, int], tuple], num_items: int, extractor, s
     labels or None)`` -> features (+ pixel statistics, classifier accuracy, grid images); reduced over processes."""
     stats = FeatureStats(extractor.num_features, keep_features=keep_features)
     bar = _bar(num_items, desc, state, progress)
-    for start, stop in _shard(num_items, batch_size, state):
-        images, labels = fetch(start, stop)
-        stats.update(extractor(images), index=range(start, stop))
-        if pixels is not None:
-            predicted = classifier(images) if classifier is not None and labels is not None else None
-            pixels.update(images, predicted, labels)
-        if grid is not None:
-            grid.extend((start + i, images[i].cpu(), None if labels is None else int(labels[i]))
-                        for i in range(max(0, min(stop, grid_count) - start)))
-        bar.update((stop - start) * state.num_processes)
-    bar.close()
+    try:
+        for start, stop in _shard(num_items, batch_size, state):
+            images, labels = fetch(start, stop)
+            stats.update(extractor(images), index=range(start, stop))
+            if pixels is not None:
+                predicted = classifier(images) if classifier is not None and labels is not None else None
+                pixels.update(images, predicted, labels)
+            if grid is not None:
+                grid.extend((start + i, images[i].cpu(), None if labels is None else int(labels[i]))
+                            for i in range(max(0, min(stop, grid_count) - start)))
+            bar.update((stop - start) * state.num_processes)
+    except BaseException:
+        bar.leave = False  # an error (or Ctrl-C) gets its own line, not one glued to a half-drawn bar
+        raise
+    finally:
+        bar.close()
     return stats.reduce(state)
 
 

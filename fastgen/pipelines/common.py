@@ -130,6 +130,9 @@ class FastGenPipelineMixin:
             0.0 <= teleport_fraction < 1.0
         ):
             raise ValueError(f"teleport_fraction must be a number in [0, 1), got {teleport_fraction!r}.")
+        if teleport is None and teleport_fraction > 0:
+            raise ValueError(f"teleport_fraction ({teleport_fraction!r}) needs teleport (Gaussian statistics); "
+                             "without it no step is replaced.")
         from ..teleport import resolve_teleport
 
         teleport = resolve_teleport(teleport)

@@ -275,22 +275,47 @@ def key(schedule: SolverSchedule) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- search
+def read_state(state_path: str | os.PathLike, options: dict) -> list[dict[str, Any]]:
+    """The records of the search state file ``state_path`` ([] when absent), after checking that it was
+    started with ``options`` (the space's ``nfe``/``teleport_steps`` and the caller's options, compared
+    as JSON). A state from other options, or a file that is not a search state, is a ValueError naming
+    the file; the file is not touched. Cheap: callers check before loading a model."""
+    state_path = Path(state_path)
+    if not state_path.exists():
+        return []
+    try:
+        state = json.loads(state_path.read_text())
+        records = state["records"]
+        stored = {**state.get("space", {}), **state.get("options", {})}
+        if not isinstance(records, list):
+            raise TypeError(f"records is a {type(records).__name__}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"search state file {str(state_path)!r} is not a readable search state "
+                         f"({type(err).__name__}: {' '.join(str(err).split())}); delete it to start afresh.") from None
+    wanted = json.loads(json.dumps(options))
+    if "options" not in state:  # written before the options were stored: only the space can be checked
+        wanted = {k: v for k, v in wanted.items() if k in state.get("space", {})}
+    differ = [f"{k}={stored.get(k)!r} there, {wanted[k]!r} now" for k in sorted(wanted) if stored.get(k) != wanted[k]]
+    if differ:
+        raise ValueError(f"search state file {str(state_path)!r} was started with other options ({'; '.join(differ)}); "
+                         "resume with the same options, or choose another out / delete the state to start afresh.")
+    return records
+
+
 def search(space: SearchSpace, evaluate: Callable[[SolverSchedule], float], *, budget: int, state_path: str | os.PathLike,
            log_path: str | os.PathLike, seed: int = 0, per_round: int = 4, proposals: int = 96,
-           progress: Callable | None = None, initial: list[SolverSchedule] = ()) -> list[dict[str, Any]]:
+           progress: Callable | None = None, initial: list[SolverSchedule] = (),
+           options: dict | None = None) -> list[dict[str, Any]]:
     """Run S³ until ``budget`` true evaluations are in the state file; resumable (state is re-read).
     ``initial`` schedules (e.g. an earlier search's best) are evaluated with the seed candidates.
+    ``options`` (JSON values: the caller's settings that change the records, e.g. model, metric, seed) are
+    stored in the state with the space's NFE; resuming with different ones is refused (:func:`read_state`).
 
     Returns the evaluated records ``{"schedule", "metric", "round", "seconds"}``, best first.
     """
     state_path, log_path = Path(state_path), Path(log_path)
-    records: list[dict[str, Any]] = []
-    if state_path.is_file():
-        try:
-            records = json.loads(state_path.read_text())["records"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"search state file {str(state_path)!r} is not a search state ({err!r}); "
-                             "delete it to start afresh.") from None
+    space_options = {"nfe": space.nfe, "teleport_steps": space.teleport_steps}
+    records = read_state(state_path, {**space_options, **dict(options or {})})
     seen = {key(SolverSchedule.from_dict(r["schedule"])) for r in records}
     max_steps = space.nfe + space.teleport_steps + 1
     initial = [SolverSchedule.from_dict(c.to_dict()) for c in initial]
@@ -299,7 +324,6 @@ def search(space: SearchSpace, evaluate: Callable[[SolverSchedule], float], *, b
             raise ValueError(f"initial schedules must have nfe={space.nfe}, got one with nfe={c.nfe}.")
         if "u" not in c.meta:
             c.meta["u"] = [round(space.to_u(t), 6) for t in c.timesteps]
-    rng = random.Random(seed * 1000003 + len(records))
     bar = progress(total=budget, initial=min(len(records), budget)) if progress else None
 
     def run(cands: list[SolverSchedule], rnd: int) -> None:
@@ -324,7 +348,7 @@ def search(space: SearchSpace, evaluate: Callable[[SolverSchedule], float], *, b
                 f.write(json.dumps({"round": rnd, "metric": metric, "nfe": c.nfe, "seconds": rec["seconds"],
                                     "schedule": rec["schedule"]}) + "\n")
             tmp = state_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"space": {"nfe": space.nfe, "teleport_steps": space.teleport_steps},
+            tmp.write_text(json.dumps({"space": space_options, "options": dict(options or {}),
                                        "records": records}))
             os.replace(tmp, state_path)
             if bar is not None:
@@ -332,10 +356,17 @@ def search(space: SearchSpace, evaluate: Callable[[SolverSchedule], float], *, b
                 bar.set_postfix(best=f"{min(r['metric'] for r in records):.4g}")
 
     run(seed_candidates(space) + initial, 0)  # already-evaluated seeds are skipped, new ones run on resume
-    rnd = max((r["round"] for r in records), default=0)
+    # Resume = the uninterrupted run: each round's proposals depend only on the seed, the round number and
+    # the records of earlier rounds, so the last recorded round (perhaps cut short by a kill) is proposed
+    # again identically and its missing candidates are evaluated.
+    rnd = max((r["round"] for r in records), default=0) - 1
+    rnd = max(rnd, 0)
     while len(records) < budget:
         rnd += 1
-        ranked = sorted(records, key=lambda r: r["metric"])
+        rng = random.Random(seed * 1000003 + rnd)
+        earlier = [r for r in records if r["round"] < rnd]
+        seen_before = {key(SolverSchedule.from_dict(r["schedule"])) for r in earlier}
+        ranked = sorted(earlier, key=lambda r: r["metric"])
         parents = [SolverSchedule.from_dict(r["schedule"]) for r in ranked[:15]]
         weights = [1.0 / (i + 1) for i in range(len(parents))]
         pool = []
@@ -345,11 +376,11 @@ def search(space: SearchSpace, evaluate: Callable[[SolverSchedule], float], *, b
                 pool.append(crossover(space, a, rng.choices(parents, weights=weights)[0], rng))
             else:
                 pool.append(mutate(space, a, rng))
-        pool = [c for c in pool if key(c) not in seen]
-        if len(records) >= 12 and pool:
+        pool = [c for c in pool if key(c) not in seen_before]
+        if len(earlier) >= 12 and pool:
             pred = Predictor(len(encode(pool[0], max_steps)), seed=rnd)
-            pred.fit([encode(SolverSchedule.from_dict(r["schedule"]), max_steps) for r in records],
-                     [r["metric"] for r in records])
+            pred.fit([encode(SolverSchedule.from_dict(r["schedule"]), max_steps) for r in earlier],
+                     [r["metric"] for r in earlier])
             scores = pred.predict([encode(c, max_steps) for c in pool])
             pool = [c for _, c in sorted(zip(scores, pool), key=lambda z: z[0])]
             # exploit the predictor's best, keep one random proposal for exploration
@@ -364,5 +395,5 @@ def search(space: SearchSpace, evaluate: Callable[[SolverSchedule], float], *, b
     return sorted(records, key=lambda r: r["metric"])
 
 
-__all__ = ["SearchSpace", "Predictor", "search", "encode", "mutate", "crossover", "seed_candidates",
+__all__ = ["SearchSpace", "Predictor", "search", "read_state", "encode", "mutate", "crossover", "seed_candidates",
            "make_schedule", "logsnr_uniform_timesteps"]
