@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,8 +69,7 @@ def check_output_path(path, suffixes: tuple[str, ...], name: str = "output") -> 
 def save_image_atomic(image, path: Path) -> None:
     """Write a PIL image through a temporary file and ``os.replace`` (no half-written file on Ctrl-C)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{path.suffix}")  # not mkstemp: keep the umask's file mode
     try:
         image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG"))
         os.replace(tmp, path)
