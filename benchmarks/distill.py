@@ -18,7 +18,7 @@ import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fastgen.benchmarking import builtin_pipeline, parse_options, pyplot, write_json
+from fastgen.benchmarking import builtin_pipeline, parse_options, portable, pyplot, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEDULES = Path(__file__).resolve().parent.parent / "fastgen" / "assets" / "digits-schedules"
@@ -86,7 +86,9 @@ def main(argv=None) -> None:
         if not sep or not Path(folder, "train_log.jsonl").is_file():
             raise ValueError(f"runs entries must be label=run_folder with a train_log.jsonl, got {spec!r}.")
         runs[label] = {"run": Path(folder).name, "evaluations": read_run(folder)}  # no machine path in results
-    record = {"config": asdict(opts), "hardware": f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread "
+    config = {**asdict(opts), "out": portable(opts.out),
+              "runs": [f"{label}={Path(run['run']).name}" for label, run in runs.items()]}
+    record = {"config": config, "hardware": f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread "
               "per job, shared with other jobs (wall minutes are noisy)",
               "teacher": _teacher(opts), "students": runs}
     out = write_json(opts.out, record)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
-from fastgen.benchmarking import builtin_pipeline, diffusers_class_loop, parse_options, pyplot, write_json
+from fastgen.benchmarking import builtin_pipeline, diffusers_class_loop, parse_options, portable, pyplot, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
                "ratio_of_minima": min(wall["fastgen"]) / min(wall["diffusers"])}
         print(row, flush=True)
         rows.append(row)
-    record = {"config": asdict(cfg), "hardware": f"{platform.machine()} CPU, {os.cpu_count()} cores, "
+    record = {"config": {**asdict(cfg), "out": portable(cfg.out)}, "hardware": f"{platform.machine()} CPU, {os.cpu_count()} cores, "
               f"{cfg.threads} torch thread(s)", "torch": torch.__version__, "rows": rows}
     out = write_json(cfg.out, record)
     _plot(record, out.with_suffix(".png"))

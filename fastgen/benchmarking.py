@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-__all__ = ["parse_options", "write_json", "Results", "pyplot", "builtin_pipeline", "diffusers_class_loop"]
+__all__ = ["parse_options", "portable", "write_json", "Results", "pyplot", "builtin_pipeline", "diffusers_class_loop"]
 
 T = TypeVar("T")
 
@@ -33,6 +33,16 @@ def parse_options(options: type[T], argv: Sequence[str] | None = None) -> T:
         if action.help and "%" in action.help and "%(" not in action.help:
             action.help = action.help.replace("%", "%%")
     return parser.parse_args_into_dataclasses(args=None if argv is None else list(argv))[0]
+
+
+def portable(path: str | os.PathLike) -> str:
+    """A path as results should record it: relative to the working directory when inside it, else its name
+    (no machine paths in committed results)."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return p.name
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:

@@ -107,17 +107,14 @@ class DistillMethod(torch.nn.Module, abc.ABC):
     @abc.abstractmethod
     def optimizer_groups(self) -> dict[str, list[torch.nn.Parameter]]:
         """``{group name: trainable parameters}``; ``"generator"`` must be present."""
-        raise NotImplementedError
 
     @abc.abstractmethod
     def generator_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Loss of the generator (student) update; must contain a scalar ``"loss"``."""
-        raise NotImplementedError
 
     @abc.abstractmethod
     def critic_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Loss of the critic update (fake-score DSM, + GAN discriminator, + R1); ``"loss"`` required."""
-        raise NotImplementedError
 
     def forward(self, phase: str, batch: Batch) -> dict[str, torch.Tensor]:
         """``phase`` ``"generator"`` or ``"critic"``: the trainer calls the method through this forward so
@@ -140,7 +137,6 @@ class DistillMethod(torch.nn.Module, abc.ABC):
     @abc.abstractmethod
     def student(self) -> torch.nn.Module:
         """The network saved as the student (and tracked by the EMA)."""
-        raise NotImplementedError
 
     def sample(self, noise: torch.Tensor, labels: Any) -> torch.Tensor:
         """Generate with the current student from ``noise`` (no gradient); used for sample grids.
