@@ -138,9 +138,6 @@ class DistillMethod(torch.nn.Module, abc.ABC):
     def student(self) -> torch.nn.Module:
         """The network saved as the student (and tracked by the EMA)."""
 
+    @abc.abstractmethod
     def sample(self, noise: torch.Tensor, labels: Any) -> torch.Tensor:
-        """Generate with the current student from ``noise`` (no gradient); used for sample grids.
-
-        Default: not available (the trainer then skips the grid); methods override it.
-        """
-        raise NotImplementedError
+        """Generate with the current student from ``noise`` (no gradient): in-training evaluation and grids."""
