@@ -7,7 +7,6 @@ generator term reads teacher features of student samples); only its parameters a
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +38,7 @@ class Teacher:
     Attributes:
         pipeline: the loaded FastGen pipeline (scheduler, optional VAE / text encoders).
         network: the teacher network (frozen, eval mode). Methods copy it (``copy.deepcopy``) to
-            initialise the student and the fake score (:meth:`copy_network`).
+            initialise the student and the fake score.
         denoiser: the unguided :class:`fastgen.denoiser.Denoiser` of ``network``.
         guided: the :class:`fastgen.denoiser.GuidedDenoiser` with the teacher's guidance; call
             ``guided(x_t, t, cond=teacher.cond(labels), uncond=teacher.uncond(labels))``.
@@ -78,12 +77,6 @@ class Teacher:
         if self.num_classes is None:
             raise TypeError("sample_labels() draws class ids; text-conditional teachers draw prompts from a prompt dataset.")
         return torch.randint(0, self.num_classes, (n,), generator=generator, device=device)
-
-    def copy_network(self) -> torch.nn.Module:
-        """A trainable fp32 copy of the teacher network (train mode, gradients on)."""
-        net = copy.deepcopy(self.network).float()
-        net.requires_grad_(True)
-        return net.train()
 
     # ------------------------------------------------------------------ latents
     @property
