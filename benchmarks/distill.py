@@ -39,17 +39,30 @@ class DistillBenchmark:
 
 
 def read_run(folder: str | os.PathLike) -> list[dict]:
-    """The evaluation records of a run, each with the wall minutes spent training up to it."""
-    minutes, rows, last_step = 0.0, [], 0
+    """The evaluation records of a run, each with the wall and CPU minutes spent training up to it.
+
+    The trainer logs, per logging window, wall and CPU (process, all threads) seconds per generator step,
+    evaluations excluded; CPU minutes do not depend on how busy the machine was.
+    """
+    wall = cpu = 0.0
+    rows, last_step = [], 0
     for line in Path(folder, "train_log.jsonl").read_text().splitlines():
         record = json.loads(line)
         if "seconds_per_step" in record:  # one record per logging window: seconds per step averaged over it
-            minutes += record["seconds_per_step"] * (record["step"] - last_step) / 60
+            n = record["step"] - last_step
+            wall += record["seconds_per_step"] * n / 60
+            cpu += record.get("cpu_seconds_per_step", float("nan")) * n / 60
             last_step = record["step"]
         if "eval/fid" in record:
-            rows.append({"step": record["step"], "wall_minutes": round(minutes, 2),
+            rows.append({"step": record["step"], "wall_minutes": round(wall, 2),
+                         "cpu_minutes": None if cpu != cpu else round(cpu, 2),
                          **{k: record.get(f"eval/{k}") for k in KEYS}})
     return rows
+
+
+def best(rows: list[dict]) -> dict:
+    """The evaluation with the lowest FID (the figure a run reaches, and the minutes it took)."""
+    return min(rows, key=lambda r: r["fid"])
 
 
 def teacher_cells(n: int, scale: float, threads: int) -> list[dict]:
@@ -85,7 +98,9 @@ def main(argv=None) -> None:
         label, sep, folder = spec.partition("=")
         if not sep or not Path(folder, "train_log.jsonl").is_file():
             raise ValueError(f"runs entries must be label=run_folder with a train_log.jsonl, got {spec!r}.")
-        runs[label] = {"run": Path(folder).name, "evaluations": read_run(folder)}  # no machine path in results
+        rows = read_run(folder)
+        runs[label] = {"run": Path(folder).name, "best": best(rows) if rows else None,
+                       "evaluations": rows}  # no machine path in results
     config = {**asdict(opts), "out": portable(opts.out),
               "runs": [f"{label}={Path(run['run']).name}" for label, run in runs.items()]}
     record = {"config": config, "hardware": f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread "
@@ -97,23 +112,27 @@ def main(argv=None) -> None:
 
 def plot(record: dict, path: Path) -> None:
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.9))
+    minutes = "cpu_minutes" if all(r.get("cpu_minutes") is not None for run in record["students"].values()
+                                   for r in run["evaluations"]) else "wall_minutes"
     for label, run in record["students"].items():
         rows = run["evaluations"]
-        axes[0].plot([r["step"] for r in rows], [r["fid"] for r in rows], marker="o", label=f"student {label}")
-        axes[1].plot([r["wall_minutes"] for r in rows], [r["fid"] for r in rows], marker="o", label=f"student {label}")
-        axes[2].plot([r["step"] for r in rows], [r["roughness"] for r in rows], marker="o", label=f"student {label}")
+        for ax, x, y in ((axes[0], "step", "fid"), (axes[1], minutes, "fid"), (axes[2], "step", "roughness"),
+                         (axes[3], "step", "recall")):
+            ax.plot([r[x] for r in rows], [r[y] for r in rows], marker="o", ms=3, label=f"student {label}")
     for cell in record["teacher"]:
-        for ax, key in ((axes[0], "fid"), (axes[1], "fid"), (axes[2], "roughness")):
+        for ax, key in ((axes[0], "fid"), (axes[1], "fid"), (axes[2], "roughness"), (axes[3], "recall")):
             ax.axhline(cell[key], ls="--", lw=1, color="grey" if "20 steps" in cell["teacher"] else "tab:red")
             ax.text(ax.get_xlim()[1], cell[key], f" teacher {cell['teacher']} ({cell['nfe']:g} NFE)", fontsize=6,
                     va="bottom", ha="right")
     axes[0].set(xlabel="generator steps", ylabel="digits FID", yscale="log", title="FID vs generator steps")
-    axes[1].set(xlabel="wall minutes (1 thread, shared CPU)", ylabel="digits FID", yscale="log", title="FID vs time")
+    axes[1].set(xlabel=minutes.replace("_", " ") + " of training (1 thread)", ylabel="digits FID", yscale="log",
+                title="FID vs time")
     axes[2].set(xlabel="generator steps", ylabel="roughness (mean |neighbour diff|)", title="grain")
+    axes[3].set(xlabel="generator steps", ylabel="recall", title="mode coverage")
     for ax in axes:
         ax.legend(fontsize=7)
-    fig.suptitle(f"One-step students of the digits teacher (n = {record['config']['n']} fixed seeds)", fontsize=9)
+    fig.suptitle(f"Students of the digits teacher (n = {record['config']['n']} fixed seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

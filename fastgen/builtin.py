@@ -38,7 +38,8 @@ def builtin_path(name: str) -> Path:
 
 
 def load_builtin(name: str, **kwargs):
-    """Load the built-in asset ``name``: ``"digits"`` -> ``FastGenClassPipeline``, ``"arith-dlm"`` -> text pipeline."""
+    """Load the built-in asset ``name``: ``"digits"`` -> ``FastGenClassPipeline``, ``"digits-1step"`` ->
+    ``FastGenStudentPipeline``, ``"arith-dlm"`` -> text pipeline."""
     path = builtin_path(name)
     if (path / "model_index.json").is_file():
         check_model_folder(path)
@@ -153,7 +154,9 @@ def load_pipeline(model: str = "builtin:digits", attention: str = "auto", device
     name = name[1] if isinstance(name, list) else str(name)
     from . import FastGenClassPipeline, FastGenStableDiffusionPipeline, FastGenStableDiffusionXLPipeline
 
-    if "XL" in name:
+    if "Student" in name:  # a distilled student (fastgen distill's export)
+        from .pipelines.student import FastGenStudentPipeline as cls
+    elif "XL" in name:
         cls = FastGenStableDiffusionXLPipeline
     elif "StableDiffusion" in name:
         cls = FastGenStableDiffusionPipeline

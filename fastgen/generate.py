@@ -14,6 +14,7 @@ from typing import Optional
 
 DEFAULT_CLASS_SCALE = 3.0  # CFG scale of class-conditional models when none is given
 DEFAULT_TEXT_SCALE = 7.5  # the SD pipelines' own default
+DEFAULT_STEPS = 20  # solver steps when none are given (a distilled student runs its own step list)
 
 
 @dataclass
@@ -21,15 +22,19 @@ class SampleConfig:
     """Options of :func:`sample_grid` (and of ``fastgen sample``)."""
 
     model: str = field(default="builtin:digits", metadata={
-        "help": "'builtin:digits' or a diffusers folder (class-conditional, SD 1.x/2.x or SDXL)"})
+        "help": "'builtin:digits', 'builtin:digits-1step' (a distilled one-step student) or a diffusers folder "
+                "(class-conditional, distilled student, SD 1.x/2.x or SDXL)"})
     classes: Optional[list[int]] = field(default=None, metadata={
         "help": "class ids for class-conditional models (default: every class)"})
     prompt: Optional[list[str]] = field(default=None, metadata={"help": "prompt(s) for text-to-image models"})
     negative_prompt: Optional[str] = field(default=None, metadata={"help": "negative prompt for text-to-image models"})
     count: int = field(default=4, metadata={"help": "images per class or per prompt (one grid row each)"})
-    steps: int = field(default=20, metadata={"help": "solver steps (num_inference_steps)"})
-    guidance: str = field(default="cfg", metadata={
-        "help": "guidance method: cfg, apg, ag, linear-ag, or 'none' for the conditional model alone"})
+    steps: Optional[int] = field(default=None, metadata={
+        "help": f"solver steps (num_inference_steps; default {DEFAULT_STEPS}); a distilled student runs its own "
+                "step list and accepts only that number"})
+    guidance: Optional[str] = field(default=None, metadata={
+        "help": "guidance method: cfg (default), apg, ag, linear-ag, or 'none' for the conditional model alone; "
+                "a distilled student runs without guidance"})
     guidance_scale: Optional[float] = field(default=None, metadata={
         "help": f"guidance scale, diffusers' meaning (default: {DEFAULT_CLASS_SCALE:g} for class models, "
                 f"{DEFAULT_TEXT_SCALE:g} for text-to-image models)", "aliases": ["--scale"]})
@@ -83,11 +88,13 @@ def _check(config: SampleConfig) -> Path:
     from .guidance import check_guidance_scale, resolve_guidance
     from .pipelines.common import check_positive_int
 
-    for name in ("count", "steps", "batch_size"):
+    for name in ("count", "batch_size"):
         check_positive_int(name, getattr(config, name))
+    if config.steps is not None:
+        check_positive_int("steps", config.steps)
     if config.guidance_scale is not None:
         check_guidance_scale(config.guidance_scale)
-    if config.guidance != "none":  # the library's one message naming the accepted values
+    if config.guidance not in (None, "none"):  # the library's one message naming the accepted values
         resolve_guidance(config.guidance, 2.0 if config.guidance_scale is None else config.guidance_scale)
     if config.teleport_fraction is not None and config.teleport is None:
         raise ValueError("teleport_fraction needs teleport (statistics from `fastgen teleport-stats`).")
@@ -119,6 +126,9 @@ def sample_grid(config: SampleConfig | None = None, **overrides) -> dict:
     t0 = time.perf_counter()
     pipe = load_pipeline(config.model, attention=config.attention, device=config.device)
     is_class = isinstance(pipe, FastGenClassPipeline)
+    student = _is_student(pipe)
+    if student:
+        _check_student_options(config, pipe)
     if is_class:
         if config.prompt:
             raise ValueError("prompt is for text-to-image models; this model is class-conditional, use classes.")
@@ -131,11 +141,14 @@ def sample_grid(config: SampleConfig | None = None, **overrides) -> dict:
             raise ValueError("classes is for class-conditional models; this is a text-to-image model, use prompt.")
         keys = list(config.prompt)
         scale = DEFAULT_TEXT_SCALE if config.guidance_scale is None else config.guidance_scale
-    guidance = None if config.guidance == "none" else config.guidance
+    guidance_name = "none" if student else (config.guidance or "cfg")
+    guidance = None if guidance_name == "none" else guidance_name
     if guidance is None:
         scale = 1.0
+    steps = pipe.nfe if student else (config.steps or DEFAULT_STEPS)
     conds = [k for _ in range(config.count) for k in keys]  # one row per repeat, one column per class/prompt
-    kw = dict(num_inference_steps=config.steps, guidance=guidance, guidance_scale=scale, solver=config.solver)
+    kw = ({} if student else
+          dict(num_inference_steps=steps, guidance=guidance, guidance_scale=scale, solver=config.solver))
     if teleport is not None:
         kw["teleport"] = teleport
         if config.teleport_fraction is not None:
@@ -164,19 +177,41 @@ def sample_grid(config: SampleConfig | None = None, **overrides) -> dict:
     sample_seconds = time.perf_counter() - t1
 
     name = config.model.split(":")[-1] if config.model.startswith("builtin:") else Path(config.model).name
-    solver = config.solver or type(pipe.scheduler).__name__
+    solver = f"student t={pipe.student_timesteps}" if student else (config.solver or type(pipe.scheduler).__name__)
     captions = [pipe.label_name(c) for c in conds] if is_class else None
-    title = (f"{name} | {Path(solver).name} | {config.steps} steps | {config.guidance} {scale:g} | NFE {nfe}/img"
-             + (" | teleport" if teleport is not None else ""))
+    if student:
+        title = f"{name} | distilled student, t = {pipe.student_timesteps} | no guidance | NFE {nfe}/img"
+    else:
+        title = (f"{name} | {Path(solver).name} | {steps} steps | {guidance_name} {scale:g} | NFE {nfe}/img"
+                 + (" | teleport" if teleport is not None else ""))
     ncols = len(keys) if len(keys) > 1 else min(len(conds), 8)
     grid = image_grid(images, ncols=ncols, captions=captions, title=title,
                       cell_size=64 if is_class else max(64, images[0].size[0]))
     save_image_atomic(grid, output)
-    return {"output": str(output), "images": len(images), "nfe": nfe, "steps": config.steps,
-            "guidance": config.guidance, "guidance_scale": scale, "solver": solver,
+    return {"output": str(output), "images": len(images), "nfe": nfe, "steps": steps,
+            "guidance": guidance_name, "guidance_scale": scale, "solver": solver,
             "teleport": config.teleport, "seconds": round(time.perf_counter() - t0, 3),
             "sampling_seconds": round(sample_seconds, 3), "device": config.device,
             "threads": torch.get_num_threads()}
+
+
+def _is_student(pipe) -> bool:
+    from .pipelines.student import FastGenStudentPipeline
+
+    return isinstance(pipe, FastGenStudentPipeline)
+
+
+def _check_student_options(config: SampleConfig, pipe) -> None:
+    """A distilled student runs its own step list without guidance: refuse options that would change that."""
+    if config.steps is not None and config.steps != pipe.nfe:
+        raise ValueError(f"steps: this distilled student runs {pipe.nfe} step(s) (timesteps "
+                         f"{pipe.student_timesteps}); omit steps or pass {pipe.nfe}.")
+    if config.guidance not in (None, "none") or config.guidance_scale not in (None, 1.0):
+        raise ValueError("guidance: a distilled student runs without guidance (its teacher's guidance is distilled "
+                         "in); omit guidance and guidance_scale, or pass guidance none.")
+    for name in ("solver", "teleport", "teleport_fraction"):
+        if getattr(config, name) is not None:
+            raise ValueError(f"{name}: a distilled student has no solver or teleport to change; omit {name}.")
 
 
 __all__ = ["SampleConfig", "sample_grid", "check_output_path", "save_image_atomic"]

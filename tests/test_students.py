@@ -139,3 +139,22 @@ def test_stock_stable_diffusion_pipeline_route_runs_an_sd_student(tmp_path):
     ours = Student(pipe.unet, den.schedule, den.prediction_type, timesteps).sample(
         z, {"encoder_hidden_states": embeds}, torch.Generator().manual_seed(1))
     assert torch.allclose(stock, ours, atol=1e-5)
+
+
+def test_fastgen_sample_runs_a_saved_student_folder_and_refuses_solver_options(tmp_path):
+    """``fastgen sample --model <student folder>``: the student's own steps, no guidance, NFE 1 per image;
+    options a student cannot honour are one error naming the option."""
+    from fastgen.generate import sample_grid
+
+    pipe = _student_pipe([700])
+    pipe.save_pretrained(tmp_path / "student")
+    rec = sample_grid(model=str(tmp_path / "student"), classes=[0, 1, 2], count=2, output=str(tmp_path / "g.png"),
+                      progress=False)
+    assert (rec["nfe"], rec["steps"], rec["guidance"], rec["images"]) == (1, 1, "none", 6)
+    assert rec["solver"] == "student t=[700]" and (tmp_path / "g.png").is_file()
+    for bad, name in ((dict(steps=4), "steps"), (dict(guidance="cfg"), "guidance"), (dict(guidance_scale=3.0), "guidance"),
+                      (dict(solver="ddim"), "solver")):
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            sample_grid(model=str(tmp_path / "student"), classes=[0], count=1, output=str(tmp_path / "h.png"),
+                        progress=False, **bad)
+    assert not (tmp_path / "h.png").exists()

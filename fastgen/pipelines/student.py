@@ -134,3 +134,8 @@ class FastGenStudentPipeline(FastGenClassPipeline):
             return (images,)
         return FastGenPipelineOutput(images=images, nfe=len(ts),
                                      steps=[{"timestep": int(t), "nfe": 1} for t in ts])
+
+
+def _load_builtin_student(path, **kwargs) -> FastGenStudentPipeline:
+    """``fastgen.load_builtin("digits-1step")``: the one-step student of the built-in digits model."""
+    return FastGenStudentPipeline.from_pretrained(path, **kwargs)

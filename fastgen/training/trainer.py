@@ -522,7 +522,7 @@ class DistillTrainer:
         self.method.train()
         stats: dict[str, tuple[torch.Tensor, int]] = {}
         count = 0
-        last_log = time.perf_counter()
+        last_log, last_cpu = time.perf_counter(), time.process_time()
         start_step = self.step
         metrics: dict[str, float] = {}
         while self.step < cfg.max_train_steps:
@@ -545,16 +545,20 @@ class DistillTrainer:
                 values["lr/generator"] = self.schedulers[GENERATOR_GROUP].get_last_lr()[0]
                 for g in self.critic_groups:
                     values[f"lr/{g}"] = self.schedulers[g].get_last_lr()[0]
-                values["seconds_per_step"] = (now - last_log) / count
+                values["seconds_per_step"] = (now - last_log) / count  # wall clock, training only
+                values["cpu_seconds_per_step"] = (time.process_time() - last_cpu) / count  # all threads
                 self._log({"step": self.step, **values})
                 if acc.log_with:
                     acc.log(values, step=self.step)
                 bar.set_postfix({k.split("/", 1)[0][:3] + "_loss": f"{v:.4g}" for k, v in values.items()
                                  if k.endswith("/loss")})
-                stats, count, last_log = {}, 0, now
-            # 5. evaluate
+                stats, count, last_log, last_cpu = {}, 0, now, time.process_time()
+            # 5. evaluate (its time is not training time: the step timers skip it)
             if cfg.validation_steps and self.step % cfg.validation_steps == 0:
+                eval_wall, eval_cpu = time.perf_counter(), time.process_time()
                 metrics = self.evaluate()
+                last_log += time.perf_counter() - eval_wall
+                last_cpu += time.process_time() - eval_cpu
                 if metrics:
                     self._log({"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()}})
                     if acc.log_with:
