@@ -39,25 +39,10 @@ class DistillBenchmark:
 
 
 def read_run(folder: str | os.PathLike) -> list[dict]:
-    """The evaluation records of a run, each with the wall and CPU minutes spent training up to it.
+    """The evaluation records of a run (FID, accuracy, roughness, precision/recall, wall and CPU minutes)."""
+    from fastgen.training.trainer import read_run_log
 
-    The trainer logs, per logging window, wall and CPU (process, all threads) seconds per generator step,
-    evaluations excluded; CPU minutes do not depend on how busy the machine was.
-    """
-    wall = cpu = 0.0
-    rows, last_step = [], 0
-    for line in Path(folder, "train_log.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "seconds_per_step" in record:  # one record per logging window: seconds per step averaged over it
-            n = record["step"] - last_step
-            wall += record["seconds_per_step"] * n / 60
-            cpu += record.get("cpu_seconds_per_step", float("nan")) * n / 60
-            last_step = record["step"]
-        if "eval/fid" in record:
-            rows.append({"step": record["step"], "wall_minutes": round(wall, 2),
-                         "cpu_minutes": None if cpu != cpu else round(cpu, 2),
-                         **{k: record.get(f"eval/{k}") for k in KEYS}})
-    return rows
+    return read_run_log(folder, KEYS)
 
 
 def best(rows: list[dict]) -> dict:

@@ -46,7 +46,11 @@ DEFAULT_STUDENT_TIMESTEPS = (700,)
 
 def student_scheduler(teacher_scheduler) -> LCMScheduler:
     """An ``LCMScheduler`` on the teacher's training schedule (no clipping, no thresholding)."""
-    return LCMScheduler.from_config(teacher_scheduler.config, clip_sample=False, thresholding=False)
+    import inspect
+
+    accepted = set(inspect.signature(LCMScheduler.__init__).parameters)  # no warnings about a solver's own keys
+    config = {k: v for k, v in teacher_scheduler.config.items() if k in accepted}
+    return LCMScheduler.from_config(config, clip_sample=False, thresholding=False)
 
 
 class FastGenStudentPipeline(FastGenClassPipeline):

@@ -12,7 +12,7 @@ import importlib
 
 _LAZY = {
     "Batch": ".method", "DistillMethod": ".method",
-    "DistillTrainer": ".trainer", "run_distillation": ".trainer",
+    "DistillTrainer": ".trainer", "run_distillation": ".trainer", "read_run_log": ".trainer",
     "DistillConfig": ".config",
     "Teacher": ".teacher", "load_teacher": ".teacher",
 }

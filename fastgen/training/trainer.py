@@ -614,3 +614,30 @@ class DistillTrainer:
 def run_distillation(config: DistillConfig, **kwargs) -> dict[str, Any]:
     """Validate ``config``, load the teacher, build the method and train; return the summary."""
     return DistillTrainer(config, **kwargs).train()
+
+
+def read_run_log(folder: str | os.PathLike, keys: tuple[str, ...] = ("fid", "accuracy", "roughness", "precision",
+                                                                     "recall")) -> list[dict]:
+    """The evaluations of a run folder's ``train_log.jsonl``, each with the training minutes spent up to it.
+
+    Per logging window the trainer records wall and CPU (process, all threads) seconds per generator step,
+    evaluations excluded; ``cpu_minutes`` does not depend on how busy the machine was (``None`` for logs
+    written before CPU time was recorded).
+    """
+    path = Path(folder, LOG_NAME)
+    if not path.is_file():
+        raise FileNotFoundError(f"run folder {str(folder)!r} has no {LOG_NAME}; is it a fastgen distill output_dir?")
+    wall = cpu = 0.0
+    rows, last_step = [], 0
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if "seconds_per_step" in record:  # one record per logging window, seconds averaged over it
+            n = record["step"] - last_step
+            wall += record["seconds_per_step"] * n / 60
+            cpu += record.get("cpu_seconds_per_step", math.nan) * n / 60
+            last_step = record["step"]
+        if "eval/fid" in record:
+            rows.append({"step": record["step"], "wall_minutes": round(wall, 2),
+                         "cpu_minutes": None if math.isnan(cpu) else round(cpu, 2),
+                         **{k: record.get(f"eval/{k}") for k in keys}})
+    return rows
