@@ -126,7 +126,12 @@ def test_digits_recipe_end_to_end_with_resume_and_student_pipeline(tmp_path, cap
     assert "ratio_ema" in state["method"]  # f-distill's per-bin state lives in the trainer checkpoint
     from fastgen.pipelines.student import FastGenStudentPipeline
     pipe = FastGenStudentPipeline.from_pretrained(out / "student")
-    assert pipe.student_timesteps == [700] and pipe.nfe == 1
+    assert pipe.student_timesteps == [500] and pipe.nfe == 1
+    from fastgen.training import read_run_log
+    rows = read_run_log(out)  # evaluations with the training minutes up to them, evaluation time excluded
+    evals = [r for r in log if "eval/fid" in r]
+    assert [r["step"] for r in rows] == [r["step"] for r in evals] == [2] and rows[0]["fid"] == evals[0]["eval/fid"]
+    assert rows[0]["cpu_minutes"] is not None and 0 < rows[0]["cpu_minutes"] <= rows[0]["wall_minutes"] * 2 + 1
     assert "ratio" not in " ".join(pipe.unet.state_dict())  # no trainer state leaked into the student
 
 
