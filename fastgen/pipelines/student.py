@@ -38,10 +38,11 @@ from diffusers import LCMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..denoiser import Denoiser
+from ..training.config import DEFAULT_ONE_STEP_TIMESTEP
 from .class_conditional import FastGenClassPipeline
 from .common import FastGenPipelineOutput
 
-DEFAULT_STUDENT_TIMESTEPS = (700,)
+DEFAULT_STUDENT_TIMESTEPS = (DEFAULT_ONE_STEP_TIMESTEP,)
 
 
 def student_scheduler(teacher_scheduler) -> LCMScheduler:

@@ -76,7 +76,7 @@ class DMD2Config:
     """DMD2 options (spec sections 0, 1.2, 1.3).
 
     Args:
-        student_timesteps: the student's step list (``[700]``: one step at ``t* = 700``).
+        student_timesteps: the student's step list (``[500]``: one step at ``t* = 500``).
         dm_time, dsm_time, gan_time: inclusive timestep ranges of the DM loss, the fake score's DSM
             loss and the GAN (both generator and discriminator terms).
         gan_weight_generator: weight of the generator's GAN term (0: no GAN term for the student).

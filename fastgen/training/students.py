@@ -7,8 +7,8 @@ predicts ``x0`` and re-noises it to the next timestep with fresh noise (the ``LC
 training feeds it inputs by *backward simulation*: the student's own chain, without gradients, up to a
 randomly chosen step, so training and inference see the same inputs.
 
-For the digits teacher (linear betas, ``alpha(999) ~ 0.006``) ``t* = 999`` diverged in a feasibility run
-and ``t* ~ 700`` worked, hence :data:`DEFAULT_ONE_STEP_TIMESTEP`.
+The default ``t*`` (:data:`~fastgen.training.config.DEFAULT_ONE_STEP_TIMESTEP`, 500) and why: see its
+comment in :mod:`fastgen.training.config`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..denoiser import Denoiser
 
-DEFAULT_ONE_STEP_TIMESTEP = 700
+from .config import DEFAULT_ONE_STEP_TIMESTEP  # re-exported; defined (and explained) in .config
 
 
 def check_student_timesteps(timesteps: Sequence[int], num_train_timesteps: int = 1000) -> list[int]:
