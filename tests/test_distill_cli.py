@@ -64,6 +64,7 @@ BAD_INPUTS = [
     (["--max_train_steps", "0"], "max_train_steps:"),
     (["--learning_rate", "0"], "learning_rate:"),
     (["--learning_rate_critic=-1e-4"], "learning_rate_critic:"),
+    (["--learning_rate_discriminator", "0"], "learning_rate_discriminator:"),
     (["--critic_steps_per_generator_step", "0"], "critic_steps_per_generator_step:"),
     (["--student_timesteps", "1200"], "student_timesteps: [1200] do not fit the teacher"),
     (["--student_timesteps", "300", "700"], "student_timesteps:"),
@@ -163,6 +164,15 @@ def test_sd15_recipe_one_step_on_a_tiny_sd_unet(tmp_path, capsys):
 def test_sdxl_recipe_one_step_on_a_tiny_sdxl_unet(tmp_path, capsys):
     from tiny import tiny_sdxl
     _tiny_text_run(tmp_path, "sdxl-dmd2.yaml", tiny_sdxl(tmp_path), capsys)
+
+
+def test_group_learning_rates_fall_back_discriminator_to_critic_to_generator():
+    c = DistillConfig(learning_rate=1e-5)
+    assert [c.group_learning_rate(g) for g in ("generator", "critic", "discriminator")] == [1e-5] * 3
+    c = DistillConfig(learning_rate=1e-5, learning_rate_critic=2e-5)
+    assert [c.group_learning_rate(g) for g in ("generator", "critic", "discriminator")] == [1e-5, 2e-5, 2e-5]
+    c = DistillConfig(learning_rate=1e-5, learning_rate_critic=2e-5, learning_rate_discriminator=3e-4)
+    assert [c.group_learning_rate(g) for g in ("generator", "critic", "discriminator")] == [1e-5, 2e-5, 3e-4]
 
 
 def test_config_round_trips_through_the_checkpoint(tmp_path):

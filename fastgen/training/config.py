@@ -91,6 +91,9 @@ class DistillConfig:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per update"})
     learning_rate: float = field(default=1e-4, metadata={"help": "generator learning rate"})
     learning_rate_critic: float | None = field(default=None, metadata={"help": "critic learning rate (default: learning_rate)"})
+    learning_rate_discriminator: float | None = field(default=None, metadata={
+        "help": "discriminator-head learning rate (default: learning_rate_critic); f-distill's density ratio comes "
+                "from this head, so it must learn faster than the fake score on short runs"})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
     adam_weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (DMD2: 0.01)"})
@@ -142,6 +145,15 @@ class DistillConfig:
 
         module_name, cls_name = METHODS[self.method].split(":")
         return getattr(importlib.import_module(module_name), cls_name)
+
+    def group_learning_rate(self, group: str) -> float:
+        """The learning rate of an optimiser group: ``"generator"``, ``"discriminator"`` or a critic group."""
+        critic = self.learning_rate_critic or self.learning_rate
+        if group == "generator":
+            return self.learning_rate
+        if group == "discriminator":
+            return self.learning_rate_discriminator or critic
+        return critic
 
     def method_config(self):
         """The method's own config (``cls.config_class``: DMD2Config, FDistillConfig) from the shared fields
@@ -221,6 +233,7 @@ class DistillConfig:
                 bad(name, "must be a non-negative integer")
         number("learning_rate", low=0.0, strict_low=True)
         number("learning_rate_critic", low=0.0, strict_low=True, allow_none=True)
+        number("learning_rate_discriminator", low=0.0, strict_low=True, allow_none=True)
         number("adam_beta1", low=0.0, high=1.0)
         number("adam_beta2", low=0.0, high=1.0)
         number("adam_weight_decay", low=0.0)

@@ -154,7 +154,7 @@ class DistillTrainer:
                 p.data = p.data.float()
         self.optimizers = {}
         for g in self.group_names:
-            lr = config.learning_rate if g == GENERATOR_GROUP else (config.learning_rate_critic or config.learning_rate)
+            lr = config.group_learning_rate(g)
             self.optimizers[g] = torch.optim.AdamW(self.params[g], lr=lr, betas=(config.adam_beta1, config.adam_beta2),
                                                    weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
         prepared = acc.prepare(method, *[self.optimizers[g] for g in self.group_names])
