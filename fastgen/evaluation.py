@@ -35,10 +35,13 @@ class FidConfig:
         "help": "path of weights-inception-2015-12-05-6726825d.pth (inception features)"})
     clip_model: Optional[str] = field(default=None, metadata={"help": "CLIP folder or hub id (clip features)"})
     n: int = field(default=1000, metadata={"help": "samples to draw from a model (ignored for image folders)"})
-    steps: int = field(default=20, metadata={"help": "solver steps when sampling (num_inference_steps)"})
-    guidance: str = field(default="cfg", metadata={
-        "help": "guidance method when sampling: cfg, apg, ag, linear-ag, or 'none' for the conditional model alone"})
-    scale: float = field(default=3.0, metadata={"help": "guidance scale (ignored with --guidance none)"})
+    steps: Optional[int] = field(default=None, metadata={
+        "help": "solver steps when sampling (num_inference_steps; default 20); a distilled student runs its own"})
+    guidance: Optional[str] = field(default=None, metadata={
+        "help": "guidance method when sampling: cfg (default), apg, ag, linear-ag, or 'none' for the conditional "
+                "model alone; a distilled student runs without guidance"})
+    scale: Optional[float] = field(default=None, metadata={
+        "help": "guidance scale (default 3; ignored with --guidance none)"})
     solver: Optional[str] = field(default=None, metadata={
         "help": "the pipeline's scheduler if unset; else a diffusers solver name (dpmsolver++, unipc, ...), a USF "
                 "preset (usf-default, ...) or a schedule JSON path (e.g. fastgen/assets/digits-schedules/nfe5.json)"})
@@ -99,6 +102,14 @@ def fid(config: FidConfig | None = None, **overrides) -> dict:
     from .metrics.evaluate import evaluate_images, evaluate_pipeline
 
     config = FidConfig(**overrides) if config is None else config
+    if _is_model(config.fake):  # sampling options are checked before anything loads
+        from .generate import check_sampling_options
+        from .pipelines.common import check_positive_int
+
+        check_positive_int("n", config.n)
+        check_sampling_options(steps=config.steps, guidance=config.guidance, guidance_scale=config.scale,
+                               teleport=config.teleport, teleport_fraction=config.teleport_fraction,
+                               scale_name="scale")
     state, device, extractor = _state_and_extractor(config)
     common = dict(accelerator=state, extractor=extractor, reference=config.real, batch_size=config.batch_size,
                   grid=config.grid, grid_count=config.grid_count, progress=config.progress,
@@ -109,19 +120,28 @@ def fid(config: FidConfig | None = None, **overrides) -> dict:
         return {**result.to_dict(), "real": config.real, "fake": config.fake, "device": str(device)}
     from .builtin import load_pipeline
 
+    from .generate import DEFAULT_CLASS_SCALE, DEFAULT_STEPS, check_student_options, is_student
+
     pipe = load_pipeline(config.fake, config.attention, str(device))
     pipe.set_progress_bar_config(disable=True)
-    guidance = None if config.guidance == "none" else config.guidance
-    scale = 1.0 if guidance is None else config.scale
-    call = dict(num_inference_steps=config.steps, guidance=guidance, guidance_scale=scale, solver=config.solver,
-                teleport=config.teleport)
-    if config.teleport_fraction is not None:
-        call["teleport_fraction"] = config.teleport_fraction
-    solver = config.solver or "pipeline scheduler"
-    title = f"{config.fake}  {solver}, {config.steps} steps, {config.guidance} w={scale:g}"
+    if is_student(pipe):  # its own step list, no guidance
+        check_student_options(pipe, steps=config.steps, guidance=config.guidance, guidance_scale=config.scale,
+                              solver=config.solver, teleport=config.teleport, teleport_fraction=config.teleport_fraction)
+        steps, guidance_name, scale, solver, call = pipe.nfe, "none", 1.0, f"student t={pipe.student_timesteps}", {}
+        title = f"{config.fake}  distilled student, t = {pipe.student_timesteps}"
+    else:
+        steps, guidance_name = config.steps or DEFAULT_STEPS, config.guidance or "cfg"
+        guidance = None if guidance_name == "none" else guidance_name
+        scale = 1.0 if guidance is None else (DEFAULT_CLASS_SCALE if config.scale is None else config.scale)
+        call = dict(num_inference_steps=steps, guidance=guidance, guidance_scale=scale, solver=config.solver,
+                    teleport=config.teleport)
+        if config.teleport_fraction is not None:
+            call["teleport_fraction"] = config.teleport_fraction
+        solver = config.solver or "pipeline scheduler"
+        title = f"{config.fake}  {solver}, {steps} steps, {guidance_name} w={scale:g}"
     result = evaluate_pipeline(pipe, config.n, seed=config.seed, grid_title=title, **common, **call)
-    return {**result.to_dict(), "real": config.real, "fake": config.fake, "steps": config.steps,
-            "guidance": config.guidance, "guidance_scale": scale, "solver": solver, "teleport": config.teleport,
+    return {**result.to_dict(), "real": config.real, "fake": config.fake, "steps": steps,
+            "guidance": guidance_name, "guidance_scale": scale, "solver": solver, "teleport": config.teleport,
             "seed": config.seed, "device": str(device)}
 
 

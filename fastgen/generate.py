@@ -83,21 +83,52 @@ def save_image_atomic(image, path: Path) -> None:
         raise
 
 
+def check_sampling_options(*, steps=None, guidance=None, guidance_scale=None, teleport=None,
+                           teleport_fraction=None, scale_name: str = "guidance_scale") -> None:
+    """The sampling options a command passes to a pipeline, checked before any model loads (``None``: unset;
+    ``scale_name``: the command's name for the guidance scale, used in its error)."""
+    from .guidance import check_guidance_scale, resolve_guidance
+    from .pipelines.common import check_positive_int
+
+    if steps is not None:
+        check_positive_int("steps", steps)
+    if guidance_scale is not None:
+        check_guidance_scale(guidance_scale, scale_name)
+    if guidance not in (None, "none"):  # the library's one message naming the accepted values
+        resolve_guidance(guidance, 2.0 if guidance_scale is None else guidance_scale)
+    if teleport_fraction is not None and teleport is None:
+        raise ValueError("teleport_fraction needs teleport (statistics from `fastgen teleport-stats`).")
+
+
+def check_student_options(pipe, *, steps=None, guidance=None, guidance_scale=None, solver=None, teleport=None,
+                          teleport_fraction=None) -> None:
+    """A distilled student runs its own step list without guidance: refuse options that would change that."""
+    if steps is not None and steps != pipe.nfe:
+        raise ValueError(f"steps: this distilled student runs {pipe.nfe} step(s) (timesteps "
+                         f"{pipe.student_timesteps}); omit steps or pass {pipe.nfe}.")
+    if guidance not in (None, "none") or guidance_scale not in (None, 1.0):
+        raise ValueError("guidance: a distilled student runs without guidance (its teacher's guidance is distilled "
+                         "in); omit guidance and guidance_scale, or pass guidance none.")
+    for name, value in (("solver", solver), ("teleport", teleport), ("teleport_fraction", teleport_fraction)):
+        if value is not None:
+            raise ValueError(f"{name}: a distilled student has no solver or teleport to change; omit {name}.")
+
+
+def is_student(pipe) -> bool:
+    """``pipe`` is a distilled student (:class:`~fastgen.pipelines.student.FastGenStudentPipeline`)."""
+    from .pipelines.student import FastGenStudentPipeline
+
+    return isinstance(pipe, FastGenStudentPipeline)
+
+
 def _check(config: SampleConfig) -> Path:
     """Everything checkable before the model loads."""
-    from .guidance import check_guidance_scale, resolve_guidance
     from .pipelines.common import check_positive_int
 
     for name in ("count", "batch_size"):
         check_positive_int(name, getattr(config, name))
-    if config.steps is not None:
-        check_positive_int("steps", config.steps)
-    if config.guidance_scale is not None:
-        check_guidance_scale(config.guidance_scale)
-    if config.guidance not in (None, "none"):  # the library's one message naming the accepted values
-        resolve_guidance(config.guidance, 2.0 if config.guidance_scale is None else config.guidance_scale)
-    if config.teleport_fraction is not None and config.teleport is None:
-        raise ValueError("teleport_fraction needs teleport (statistics from `fastgen teleport-stats`).")
+    check_sampling_options(steps=config.steps, guidance=config.guidance, guidance_scale=config.guidance_scale,
+                           teleport=config.teleport, teleport_fraction=config.teleport_fraction)
     output = check_output_path(config.output, (".png",))
     if output.exists() and not config.overwrite:
         raise FileExistsError(f"output {str(output)!r} already exists; set overwrite (--overwrite) to replace it, "
@@ -126,9 +157,11 @@ def sample_grid(config: SampleConfig | None = None, **overrides) -> dict:
     t0 = time.perf_counter()
     pipe = load_pipeline(config.model, attention=config.attention, device=config.device)
     is_class = isinstance(pipe, FastGenClassPipeline)
-    student = _is_student(pipe)
+    student = is_student(pipe)
     if student:
-        _check_student_options(config, pipe)
+        check_student_options(pipe, steps=config.steps, guidance=config.guidance,
+                              guidance_scale=config.guidance_scale, solver=config.solver, teleport=config.teleport,
+                              teleport_fraction=config.teleport_fraction)
     if is_class:
         if config.prompt:
             raise ValueError("prompt is for text-to-image models; this model is class-conditional, use classes.")
@@ -195,23 +228,5 @@ def sample_grid(config: SampleConfig | None = None, **overrides) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def _is_student(pipe) -> bool:
-    from .pipelines.student import FastGenStudentPipeline
-
-    return isinstance(pipe, FastGenStudentPipeline)
-
-
-def _check_student_options(config: SampleConfig, pipe) -> None:
-    """A distilled student runs its own step list without guidance: refuse options that would change that."""
-    if config.steps is not None and config.steps != pipe.nfe:
-        raise ValueError(f"steps: this distilled student runs {pipe.nfe} step(s) (timesteps "
-                         f"{pipe.student_timesteps}); omit steps or pass {pipe.nfe}.")
-    if config.guidance not in (None, "none") or config.guidance_scale not in (None, 1.0):
-        raise ValueError("guidance: a distilled student runs without guidance (its teacher's guidance is distilled "
-                         "in); omit guidance and guidance_scale, or pass guidance none.")
-    for name in ("solver", "teleport", "teleport_fraction"):
-        if getattr(config, name) is not None:
-            raise ValueError(f"{name}: a distilled student has no solver or teleport to change; omit {name}.")
-
-
-__all__ = ["SampleConfig", "sample_grid", "check_output_path", "save_image_atomic"]
+__all__ = ["SampleConfig", "sample_grid", "check_output_path", "save_image_atomic", "check_sampling_options",
+           "check_student_options", "is_student"]

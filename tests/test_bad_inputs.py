@@ -173,10 +173,10 @@ CLI_CASES = [
     ("search-device-cuda", SS + ["--nfe", "4", "--device", "cuda", "--out", "{tmp}/s.json"], None, True, ["cuda"]),
     ("prophet-overwrite", ["eval", "prophet", "--n", "5", "--out", "{tmp}/out.json"],
      _file("out.json", '{"mine": 1}'), True, ["out.json", "overwrite"]),
-    # eval fid validates in evaluate_pipeline and the pipeline call: after the (sub-second) model load, before
-    # the network runs
-    ("fid-n-0", ["eval", "fid", "--fake", "builtin:digits", "--n", "0"], None, "nosample", ["num_samples"]),
-    ("fid-scale-nan", ["eval", "fid", "--fake", "builtin:digits", "--scale", "nan"], None, "nosample", ["scale"]),
+    ("fid-n-0", ["eval", "fid", "--fake", "builtin:digits", "--n", "0"], None, True, ["--n"]),
+    ("fid-scale-nan", ["eval", "fid", "--fake", "builtin:digits", "--scale", "nan"], None, True, ["--scale"]),
+    ("fid-guidance-bogus", ["eval", "fid", "--fake", "builtin:digits", "--guidance", "x"], None, True, ["--guidance"]),
+    # the step count is checked against the model's schedule: after the (sub-second) model load, before sampling
     ("fid-steps-5000", ["eval", "fid", "--fake", "builtin:digits", "--steps", "5000", "--n", "4"], None, "nosample",
      ["5000"]),
     ("teleport-stats-ev-2", ["teleport-stats", "--explained-variance", "2", "--out", "{tmp}/t.safetensors"], None,

@@ -158,3 +158,21 @@ def test_fastgen_sample_runs_a_saved_student_folder_and_refuses_solver_options(t
             sample_grid(model=str(tmp_path / "student"), classes=[0], count=1, output=str(tmp_path / "h.png"),
                         progress=False, **bad)
     assert not (tmp_path / "h.png").exists()
+
+
+def test_eval_fid_scores_a_student_folder_with_its_own_steps(tmp_path):
+    """``fastgen eval fid --fake <student folder>``: one network evaluation per image, no guidance; the same
+    figures as ``evaluate_pipeline`` on the loaded student; solver options are refused by name."""
+    import fastgen
+    from fastgen.evaluation import fid
+    from fastgen.metrics import evaluate_pipeline
+
+    teacher = fastgen.load_builtin("digits")
+    FastGenStudentPipeline.from_teacher(teacher, teacher.unet, [500]).save_pretrained(tmp_path / "s")
+    rec = fid(fake=str(tmp_path / "s"), n=20, knn_metrics=False, progress=False)
+    assert (rec["nfe"], rec["steps"], rec["guidance"], rec["guidance_scale"]) == (1, 1, "none", 1.0)
+    ref = evaluate_pipeline(FastGenStudentPipeline.from_pretrained(tmp_path / "s"), 20, knn_metrics=False,
+                            progress=False)
+    assert rec["fid"] == pytest.approx(ref.fid, rel=1e-6)
+    with pytest.raises(ValueError, match="^steps: "):
+        fid(fake=str(tmp_path / "s"), n=20, steps=20, progress=False)

@@ -36,13 +36,14 @@ def available_guidance() -> list[str]:
 LARGE_GUIDANCE_SCALE = 50.0
 
 
-def check_guidance_scale(guidance_scale) -> float:
+def check_guidance_scale(guidance_scale, name: str = "guidance_scale") -> float:
     """A guidance scale must be a finite number >= 0 (diffusers' meaning: <= 1 runs no unconditional branch);
-    negative scales would steer *away* from the condition and are refused; very large ones warn."""
+    negative scales would steer *away* from the condition and are refused; very large ones warn. ``name``:
+    the argument's name in the error (a command's own option name)."""
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-        raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}.")
+        raise TypeError(f"{name} must be a number, got {type(guidance_scale).__name__}.")
     if not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale!r}.")
+        raise ValueError(f"{name} must be a finite number >= 0 (1 = no guidance), got {guidance_scale!r}.")
     if guidance_scale > LARGE_GUIDANCE_SCALE:
         warnings.warn(f"guidance_scale {guidance_scale:g} is far above the usual range (1-15); samples will likely "
                       f"be saturated blobs.", stacklevel=3)
