@@ -52,11 +52,11 @@ def student_folder(run: Path, step: int | None, scratch: Path) -> Path:
 
 def card(record: dict, recipe_text: str, teacher: list[dict]) -> str:
     s = record["student"]
-    rows = [f"| one-step student (this model) | 1 | {s['fid']:.2f} | {100 * s['accuracy']:.1f}% | "
+    rows = [f"| one-step student (this model) | 1 | {s['fid']:.2f} | {100 * s['accuracy']:.2f}% | "
             f"{s['roughness']:.3f} | {s['precision']:.3f} | {s['recall']:.3f} |"]
     for cell in teacher:
         rows.append(f"| teacher, {cell['teacher']} (CFG {cell['guidance_scale']:g}) | {cell['nfe']:g} | "
-                    f"{cell['fid']:.2f} | {100 * cell['accuracy']:.1f}% | {cell['roughness']:.3f} | "
+                    f"{cell['fid']:.2f} | {100 * cell['accuracy']:.2f}% | {cell['roughness']:.3f} | "
                     f"{cell['precision']:.3f} | {cell['recall']:.3f} |")
     minutes = record["cpu_minutes"]
     minutes_text = f"{minutes:.0f} CPU minutes (1 thread)" if minutes is not None else "CPU minutes not recorded"
@@ -66,8 +66,8 @@ One network evaluation per image, no guidance pass: the built-in `digits` teache
 classifier-free guidance at scale 2 = 40 evaluations) distilled by f-distill (Xu et al. 2025,
 arXiv:2502.15681) with the {record['divergence']} divergence on fastgen's DMD2 trainer (Yin et al. 2024,
 arXiv:2405.14867). Same architecture and weights format as the teacher (`UNet2DModel`, 16x16, 1 channel);
-the student reads pure noise as the input at timestep {record['timesteps']} and its epsilon output as a
-data prediction.
+the student reads pure noise as its input at timestep t* = {', '.join(map(str, record['timesteps']))} and turns
+its epsilon output into the image (`x0 = (z - sigma eps) / alpha`).
 
 ![samples](samples_grid.png)
 
@@ -99,14 +99,16 @@ pixels (real digits: about 0.093). Hardware: {record['hardware']}.
 
 ## Training
 
-`fastgen distill --config distill/{record['recipe']}` ({record['step']} generator steps, {minutes_text};
+`fastgen distill --config distill/{record['recipe']} --divergence {record['divergence']}` ({record['step']} generator
+steps, {minutes_text}, evaluations excluded;
 exported: the EMA student at step {record['step']}). The recipe:
 
 ```yaml
 {recipe_text.strip()}
 ```
 
-Rebuild: `python scripts/make_digits_student.py --run <run folder> --recipe distill/{record['recipe']}`.
+Rebuild: run the command above with `--output-dir <run folder>`, then
+`python scripts/make_digits_student.py --run <run folder> --recipe distill/{record['recipe']} --overwrite`.
 """
 
 

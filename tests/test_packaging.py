@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ["digits-data/digits.npz", "digits-reference/train_stats.npz", "digits/model_index.json",
+SHIPPED = ["digits-data/digits.npz", "digits-reference/train_stats.npz", "digits/model_index.json", "digits-1step/model_index.json",
            "digits-features/model.safetensors", "digits-teleport/stats.safetensors", "digits-schedules/nfe5.json",
            "arith-dlm/model_index.json"]
 OPTIONAL = ("sklearn", "matplotlib", "scipy", "torch_fidelity")
