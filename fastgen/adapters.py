@@ -297,6 +297,14 @@ class GuidanceAdapter(ModelMixin, ConfigMixin):
         self._cache.clear()
         self.__dict__["_base"] = None
 
+    def match(self, model: torch.nn.Module) -> "GuidanceAdapter":
+        """Move to ``model``'s device and dtype (no-op when already there)."""
+        if self.device != model.device:
+            torch.nn.Module.to(self, device=model.device)
+        if self.dtype != model.dtype:
+            torch.nn.Module.to(self, dtype=model.dtype)
+        return self
+
     # ------------------------------------------------------------------ omega
     def set_guidance_scale(self, omega: float | torch.Tensor) -> None:
         """The guidance scale of the next base calls: a number, or a tensor with one value per row."""
@@ -450,10 +458,13 @@ def one_pass_guidance(adapter: GuidanceAdapter, guider) -> tuple[None, Any]:
     ``omega`` = the guider's CFG scale (1 without guidance). Non-CFG guiders are refused."""
     from .guidance import CFG
 
+    base = adapter.base
+    if base is not None:  # the pipeline may have moved (pipe.to) after loading
+        adapter.match(base)
     if guider is None:
         return None, adapter.guidance_scale(1.0)
     if type(guider) is not CFG or getattr(guider, "guidance_rescale", 0.0) > 0 or \
-            (guider.start, guider.stop) != (0.0, 1.0):
+            (guider.config.get("start", 0.0), guider.config.get("stop", 1.0)) != (0.0, 1.0):
         raise ValueError(f"guidance: a loaded guidance adapter replaces plain CFG (guidance=None or 'cfg' with "
                          f"guidance_scale); got {type(guider).__name__}. Call pipe.unload_guidance_adapter() to use "
                          f"other guidance methods.")
