@@ -412,12 +412,13 @@ class AGD(DistillMethod):
         super().__init__()
         from ..adapters import GuidanceAdapter
 
-        config = config or self.config_class()
-        if options:
-            known = {f.name for f in fields(config)}
-            unknown = sorted(set(options) - known)
-            if unknown:
-                raise TypeError(f"unknown {self.name} options {unknown}; accepted: {sorted(known)}.")
+        known = {f.name for f in fields(self.config_class)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown {self.name} options {unknown}; accepted: {sorted(known)}.")
+        if config is None:
+            config = self.config_class(**options)
+        elif options:
             config = type(config)(**{**{f.name: getattr(config, f.name) for f in fields(config)}, **options})
         self.config = config
         if not (hasattr(teacher, "denoiser") and hasattr(teacher, "pipeline")):
