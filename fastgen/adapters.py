@@ -207,7 +207,17 @@ class GuidanceAdapter(ModelMixin, ConfigMixin):
             raise ValueError(f"width ({width}) must divide by heads ({heads}).")
         if not layers:
             raise ValueError("layers must name at least one attention block.")
-        torch.manual_seed(int(seed))  # non-zero initialisations are reproducible from the config
+        with torch.random.fork_rng(devices=[]):  # initialisations reproducible from the config; global RNG untouched
+            torch.manual_seed(int(seed))
+            self._build(layers, emb_dim, context_dim, variant, width, heads, fourier_dim, fourier_std, zero_init, seed)
+        self.enabled = True
+        self._omega: torch.Tensor | float = 1.0
+        self._handles: list = []
+        self._captured: dict[str, torch.Tensor] = {}
+        self._cache: dict[str, torch.Tensor] = {}
+        self.__dict__["_base"] = None
+
+    def _build(self, layers, emb_dim, context_dim, variant, width, heads, fourier_dim, fourier_std, zero_init, seed):
         token_dim = width if variant == "attention" else emb_dim
         self.omega_embedding = OmegaEmbedding(fourier_dim, width, token_dim, fourier_std, seed)
         if variant == "attention":
@@ -224,12 +234,6 @@ class GuidanceAdapter(ModelMixin, ConfigMixin):
                 torch.nn.init.zeros_(block.out.bias)
             else:
                 torch.nn.init.xavier_uniform_(block.out.weight)
-        self.enabled = True
-        self._omega: torch.Tensor | float = 1.0
-        self._handles: list = []
-        self._captured: dict[str, torch.Tensor] = {}
-        self._cache: dict[str, torch.Tensor] = {}
-        self.__dict__["_base"] = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
