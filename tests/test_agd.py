@@ -406,3 +406,34 @@ def test_collect_trajectories_cli(tmp_path, capsys):
     assert record["complete"] and record["collected"] == 2
     assert main(["distill", "--method", "agd", "--method-options", json.dumps({"trajectories": str(tmp_path / "s")}),
                  "--teacher", str(tmp_path / "pipe"), "--validate-only", "--json"]) == 0
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_text_trajectories_store_prompt_conditions_and_train(tmp_path, family):
+    """Text bases: the store keeps each trajectory's prompt embeddings (SDXL: also text_embeds and time_ids,
+    spec §5.2) and AGD trains on them (attention adapter reading the prompt tokens)."""
+    from fastgen import FastGenStableDiffusionPipeline, FastGenStableDiffusionXLPipeline
+    from fastgen.training.method import Batch
+
+    if family == "sd":
+        pipe = FastGenStableDiffusionPipeline.from_pipe(tiny_sd(tmp_path))
+    else:
+        pipe = FastGenStableDiffusionXLPipeline.from_pipe(tiny_sdxl(tmp_path))
+    pipe.set_progress_bar_config(disable=True)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+    collect_trajectories("tiny", tmp_path / "s", num_trajectories=2, num_inference_steps=2, prompts=str(prompts),
+                         progress=False, pipeline=pipe, omega_range=(2.0, 4.0))
+    store = TrajectoryStore(tmp_path / "s")
+    expect = {"encoder_hidden_states"} | ({"added_cond_kwargs.text_embeds", "added_cond_kwargs.time_ids"}
+                                          if family == "sdxl" else set())
+    assert set(store.meta["condition"]) == expect and store.complete
+    ehs = np.asarray(store.arrays["cond.encoder_hidden_states"])
+    assert not np.array_equal(ehs[0], ehs[1])  # one prompt per trajectory
+    teacher = load_teacher(DistillConfig(guidance="cfg", guidance_scale=3.0), pipeline=pipe)
+    method = AGD(teacher, trajectories=str(tmp_path / "s"), zero_init=False)
+    out = method.generator_loss(Batch(labels=None, noise=torch.zeros(3, 4, 8, 8), real=None,
+                                      generator=torch.Generator().manual_seed(0)))
+    out["loss"].backward()
+    assert method.adapter.context_proj.weight.grad.abs().sum() > 0
+    method.adapter.detach()
