@@ -353,7 +353,7 @@ class AGDConfig:
     Args:
         source: ``"trajectories"`` (AGD: rows of a :class:`TrajectoryStore`) or ``"forward_noised"`` (the
             classic baseline on forward-noised real data; needs ``dataset``).
-        trajectories: the store folder (``source="trajectories"``).
+        trajectories: the store folder (``source="trajectories"``; opened, and checked, when the method is built).
         omega_range: forward-noised baseline: ``omega ~ U[low, high]`` per row.
         train_time: forward-noised baseline: inclusive timestep range of ``t``.
         variant, width, heads, fourier_dim, fourier_std, zero_init, adapter_seed: the adapter
@@ -382,8 +382,6 @@ class AGDConfig:
         if self.source == "trajectories" and not self.trajectories:
             raise ValueError("trajectories: source='trajectories' needs the folder of a trajectory store "
                              "(fastgen distill collect-trajectories).")
-        if self.trajectories and not (Path(self.trajectories) / META_NAME).is_file():
-            raise FileNotFoundError(f"trajectories: {self.trajectories!r} is not a trajectory store (no {META_NAME}).")
         self.omega_range = _check_omega_range("omega_range", self.omega_range)
         t = self.train_time
         if (not isinstance(t, (tuple, list)) or len(t) != 2 or any(isinstance(v, bool) or not isinstance(v, int)
