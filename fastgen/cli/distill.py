@@ -74,7 +74,7 @@ def summary(r: dict) -> str:
 
 COMMANDS = [Command(
     "distill", DistillCommandConfig, run, summary=summary, recipe=True,
-    help="distil a teacher into a one- or few-step student (DMD2, f-distill)",
+    help="distil a teacher into a one- or few-step student (DMD2, f-distill) or a guidance adapter (AGD)",
     description="Train a one- or few-step student of a diffusion teacher with DMD2 or f-distill on accelerate: "
                 "checkpoints (atomic, resumable with --resume-from-checkpoint latest), EMA, in-training digits "
                 "FID and sample grids, JSONL log. Recipes: distill/*.yaml (--config); multi-GPU: accelerate launch "
