@@ -58,7 +58,7 @@ def train(opts: AGDBenchmark, source: str, store: Path) -> tuple[Path, float]:
     from fastgen.cli.command import read_recipe
     from fastgen.training import DistillConfig, run_distillation
 
-    folder = Path(opts.work) / source
+    folder = Path(opts.work) / f"run-{source}"
     if (folder / "student" / "config.json").is_file():
         return folder, float(json.loads((folder / "bench_minutes.json").read_text())["minutes"])
     recipe = read_recipe(RECIPE, DistillConfig)
