@@ -84,6 +84,9 @@ class _Builder:
         self.commands: dict[str, tuple[argparse.ArgumentParser, Command]] = {}
 
     def group(self, name: str):
+        if name not in self.groups and name in self.commands:  # a command with subcommands of its own
+            self.groups[name] = self.commands[name][0].add_subparsers(  # (``distill`` + ``distill collect-trajectories``)
+                dest=f"{name}_command", metavar=f"{name.upper()}_COMMAND", parser_class=Parser)
         if name not in self.groups:
             parser = self.sub.add_parser(name, help=GROUP_HELP.get(name, f"{name} commands"),
                                          description=GROUP_HELP.get(name))

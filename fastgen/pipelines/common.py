@@ -152,6 +152,11 @@ class FastGenPipelineMixin:
                  callback_tensors: dict[str, tuple[Any, Any]] | None = None) -> SampleResult:
         """Run :func:`~fastgen.sampling.sample_loop` with diffusers' call plumbing: the step callback (named
         tensors from ``callback_tensors``: name -> (getter, setter)), ``interrupt`` and the progress bar."""
+        adapter_scale = contextlib.nullcontext()
+        if getattr(self, "_guidance_adapter", None) is not None:  # AGD: CFG at one evaluation per step
+            from ..adapters import one_pass_guidance
+
+            guider, adapter_scale = one_pass_guidance(self._guidance_adapter, guider)
         model = GuidedDenoiser(Denoiser.from_scheduler(network, scheduler), guider, cond, uncond, guidance_space)
         callback = None
         if callback_on_step_end is not None:
@@ -169,9 +174,35 @@ class FastGenPipelineMixin:
                         tensors[k][1](v)
                 return latents
 
-        return sample_loop(model, latents, scheduler, timesteps, step_kwargs=self._step_kwargs(scheduler, generator, eta),
-                           teleport=teleport, teleport_fraction=teleport_fraction, callback=callback,
-                           interrupt=lambda: getattr(self, "_interrupt", False), progress_bar=self.progress_bar)
+        with adapter_scale:
+            return sample_loop(model, latents, scheduler, timesteps,
+                               step_kwargs=self._step_kwargs(scheduler, generator, eta), teleport=teleport,
+                               teleport_fraction=teleport_fraction, callback=callback,
+                               interrupt=lambda: getattr(self, "_interrupt", False), progress_bar=self.progress_bar)
+
+    # ------------------------------------------------------------------ guidance adapters (AGD)
+    def load_guidance_adapter(self, path_or_folder):
+        """Load a guidance adapter (AGD, arXiv:2503.07274; :mod:`fastgen.adapters`) onto this pipeline's network:
+        afterwards ``pipe(..., guidance_scale=w)`` runs one network evaluation per step (``.nfe`` = steps), the
+        adapter reproducing CFG at ``w``. ``path_or_folder``: an adapter folder, its ``.safetensors`` file, a
+        training run folder, ``builtin:<name>``, or a ``GuidanceAdapter``. Replaces an adapter already loaded."""
+        from ..adapters import GuidanceAdapter, load_guidance_adapter
+
+        network = getattr(self, "unet", None)
+        network = network if network is not None else getattr(self, "transformer", None)
+        adapter = path_or_folder if isinstance(path_or_folder, GuidanceAdapter) else load_guidance_adapter(path_or_folder)
+        adapter.check_fits(network)
+        self.unload_guidance_adapter()
+        adapter.match(network).eval().requires_grad_(False)
+        self._guidance_adapter = adapter.attach(network)
+        return adapter
+
+    def unload_guidance_adapter(self) -> None:
+        """Remove the guidance adapter: the network runs exactly as before, CFG costs two evaluations again."""
+        adapter = getattr(self, "_guidance_adapter", None)
+        if adapter is not None:
+            adapter.detach()
+        self._guidance_adapter = None
 
     # ------------------------------------------------------------------ text-to-image helpers (SD, SDXL)
     def _begin_text_call(self, *, guider, guidance_scale, guidance_rescale, clip_skip, cross_attention_kwargs,

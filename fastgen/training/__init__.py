@@ -4,7 +4,7 @@
 - :mod:`.trainer`: :class:`DistillTrainer`, :func:`run_distillation`;
 - :mod:`.config`: :class:`DistillConfig` recipes (light: no torch import, for the CLI);
 - :mod:`.teacher`, :mod:`.data`, :mod:`.checkpoint`: frozen teacher, real-data stream, atomic checkpoints;
-- methods: :mod:`.dmd2` (DMD2), :mod:`.f_distill` (f-distill).
+- methods: :mod:`.dmd2` (DMD2), :mod:`.f_distill` (f-distill), :mod:`.agd` (AGD guidance adapters).
 
 Names load on first use, so ``import fastgen.training.config`` does not import torch.
 """
@@ -15,6 +15,7 @@ _LAZY = {
     "DistillTrainer": ".trainer", "run_distillation": ".trainer", "read_run_log": ".trainer",
     "DistillConfig": ".config",
     "Teacher": ".teacher", "load_teacher": ".teacher",
+    "AGD": ".agd", "TrajectoryStore": ".agd", "collect_trajectories": ".agd",
 }
 
 __all__ = list(_LAZY)

@@ -35,6 +35,7 @@ DEFAULT_ONE_STEP_TIMESTEP = 500
 METHODS = {
     "dmd2": "fastgen.training.dmd2:DMD2",
     "fdistill": "fastgen.training.f_distill:FDistill",
+    "agd": "fastgen.training.agd:AGD",  # adapter guidance distillation (issue 13)
 }
 GUIDANCES = ("cfg", "apg", "none")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
