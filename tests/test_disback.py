@@ -177,6 +177,12 @@ def test_missing_node_file_and_bad_options(tmp_path):
     m = _method(tmp_path)
     with pytest.raises(CheckpointError, match="node-002"):
         m.load_trainer_state({"disback": {"node": 2, "visited": torch.tensor([2])}, "ratio_ema": m.weighting.state_dict()})
+    # a node whose keys do not fit (the reference code's 'fake_unet.' prefix, loaded non-strictly = a silent no-op)
+    from safetensors.torch import save_file
+    m.node_dir.mkdir(parents=True, exist_ok=True)
+    save_file({"fake_unet." + k: v.contiguous() for k, v in m.fake_network.state_dict().items()}, str(m.node_path(1)))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        m.load_node(1)
     with pytest.raises(ValueError, match="base_method"):
         DisBackConfig(base_method="vsd", output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="nodes"):
