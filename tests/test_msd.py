@@ -243,7 +243,9 @@ def test_small_students_tsm_reduces_the_matching_gap():
     end = gap()
     assert end < 0.65 * start, (start, end)
     assert abs(start - 0.3192) < 0.01 and abs(end - 0.1772) < 0.01, (start, end)  # known-good run
-    m.begin_generator_step(200)  # student 0's 100th own step: DM from now on
+    m.begin_generator_step(151)  # student 1's 76th own step (TSM counts each student's own steps)
+    assert m.active == 1 and m.in_tsm and m.own_steps(1, 151) == 75
+    m.begin_generator_step(200)  # student 0's 101st own step: DM from now on
     assert not m.in_tsm and "dm" in m.generator_loss(_batch(0))
 
 
