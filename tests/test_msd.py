@@ -249,19 +249,39 @@ def test_small_students_tsm_reduces_the_matching_gap():
     assert not m.in_tsm and "dm" in m.generator_loss(_batch(0))
 
 
-def test_trainer_exports_a_routed_pipeline(tmp_path):
+def _msd_trainer(out, max_steps, resume=None, **options):
     from fastgen.pipelines import FastGenClassPipeline
     from fastgen.training.config import DistillConfig
     from fastgen.training.teacher import load_teacher
     from fastgen.training.trainer import DistillTrainer
 
-    config = DistillConfig(output_dir=str(tmp_path), method="msd", teacher="builtin:digits", train_batch_size=4,
-                           max_train_steps=3, critic_steps_per_generator_step=1, checkpointing_steps=3,
+    config = DistillConfig(output_dir=str(out), method="msd", teacher="builtin:digits", train_batch_size=4,
+                           max_train_steps=max_steps, critic_steps_per_generator_step=1, checkpointing_steps=3,
                            learning_rate=1e-3, logging_steps=1, report_to="none", progress=False, mixed_precision="no",
-                           method_options={"students": 3, "gan_weight_generator": 0.0, "gan_weight_discriminator": 0.0})
+                           resume_from_checkpoint=resume, ema_decay=0.9,
+                           method_options={"students": 3, "gan_weight_generator": 0.0, "gan_weight_discriminator": 0.0,
+                                           **options})
     pipe = FastGenClassPipeline(scheduler=DDPMScheduler(), unet=tiny_class_unet())
-    teacher = load_teacher(config, pipeline=pipe)
-    trainer = DistillTrainer(config, teacher=teacher)
+    torch.manual_seed(0)
+    return DistillTrainer(config, teacher=load_teacher(config, pipeline=pipe))
+
+
+def test_resume_continues_the_student_cycle_exactly(tmp_path):
+    from fastgen.training.checkpoint import network_state_dict
+
+    _msd_trainer(tmp_path / "a", 5).train()
+    _msd_trainer(tmp_path / "b", 3).train()
+    b = _msd_trainer(tmp_path / "b", 5, resume="latest")
+    b.train()
+    wa = network_state_dict(tmp_path / "a" / "checkpoint-5" / "student_ema")
+    wb = network_state_dict(tmp_path / "b" / "checkpoint-5" / "student_ema")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(ValueError, match="another partition"):
+        _msd_trainer(tmp_path / "b", 6, resume="latest", partition="similarity")._resume()
+
+
+def test_trainer_exports_a_routed_pipeline(tmp_path):
+    trainer = _msd_trainer(tmp_path, 3)
     assert isinstance(trainer.method, MSD) and trainer.method.config.output_dir == str(tmp_path)
     summary = trainer.train()
     students = [int(r["generator/student"]) for r in map(__import__("json").loads,

@@ -530,7 +530,7 @@ class MSD(DistillMethod):
             return
         saved = Partition.from_dict(json.loads(state["partition"]))
         if saved != self.partition:
-            raise ValueError("msd: the checkpoint was trained with another partition; resume with the same one "
-                             f"(partition_file={str(Path(self.config.output_dir or '.') / PARTITION_FILE)!r}).")
+            raise ValueError(f"msd: the checkpoint was trained with another partition ({saved.to_dict()}); resume "
+                             f"with the same options, or pass it as partition_file.")
         for k, part in enumerate(self.parts):
             part.load_trainer_state(state["parts"][str(k)])
