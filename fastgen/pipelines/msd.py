@@ -16,18 +16,43 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
-
-from ..denoiser import Denoiser
-from .common import FastGenPipelineOutput
 from .student import FastGenStudentPipeline, student_scheduler
 
 MAX_STUDENTS = 8
 EXTRA = tuple(f"unet_{k}" for k in range(1, MAX_STUDENTS))
 
 
+class UNetRouter(torch.nn.Module):
+    """K class-conditional student networks behind a class partition, called like one ``UNet2DModel``: each
+    forward sends every row to its student (one batched call per student present) and returns the outputs in
+    input order, so every image costs one network evaluation per step. (Named ``UNet*`` so that
+    :class:`~fastgen.denoiser.Denoiser` calls it as a UNet.)"""
+
+    def __init__(self, networks: Sequence[torch.nn.Module], partition):
+        super().__init__()
+        self.networks = torch.nn.ModuleList(networks)
+        self.partition = partition
+        self.config = networks[0].config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.networks[0].dtype
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor, return_dict: bool = False):
+        parts = self.partition.assign(class_labels.cpu()).to(sample.device)
+        timestep = torch.as_tensor(timestep, device=sample.device).expand(sample.shape[0])
+        out = None
+        for k in parts.unique().tolist():
+            rows = (parts == k).nonzero().reshape(-1)
+            y = self.networks[k](sample[rows], timestep[rows], class_labels=class_labels[rows], return_dict=False)[0]
+            out = sample.new_empty((sample.shape[0], *y.shape[1:]), dtype=y.dtype) if out is None else out
+            out[rows] = y
+        return (out,)
+
+
 class FastGenMSDPipeline(FastGenStudentPipeline):
-    """Routed multi-student pipeline: ``pipe(class_labels=[...])``; see the module docstring."""
+    """Routed multi-student pipeline: ``pipe(class_labels=[...])`` (the call of
+    :class:`~fastgen.pipelines.FastGenStudentPipeline` on :class:`UNetRouter`); see the module docstring."""
 
     _fastgen_entry = "fastgen_msd_pipeline"
     _optional_components = ["unet", "transformer", "vae", *EXTRA]
@@ -53,9 +78,9 @@ class FastGenMSDPipeline(FastGenStudentPipeline):
         if present != list(range(count)) or part.num_parts != count:
             raise ValueError(f"the partition has {part.num_parts} parts but the pipeline holds students {present} "
                              f"(expected unet, unet_1, ... unet_{part.num_parts - 1}).")
+        self.partition = part
         if part.num_classes != self.num_classes:
             raise ValueError(f"the partition covers {part.num_classes} classes, the students {self.num_classes}.")
-        self.partition = part
         self.register_to_config(partition=part.to_dict())
 
     @classmethod
@@ -70,6 +95,11 @@ class FastGenMSDPipeline(FastGenStudentPipeline):
                    partition=partition.to_dict() if hasattr(partition, "to_dict") else partition, **nets)
 
     @property
+    def network(self) -> "UNetRouter":
+        """The K students behind the router, called like one network (what the student call loop runs)."""
+        return UNetRouter(self.students, self.partition)
+
+    @property
     def students(self) -> list[torch.nn.Module]:
         """The student networks, student k at index k."""
         return [self.unet] + [getattr(self, name) for name in EXTRA if getattr(self, name, None) is not None]
@@ -77,52 +107,3 @@ class FastGenMSDPipeline(FastGenStudentPipeline):
     def route(self, class_labels) -> torch.Tensor:
         """The student index of each requested class (LongTensor ``[B]``)."""
         return self.partition.assign(self._class_label_tensor(class_labels).cpu())
-
-    @torch.no_grad()
-    def __call__(self, class_labels=None, num_inference_steps: int | None = None, timesteps: Sequence[int] | None = None,
-                 guidance_scale: float = 1.0, generator=None, seed=None, latents: torch.Tensor | None = None,
-                 output_type: str = "pil", return_dict: bool = True, **kwargs):
-        """Generate: route each class to its student, one student call per part present, images in input order.
-
-        Arguments as :class:`~fastgen.pipelines.FastGenStudentPipeline`.
-        """
-        from ..training.students import Student, check_student_timesteps
-
-        if kwargs:
-            raise TypeError(f"FastGenMSDPipeline got unsupported arguments {sorted(kwargs)}; it accepts "
-                            f"class_labels, timesteps, generator, seed, latents, output_type, return_dict.")
-        if guidance_scale != 1.0:
-            raise ValueError(f"guidance_scale must be 1.0 for distilled students (no CFG pass), got {guidance_scale!r}.")
-        ts = check_student_timesteps(list(timesteps) if timesteps is not None else self.student_timesteps,
-                                     int(self.scheduler.config.get("num_train_timesteps", 1000)))
-        if num_inference_steps is not None and num_inference_steps != len(ts):
-            raise ValueError(f"num_inference_steps must equal the students' {len(ts)} steps ({ts}), "
-                             f"got {num_inference_steps!r}; pass timesteps= to run another list.")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be one of ('pil', 'np', 'pt', 'latent'), got {output_type!r}.")
-        labels = self._class_label_tensor(class_labels)
-        generator = self._generators_from_seed(seed, generator, len(labels))
-        nets = self.students
-        size = nets[0].config.sample_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        shape = (len(labels), nets[0].config.in_channels, height, width)
-        device, dtype = self._execution_device, nets[0].dtype
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
-        latents = latents.to(device, dtype)
-        parts = self.partition.assign(labels.cpu())
-        x0 = torch.empty_like(latents)
-        for k in parts.unique().tolist():  # one batched call per student, rows scattered back in input order
-            rows = (parts == k).nonzero().reshape(-1)
-            gen = [generator[i] for i in rows.tolist()] if isinstance(generator, list) else generator
-            den = Denoiser.from_scheduler(nets[k], self.scheduler)
-            student = Student(nets[k], den.schedule, den.prediction_type, ts)
-            x0[rows.to(device)] = student.sample(latents[rows.to(device)], {"class_labels": labels[rows.to(labels.device)]},
-                                                 gen).to(dtype)
-        images = self._decode(x0, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return FastGenPipelineOutput(images=images, nfe=len(ts), steps=[{"timestep": int(t), "nfe": 1} for t in ts])

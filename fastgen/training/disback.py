@@ -25,6 +25,7 @@ history are trainer state; a resumed run reloads the current node from its file.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import dataclass
@@ -189,7 +190,6 @@ class DisBack(FDistill):
 
     def _node_adapter(self):
         if self.storage == "full":
-            import contextlib
             return contextlib.nullcontext()
         from .lora import use_adapter
         return use_adapter(self.teacher_denoiser.model, NODE_ADAPTER)
@@ -252,7 +252,7 @@ class DisBack(FDistill):
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"cannot read DisBack node file {str(path)!r}: {err}") from None
         if self.storage == "full":
-            target, weights = self.node_network, weights
+            target = self.node_network
         else:
             target = self.teacher_denoiser.model
             weights = {k.replace(".#.", f".{NODE_ADAPTER}."): v for k, v in weights.items()}

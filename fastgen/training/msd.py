@@ -212,12 +212,9 @@ class Partition:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the partition as JSON atomically (temp file + ``os.replace``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        os.replace(tmp, path)
-        return path
+        from ..benchmarking import write_json
+
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Partition":
@@ -452,8 +449,6 @@ class MSD(DistillMethod):
         """The routed pipeline (:class:`~fastgen.pipelines.msd.FastGenMSDPipeline`) of the K students."""
         from ..pipelines.msd import FastGenMSDPipeline
 
-        if teacher_pipeline is None:
-            raise ValueError("msd: exporting the routed pipeline needs the teacher pipeline (its scheduler).")
         return FastGenMSDPipeline.from_students(teacher_pipeline, self.student_networks(),
                                                 list(self.config.student_timesteps), self.partition)
 

@@ -590,7 +590,7 @@ class DistillTrainer:
                 shutil.rmtree(tmp, ignore_errors=True)
                 network_fn = getattr(self.method, "student_network", None)
                 pipe = getattr(self.teacher, "pipeline", None)
-                if hasattr(self.method, "export_pipeline"):  # methods with their own pipeline (MSD's router)
+                if hasattr(self.method, "export_pipeline") and pipe is not None:  # own pipeline (MSD's router)
                     self.method.export_pipeline(pipe).save_pretrained(tmp)
                 elif network_fn is not None and pipe is not None and hasattr(pipe, "num_classes"):
                     from ..pipelines.student import FastGenStudentPipeline
