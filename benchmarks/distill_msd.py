@@ -125,6 +125,9 @@ def plot(record: dict, path: Path) -> None:
                 title="K routed students vs one student")
     if record["runs"]:
         axes[0].legend(fontsize=7)
+    else:
+        axes[0].text(0.5, 0.5, "no training runs in this record\n(speed only)", ha="center", va="center",
+                     transform=axes[0].transAxes, fontsize=9)
     cells = record["speed"]["cells"]
     axes[1].bar(range(len(cells)), [1000 * c["seconds_per_image"] for c in cells], color=["tab:blue", "tab:orange"])
     axes[1].set_xticks(range(len(cells)), [c["pipeline"] for c in cells], fontsize=7)
