@@ -54,7 +54,8 @@ def recording_steps(folder: str | os.PathLike) -> tuple[int, dict]:
     record = int(options.get("record_interval", defaults.record_interval))
     return nodes * record, {"nodes": nodes, "record_interval": record,
                             "interval": int(options.get("interval", defaults.interval)),
-                            "base_method": options.get("base_method", defaults.base_method)}
+                            "base_method": options.get("base_method", defaults.base_method),
+                            "num_validation_samples": config.get("num_validation_samples")}
 
 
 def base_evaluations(spec: str) -> tuple[str, list[dict]]:
@@ -108,7 +109,7 @@ def plot(record: dict, path: Path) -> None:
         ax.plot([r["updates"] for r in rows], [r["fid"] for r in rows], marker="o", label=label)
     ax.axvline(0, ls=":", color="grey", lw=1)
     ax.text(0, ax.get_ylim()[1], f" DisBack recording: {cfg['recording_steps']} steps before 0", fontsize=7, va="top")
-    ax.set(xlabel="generator updates", ylabel="digits FID (n = 500 fixed seeds)", yscale="log",
+    ax.set(xlabel="generator updates", ylabel=f"digits FID (n = {cfg['num_validation_samples']} fixed seeds)", yscale="log",
            title=f"DisBack ({cfg['nodes']} nodes, {cfg['interval']} updates each) vs base, same initial student")
     ax.legend(fontsize=8)
     fig.tight_layout()
