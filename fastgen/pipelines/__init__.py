@@ -11,6 +11,7 @@ _LAZY = {
     "FastGenStableDiffusionPipeline": ".stable_diffusion",
     "FastGenStableDiffusionXLPipeline": ".stable_diffusion_xl",
     "FastGenStudentPipeline": ".student",
+    "FastGenMSDPipeline": ".msd",
 }
 
 __all__ = ["FastGenClassPipeline", "FastGenPipelineOutput", *_LAZY]

@@ -36,6 +36,8 @@ METHODS = {
     "dmd2": "fastgen.training.dmd2:DMD2",
     "fdistill": "fastgen.training.f_distill:FDistill",
     "agd": "fastgen.training.agd:AGD",  # adapter guidance distillation (issue 13)
+    "disback": "fastgen.training.disback:DisBack",
+    "msd": "fastgen.training.msd:MSD",
 }
 GUIDANCES = ("cfg", "apg", "none")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
@@ -168,7 +170,7 @@ class DistillConfig:
         unknown = sorted(set(options) - names)
         if unknown:
             raise ValueError(f"method_options: {self.method} does not accept {unknown}; accepted: {sorted(names)}.")
-        shared = {name: getattr(self, name) for name in ("student_timesteps", "divergence") if name in names}
+        shared = {name: getattr(self, name) for name in ("student_timesteps", "divergence", "output_dir") if name in names}
         kwargs = {**shared, **options}
         for key, value in kwargs.items():  # YAML/JSON lists -> the tuples the method configs use
             if isinstance(value, list) and key.endswith("_time"):

@@ -1,0 +1,121 @@
+"""DisBack vs its base method from the same initial student: digits FID against generator updates.
+
+Zhang et al., arXiv:2408.15991. Reads the in-training evaluations (``train_log.jsonl``: the EMA student on the
+run's fixed seeds, sample i: seed i, digit i % 10) of a DisBack run and of its base run (same recipe, seed and
+initial student), or the base's evaluations from an earlier record (``benchmarks/results/distill.json``).
+DisBack's steps are shifted by its recording stage (``nodes * record_interval`` generator steps in which the
+generator does not move), so both curves count generator *updates*. Target (issue 12): DisBack reaches the
+base's final FID within 70% of the base's generator updates, and ends no worse. Writes
+benchmarks/results/distill_disback.json and .png.
+
+    fastgen distill --config distill/digits-disback.yaml --max_train_steps 400 --validation_steps 100 \\
+        --output_dir runs/disback
+    python benchmarks/distill_disback.py --disback runs/disback --base record:benchmarks/results/distill.json:rkl
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from distill import read_run  # noqa: E402  (the one reader of train_log.jsonl evaluations)
+
+from fastgen.benchmarking import parse_options, portable, pyplot, write_json  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class DisBackBenchmark:
+    """DisBack vs its base method: FID against generator updates."""
+
+    disback: str = field(default="", metadata={"help": "the DisBack run folder (fastgen distill --method disback)"})
+    base: str = field(default="record:" + str(RESULTS / "distill.json") + ":rkl", metadata={
+        "help": "the base run folder, or record:<results json>:<label> (evaluations of an earlier record)"})
+    out: str = field(default=str(RESULTS / "distill_disback.json"), metadata={"help": "results JSON (PNG beside it)"})
+
+
+def recording_steps(folder: str | os.PathLike) -> tuple[int, dict]:
+    """``nodes * record_interval`` of a DisBack run (from its newest checkpoint's config) and its options."""
+    states = sorted(Path(folder).glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    if not states:
+        raise ValueError(f"disback: {str(folder)!r} holds no checkpoint (its config names the recording stage).")
+    config = json.loads(states[-1].read_text())["config"]
+    options = config.get("method_options") or {}
+    options = json.loads(options) if isinstance(options, str) else options
+    from fastgen.training.disback import DisBackConfig
+
+    defaults = DisBackConfig(output_dir=".")
+    nodes = int(options.get("nodes", defaults.nodes))
+    record = int(options.get("record_interval", defaults.record_interval))
+    return nodes * record, {"nodes": nodes, "record_interval": record,
+                            "interval": int(options.get("interval", defaults.interval)),
+                            "base_method": options.get("base_method", defaults.base_method),
+                            "num_validation_samples": config.get("num_validation_samples")}
+
+
+def base_evaluations(spec: str) -> tuple[str, list[dict]]:
+    if spec.startswith("record:"):
+        path, _, label = spec[len("record:"):].rpartition(":")
+        record = json.loads(Path(path).read_text())
+        return f"{Path(path).name}:{label}", record["students"][label]["evaluations"]
+    return Path(spec).name, read_run(spec)
+
+
+def steps_to_reach(rows: list[dict], fid: float) -> int | None:
+    """The first evaluated generator-update count at which FID <= ``fid``."""
+    return next((r["updates"] for r in rows if r["fid"] is not None and r["fid"] <= fid), None)
+
+
+def main(argv=None) -> None:
+    opts = parse_options(DisBackBenchmark, argv)
+    if not opts.disback or not Path(opts.disback, "train_log.jsonl").is_file():
+        raise ValueError(f"disback: pass a DisBack run folder with a train_log.jsonl, got {opts.disback!r}.")
+    shift, disback_options = recording_steps(opts.disback)
+    disback = [{**r, "updates": r["step"] - shift} for r in read_run(opts.disback)]
+    base_name, base = base_evaluations(opts.base)
+    base = [{**r, "updates": r["step"]} for r in base]
+    horizon = min(disback[-1]["updates"], base[-1]["updates"])
+    base_in = [r for r in base if r["updates"] <= horizon]
+    final = base_in[-1]
+    reach = steps_to_reach(disback, final["fid"])
+    summary = {"horizon_updates": horizon, "base_final_fid": final["fid"],
+               "disback_fid_at_horizon": next(r["fid"] for r in disback if r["updates"] == horizon)
+               if any(r["updates"] == horizon for r in disback) else None,
+               "disback_updates_to_base_final_fid": reach,
+               "fraction_of_base_updates": None if reach is None else round(reach / final["updates"], 3)}
+    summary["target_met"] = bool(summary["fraction_of_base_updates"] is not None
+                                 and summary["fraction_of_base_updates"] <= 0.7
+                                 and summary["disback_fid_at_horizon"] is not None
+                                 and summary["disback_fid_at_horizon"] <= final["fid"])
+    record = {"config": {**asdict(opts), "disback": Path(opts.disback).name, "base": base_name,
+                         "out": portable(opts.out), **disback_options, "recording_steps": shift},
+              "hardware": f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread, shared with other jobs",
+              "summary": summary, "disback": disback, "base": base}
+    out = write_json(opts.out, record)
+    plot(record, out.with_suffix(".png"))
+    print(json.dumps(summary, indent=1))
+
+
+def plot(record: dict, path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(1, 1, figsize=(6.5, 4))
+    cfg = record["config"]
+    for label, rows in (("DisBack", record["disback"]), (f"base ({cfg['base_method']})", record["base"])):
+        ax.plot([r["updates"] for r in rows], [r["fid"] for r in rows], marker="o", label=label)
+    ax.axvline(0, ls=":", color="grey", lw=1)
+    ax.text(0, ax.get_ylim()[1], f" DisBack recording: {cfg['recording_steps']} steps before 0", fontsize=7, va="top")
+    ax.set(xlabel="generator updates", ylabel=f"digits FID (n = {cfg['num_validation_samples']} fixed seeds)", yscale="log",
+           title=f"DisBack ({cfg['nodes']} nodes, {cfg['interval']} updates each) vs base, same initial student")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

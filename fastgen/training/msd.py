@@ -1,0 +1,531 @@
+"""MSD: multi-student distillation over DMD2 or f-distill.
+
+Song, Lorraine, Nie, Kreis, Lucas, *Multi-student Diffusion Distillation for Better One-step
+Generators*, arXiv:2410.23274 (ICML 2025); no public code, written from the paper (spec
+distillation.md section 4).
+
+The condition space is split into K parts (:class:`Partition`); student ``G_k`` serves the conditions
+of part ``k`` and a router sends each condition to its student, so generation costs one student's
+forward per image while the K students together hold K times the capacity. Each student has its own
+teacher-initialised fake score and discriminator head (one :class:`~.f_distill.FDistill` per part, with
+``divergence="rkl"`` for DMD2, which is DMD2 bit for bit); the frozen teacher is shared.
+
+Training is one process cycling through the students: the trainer calls :meth:`MSD.begin_generator_step`
+with each generator step's index and the step's critic and generator updates all go to one student,
+chosen by a smooth weighted round robin (each student gets steps in proportion to its part's size, so
+an imbalanced partition does not starve a student). The optimiser groups are the unions of the
+students' groups; AdamW's moments are per parameter and the inactive students receive no gradient (AdamW
+skips them, weight decay included), so this equals K separate optimisers stepped in turn. Conditions of a
+student's batches are redrawn from its part; GAN real rows are filtered to its part.
+
+Smaller students (``student_block_out_channels``, e.g. half width) start from random weights and are
+first trained by teacher score matching (TSM, ``tsm_steps`` of their own generator steps): a diffusion
+loss whose target is the guided teacher's ``x0`` at noised student samples, i.e. the teacher's score is
+distilled, not the data. Then DM (+ the GAN term: the paper's ADM) as for same-size students.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .f_distill import FDistill, FDistillConfig
+from .method import Batch, DistillMethod
+from .students import Student
+
+BASE_METHODS = ("dmd2", "fdistill")
+PARTITIONS = ("balanced", "similarity")
+SCHEDULES = ("proportional", "round_robin")
+POOLINGS = ("mean", "pooled")
+PARTITION_FILE = "partition.json"
+
+
+# ---------------------------------------------------------------------- partition
+def _balanced_assignment(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Assign rows to centroids with sizes differing by at most one: greedy over (distance, row, centroid)."""
+    n, k = points.shape[0], centroids.shape[0]
+    caps = [n // k + (1 if i < n % k else 0) for i in range(k)]
+    dist = torch.cdist(points.double(), centroids.double())
+    order = sorted(((float(dist[i, j]), i, j) for i in range(n) for j in range(k)))
+    out = torch.full((n,), -1, dtype=torch.long)
+    used = [0] * k
+    for _, i, j in order:
+        if out[i] < 0 and used[j] < caps[j]:
+            out[i], used[j] = j, used[j] + 1
+    return out
+
+
+def kmeans(points: torch.Tensor, k: int, *, seed: int = 0, iterations: int = 50, balanced: bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means with k-means++ seeding (fixed ``seed``); ``balanced`` caps cluster sizes (sizes differ by
+    at most one). Returns ``(centroids [k, D], assignment [N])``."""
+    x = points.detach().double().cpu()
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k-means needs 1 <= k <= number of points ({n}), got k={k}.")
+    g = torch.Generator().manual_seed(seed)
+    centroids = x[torch.randint(n, (1,), generator=g)]
+    while centroids.shape[0] < k:  # k-means++: next centre with probability ~ squared distance
+        d2 = torch.cdist(x, centroids).min(dim=1).values ** 2
+        idx = torch.multinomial(d2 / d2.sum(), 1, generator=g) if d2.sum() > 0 else torch.randint(n, (1,), generator=g)
+        centroids = torch.cat([centroids, x[idx]])
+    assign = torch.zeros(n, dtype=torch.long)
+    for _ in range(iterations):
+        new = _balanced_assignment(x, centroids) if balanced else torch.cdist(x, centroids).argmin(dim=1)
+        moved = not torch.equal(new, assign)
+        assign = new
+        for j in range(k):
+            if (assign == j).any():
+                centroids[j] = x[assign == j].mean(dim=0)
+        if not moved:
+            break
+    return centroids.float(), assign
+
+
+def pool_condition(cond: Mapping[str, Any], pooling: str = "mean") -> torch.Tensor:
+    """One vector per row of a text condition: the token mean of ``encoder_hidden_states`` (``"mean"``) or the
+    text encoder's pooled output (``"pooled"``: SDXL's ``added_cond_kwargs["text_embeds"]``)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+    if pooling == "pooled":
+        pooled = (cond.get("added_cond_kwargs") or {}).get("text_embeds")
+        if pooled is None:
+            raise ValueError("pooling='pooled' needs added_cond_kwargs['text_embeds'] (SDXL); use pooling='mean'.")
+        return pooled.float()
+    return cond["encoder_hidden_states"].float().mean(dim=1)
+
+
+@dataclass
+class Partition:
+    """A partition of the condition space into ``num_parts`` parts (MSD's router table).
+
+    Class-conditional: ``class_to_part[c]`` is the part of class ``c`` (table lookup). Text: ``centroids``
+    (``[K, D]``) of k-means on pooled text-encoder embeddings; a prompt goes to its nearest centroid. ``encoder``
+    and ``pooling`` name what produced the embeddings, so inference pools the same way.
+    """
+
+    num_parts: int
+    kind: str = "classes"
+    method: str = "balanced"
+    class_to_part: list[int] | None = None
+    centroids: list[list[float]] | None = None
+    encoder: str | None = None
+    pooling: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.num_parts, bool) or not isinstance(self.num_parts, int) or self.num_parts < 1:
+            raise ValueError(f"num_parts must be a positive integer, got {self.num_parts!r}.")
+        if self.kind == "classes":
+            table = self.class_to_part
+            if not table or any(not isinstance(p, int) or not 0 <= p < self.num_parts for p in table):
+                raise ValueError(f"class_to_part must list a part in [0, {self.num_parts}) per class, got {table!r}.")
+            empty = sorted(set(range(self.num_parts)) - set(table))
+            if empty:
+                raise ValueError(f"partition parts {empty} hold no class ({len(table)} classes, {self.num_parts} parts).")
+        elif self.kind == "kmeans":
+            if not self.centroids or len(self.centroids) != self.num_parts:
+                raise ValueError(f"centroids must hold {self.num_parts} vectors, got {self.centroids!r:.80}.")
+            if self.pooling not in POOLINGS:
+                raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}.")
+        else:
+            raise ValueError(f"partition kind must be 'classes' or 'kmeans', got {self.kind!r}.")
+
+    # ------------------------------------------------------------------ fit
+    @classmethod
+    def fit_classes(cls, num_classes: int, num_parts: int, method: str = "balanced",
+                    features: torch.Tensor | None = None, seed: int = 0) -> "Partition":
+        """Class groups of sizes differing by at most one: ``"balanced"`` (contiguous ids) or ``"similarity"``
+        (balanced k-means on per-class ``features [num_classes, D]``, e.g. :func:`teacher_class_features`)."""
+        if method not in PARTITIONS:
+            raise ValueError(f"partition must be one of {PARTITIONS}, got {method!r}.")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_parts <= num_classes:
+            raise ValueError(f"students must be between 1 and the number of classes ({num_classes}), got {num_parts!r}.")
+        if method == "balanced":
+            table = [c * num_parts // num_classes for c in range(num_classes)]
+        else:
+            if features is None or features.shape[0] != num_classes:
+                raise ValueError(f"partition='similarity' needs features with one row per class ({num_classes}).")
+            _, assign = kmeans(features.reshape(num_classes, -1), num_parts, seed=seed, balanced=True)
+            first = {}
+            for c, p in enumerate(assign.tolist()):  # number parts by their smallest class
+                first.setdefault(p, len(first))
+            table = [first[p] for p in assign.tolist()]
+        return cls(num_parts=num_parts, kind="classes", method=method, class_to_part=table)
+
+    @classmethod
+    def fit_embeddings(cls, embeddings: torch.Tensor, num_parts: int, *, pooling: str = "mean",
+                       encoder: str | None = None, seed: int = 0, balanced: bool = True) -> "Partition":
+        """k-means on pooled text embeddings ``[N, D]`` of the training prompts (equal-size clusters by default)."""
+        centroids, _ = kmeans(embeddings, num_parts, seed=seed, balanced=balanced)
+        return cls(num_parts=num_parts, kind="kmeans", method="kmeans", centroids=centroids.tolist(),
+                   encoder=encoder, pooling=pooling)
+
+    # ------------------------------------------------------------------ use
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.class_to_part) if self.class_to_part is not None else None
+
+    def classes_of(self, part: int) -> list[int]:
+        """The classes of part ``part`` (class partitions)."""
+        return [c for c, p in enumerate(self.class_to_part or []) if p == part]
+
+    def assign(self, conditions) -> torch.Tensor:
+        """The part of each row: class ids ``[B]``, pooled embeddings ``[B, D]`` or a text condition dict."""
+        if self.kind == "classes":
+            labels = torch.as_tensor(conditions).reshape(-1).long()
+            n = len(self.class_to_part)
+            if labels.numel() and (labels.min() < 0 or labels.max() >= n):
+                raise ValueError(f"class ids must lie in [0, {n}) to be routed, got {labels.tolist()}.")
+            return torch.tensor(self.class_to_part, device=labels.device)[labels]
+        if isinstance(conditions, Mapping):
+            cond = conditions.get("cond", conditions)
+            conditions = pool_condition(cond, self.pooling)
+        centroids = torch.tensor(self.centroids, device=conditions.device, dtype=torch.float32)
+        return torch.cdist(conditions.float(), centroids).argmin(dim=1)
+
+    def sizes(self) -> list[int]:
+        """Classes per part (class partitions; 1 per part for k-means: clusters are balanced at fit)."""
+        if self.class_to_part is None:
+            return [1] * self.num_parts
+        return [self.class_to_part.count(p) for p in range(self.num_parts)]
+
+    # ------------------------------------------------------------------ files
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_parts": self.num_parts, "kind": self.kind, "method": self.method,
+                "class_to_part": self.class_to_part, "centroids": self.centroids, "encoder": self.encoder,
+                "pooling": self.pooling}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Partition":
+        if not isinstance(data, Mapping):
+            raise ValueError(f"partition must be a mapping, got {type(data).__name__}.")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"partition has unknown fields {unknown}; accepted: {sorted(known)}.")
+        return cls(**dict(data))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the partition as JSON atomically (temp file + ``os.replace``)."""
+        from ..benchmarking import write_json
+
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Partition":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"partition file {str(path)!r} does not exist.")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"partition file {str(path)!r} is not valid JSON ({err}).") from None
+        return cls.from_dict(data)
+
+
+@torch.no_grad()
+def teacher_class_features(denoiser, num_classes: int, sample_shape: Sequence[int], *, n: int = 8, t: int = 800,
+                           seed: int = 0) -> torch.Tensor:
+    """Per-class teacher features for similarity partitions: the teacher's mean ``x0`` prediction of class ``c``
+    from ``n`` fixed noises at timestep ``t`` (about the class's mean image at high noise), ``[num_classes, D]``."""
+    device = next(denoiser.model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n, *sample_shape), generator=g).to(device)
+    tt = torch.full((n,), t, device=device, dtype=torch.long)
+    feats = []
+    for c in range(num_classes):
+        labels = torch.full((n,), c, device=device, dtype=torch.long)
+        feats.append(denoiser.predict(noise, tt, {"class_labels": labels})[0].float().mean(dim=0).reshape(-1))
+    return torch.stack(feats).cpu()
+
+
+def smooth_round_robin(weights: Sequence[int]) -> list[int]:
+    """One period of the smooth weighted round robin: student ``k`` appears ``weights[k]`` times, evenly spread."""
+    from functools import reduce
+    from math import gcd
+
+    common = reduce(gcd, weights)
+    weights = [w // common for w in weights]  # shortest period
+    current = [0] * len(weights)
+    total, order = sum(weights), []
+    for _ in range(total):
+        current = [c + w for c, w in zip(current, weights)]
+        k = max(range(len(weights)), key=lambda i: (current[i], -i))
+        current[k] -= total
+        order.append(k)
+    return order
+
+
+def _select_rows(value: Any, idx: torch.Tensor) -> Any:
+    """Rows ``idx`` of a tensor or of every tensor in a nested dict (batch conditions)."""
+    if isinstance(value, torch.Tensor):
+        return value[idx.to(value.device)]
+    if isinstance(value, Mapping):
+        return {k: _select_rows(v, idx) for k, v in value.items()}
+    return value
+
+
+# ---------------------------------------------------------------------- method
+@dataclass
+class MSDConfig(FDistillConfig):
+    """The base method's options (:class:`~.f_distill.FDistillConfig`; ``base_method="dmd2"`` forces
+    ``divergence="rkl"``, DMD2 exactly) plus MSD's.
+
+    Args:
+        base_method: ``"dmd2"`` or ``"fdistill"``.
+        students: K, the number of students (and parts).
+        partition: ``"balanced"`` (contiguous class groups) or ``"similarity"`` (balanced k-means on the
+            teacher's per-class features); ignored with ``partition_file``.
+        partition_file: a saved :class:`Partition` (JSON) to use instead of fitting one (required for text
+            teachers: fit it with :meth:`Partition.fit_embeddings` on the training prompts).
+        schedule: ``"proportional"`` (generator steps per student proportional to its part's size) or
+            ``"round_robin"``.
+        student_block_out_channels: smaller students (e.g. half the teacher's widths), randomly initialised;
+            ``None``: students are teacher copies.
+        tsm_steps: a student's own generator steps of teacher score matching before DM (smaller students).
+        tsm_time: timestep range of TSM.
+        output_dir: the run folder (the trainer passes its own); the partition is saved there.
+    """
+
+    base_method: str = "dmd2"
+    students: int = 4
+    partition: str = "balanced"
+    partition_file: str | None = None
+    schedule: str = "proportional"
+    student_block_out_channels: Sequence[int] | None = None
+    tsm_steps: int = 0
+    tsm_time: tuple[int, int] = (0, 999)
+    output_dir: str | None = None
+
+    def __post_init__(self):
+        if self.base_method not in BASE_METHODS:
+            raise ValueError(f"base_method must be one of {BASE_METHODS}, got {self.base_method!r}.")
+        if self.base_method == "dmd2":
+            self.divergence = "rkl"
+        FDistillConfig.__post_init__(self)
+        if isinstance(self.students, bool) or not isinstance(self.students, int) or self.students < 1:
+            raise ValueError(f"students must be a positive integer, got {self.students!r}.")
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"partition must be one of {PARTITIONS}, got {self.partition!r}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
+        if isinstance(self.tsm_steps, bool) or not isinstance(self.tsm_steps, int) or self.tsm_steps < 0:
+            raise ValueError(f"tsm_steps must be a non-negative integer, got {self.tsm_steps!r}.")
+        from .dmd2 import _check_time_range
+        self.tsm_time = _check_time_range("tsm_time", tuple(self.tsm_time))
+        if self.student_block_out_channels is not None:
+            ch = list(self.student_block_out_channels)
+            if not ch or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in ch):
+                raise ValueError(f"student_block_out_channels must be a list of positive integers, got {ch!r}.")
+            self.student_block_out_channels = tuple(ch)
+        if self.lora_student or self.lora_fake_score:
+            raise ValueError("msd: lora_student / lora_fake_score are not supported (K adapters would share one name).")
+
+    def base_config(self) -> FDistillConfig:
+        """The per-student base method's config."""
+        from dataclasses import fields
+
+        return FDistillConfig(**{f.name: getattr(self, f.name) for f in fields(FDistillConfig)})
+
+
+def small_network(teacher_network: torch.nn.Module, block_out_channels: Sequence[int], seed: int) -> torch.nn.Module:
+    """A randomly initialised network of the teacher's class and config with other ``block_out_channels``."""
+    cfg = dict(teacher_network.config)
+    if "block_out_channels" not in cfg:
+        raise ValueError(f"student_block_out_channels: {type(teacher_network).__name__} has no block_out_channels.")
+    if len(block_out_channels) != len(cfg["block_out_channels"]):
+        raise ValueError(f"student_block_out_channels must have {len(cfg['block_out_channels'])} entries like the "
+                         f"teacher's {list(cfg['block_out_channels'])}, got {list(block_out_channels)}.")
+    cfg["block_out_channels"] = list(block_out_channels)
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    torch.manual_seed(seed)
+    try:
+        return type(teacher_network).from_config(cfg).float().train()
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(f"student_block_out_channels {list(block_out_channels)} do not build a "
+                         f"{type(teacher_network).__name__} (check norm_num_groups / attention_head_dim): {err}") from None
+
+
+class MSD(DistillMethod):
+    """Multi-student distillation (arXiv:2410.23274) over DMD2 / f-distill; see the module docstring.
+
+    Args:
+        teacher: as :class:`~.dmd2.DMD2` (a Denoiser or a Teacher bundle).
+        guider: the teacher's guidance.
+        config: :class:`MSDConfig`; keyword options override its fields.
+        partition: a ready :class:`Partition` (overrides ``config.partition``/``partition_file``).
+    """
+
+    name = "msd"
+    config_class = MSDConfig
+
+    def __init__(self, teacher, guider=None, config: MSDConfig | None = None, partition: Partition | None = None,
+                 **options):
+        super().__init__()
+        config = config or MSDConfig()
+        if options:
+            from dataclasses import fields
+            known = {f.name for f in fields(config)}
+            unknown = sorted(set(options) - known)
+            if unknown:
+                raise TypeError(f"unknown {self.name} options {unknown}; accepted: {sorted(known)}.")
+            config = MSDConfig(**{**{f.name: getattr(config, f.name) for f in fields(config)}, **options})
+        self.config = c = config
+        base = c.base_config()
+        parts = [FDistill(teacher, guider, base) for _ in range(c.students)]
+        self.parts = torch.nn.ModuleList(parts)
+        first = parts[0]
+        self.set_teacher(first.teacher)
+        self.__dict__["teacher_denoiser"] = first.teacher_denoiser
+        self.null_label = first.null_label
+        self.needs_real_data = first.needs_real_data
+        self.partition = partition or self._make_partition()
+        if self.partition.num_parts != c.students:
+            raise ValueError(f"the partition has {self.partition.num_parts} parts for {c.students} students.")
+        if c.student_block_out_channels is not None:
+            net = first.teacher_denoiser.model
+            for k, part in enumerate(parts):
+                small = small_network(net, c.student_block_out_channels, seed=1000 + k)
+                part.student_module = Student(small, first.teacher_denoiser.schedule,
+                                              first.teacher_denoiser.prediction_type, base.student_timesteps)
+                part._student_params = list(small.parameters())
+        weights = self.partition.sizes() if c.schedule == "proportional" else [1] * c.students
+        self.order = smooth_round_robin(weights)
+        self.begin_generator_step(0)
+        if c.output_dir is not None:
+            self.partition.save(Path(c.output_dir) / PARTITION_FILE)
+
+    def _make_partition(self) -> Partition:
+        c = self.config
+        if c.partition_file is not None:
+            return Partition.load(c.partition_file)
+        if self.null_label is None:
+            raise ValueError("msd: a text-conditional teacher needs partition_file (k-means on the training prompts' "
+                             "pooled embeddings, Partition.fit_embeddings).")
+        num_classes = int(self.null_label)
+        features = None
+        if c.partition == "similarity":
+            net = self.teacher_denoiser.model
+            shape = (net.config.in_channels, *([net.config.sample_size] * 2
+                                               if isinstance(net.config.sample_size, int) else net.config.sample_size))
+            features = teacher_class_features(self.teacher_denoiser, num_classes, shape)
+        return Partition.fit_classes(num_classes, c.students, c.partition, features)
+
+    # ------------------------------------------------------------------ schedule
+    def student_at(self, step: int) -> int:
+        """The student trained in generator step ``step``."""
+        return self.order[step % len(self.order)]
+
+    def own_steps(self, k: int, step: int) -> int:
+        """Generator steps student ``k`` had before step ``step``."""
+        period, rest = divmod(step, len(self.order))
+        return period * self.order.count(k) + self.order[:rest].count(k)
+
+    def begin_generator_step(self, step: int) -> None:
+        """Trainer hook: activate the student of generator step ``step`` (and its TSM or DM phase)."""
+        self.active = self.student_at(step)
+        self.in_tsm = self.own_steps(self.active, step) < self.config.tsm_steps
+
+    # ------------------------------------------------------------------ contract
+    def optimizer_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        groups: dict[str, list[torch.nn.Parameter]] = {}
+        for part in self.parts:
+            for name, params in part.optimizer_groups().items():
+                groups.setdefault(name, []).extend(params)
+        return groups
+
+    def student(self) -> torch.nn.ModuleList:
+        return torch.nn.ModuleList([part.student_module for part in self.parts])
+
+    def student_networks(self) -> list[torch.nn.Module]:
+        return [part.student_network() for part in self.parts]
+
+    def export_pipeline(self, teacher_pipeline):
+        """The routed pipeline (:class:`~fastgen.pipelines.msd.FastGenMSDPipeline`) of the K students."""
+        from ..pipelines.msd import FastGenMSDPipeline
+
+        return FastGenMSDPipeline.from_students(teacher_pipeline, self.student_networks(),
+                                                list(self.config.student_timesteps), self.partition)
+
+    def _part_batch(self, batch: Batch, k: int) -> Batch:
+        """``batch`` restricted to part ``k``: class labels redrawn from the part, text rows selected, real rows
+        filtered to the part (all real rows when none falls in it)."""
+        g = batch.generator
+        labels, noise = batch.labels, batch.noise
+        if self.partition.kind == "classes":
+            classes = torch.tensor(self.partition.classes_of(k), device=g.device)
+            pick = torch.randint(len(classes), (noise.shape[0],), generator=g, device=g.device)
+            labels = classes[pick].to(labels.device)
+        else:
+            rows = (self.partition.assign(labels) == k).nonzero().reshape(-1)
+            if rows.numel():
+                labels, noise = _select_rows(labels, rows), noise[rows.to(noise.device)]
+        real, real_labels = batch.real, batch.real_labels
+        if real is not None and real_labels is not None:
+            rows = (self.partition.assign(real_labels) == k).nonzero().reshape(-1)
+            if rows.numel():
+                real, real_labels = real[rows.to(real.device)], _select_rows(real_labels, rows)
+        return Batch(labels=labels, noise=noise, real=real, generator=g, real_labels=real_labels)
+
+    def generator_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        part = self.parts[self.active]
+        sub = self._part_batch(batch, self.active)
+        if getattr(self, "in_tsm", False):
+            loss = self.tsm_loss(part, sub)
+            out = {"loss": loss, "tsm": loss.detach()}
+        else:
+            out = part.generator_loss(sub)
+        out["student"] = torch.tensor(float(self.active))
+        return out
+
+    def critic_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return self.parts[self.active].critic_loss(self._part_batch(batch, self.active))
+
+    def tsm_loss(self, part: FDistill, batch: Batch) -> torch.Tensor:
+        """Teacher score matching: the student network as a denoiser regresses the guided teacher at noised
+        (detached) student samples, ``t ~ U[tsm_time]`` (:meth:`tsm_gap`)."""
+        g = batch.generator
+        cond, uncond = part._conditions(batch.labels)
+        with torch.no_grad():
+            x0 = part.student_module(batch.noise, cond, g).detach()
+        t = part._timesteps(self.config.tsm_time, x0.shape[0], g, x0.device)
+        return self.tsm_gap(part, part._noised(x0, t, g), t, cond, uncond)
+
+    @staticmethod
+    def tsm_gap(part: FDistill, x_t, t, cond, uncond) -> torch.Tensor:
+        """Mean squared difference between the student network's raw output and the guided teacher's, in the
+        network's own parameterisation (epsilon for the digits teacher: well conditioned at every t, where
+        ``x0`` errors blow up as alpha_t -> 0)."""
+        target = part.fake_denoiser.from_x0(part._teacher_x0(x_t, t, cond, uncond), x_t, t)
+        pred = part.student_module.denoiser(x_t, t, cond)
+        return F.mse_loss(pred.float(), target.float())
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, labels: Any, generator=None) -> torch.Tensor:
+        """Route each row to its student; outputs in input order."""
+        parts = self.partition.assign(labels).to(noise.device)
+        out = torch.empty_like(noise)
+        for k in parts.unique().tolist():
+            rows = (parts == k).nonzero().reshape(-1)
+            out[rows] = self.parts[k].sample(noise[rows], _select_rows(labels, rows), generator).to(out.dtype)
+        return out
+
+    # ------------------------------------------------------------------ trainer state
+    def trainer_state(self) -> dict:
+        return {"parts": {str(k): part.trainer_state() for k, part in enumerate(self.parts)},
+                "partition": json.dumps(self.partition.to_dict())}
+
+    def load_trainer_state(self, state: dict) -> None:
+        if not state:
+            return
+        saved = Partition.from_dict(json.loads(state["partition"]))
+        if saved != self.partition:
+            raise ValueError(f"msd: the checkpoint was trained with another partition ({saved.to_dict()}); resume "
+                             f"with the same options, or pass it as partition_file.")
+        for k, part in enumerate(self.parts):
+            part.load_trainer_state(state["parts"][str(k)])

@@ -1,0 +1,307 @@
+"""MSD (fastgen/training/msd.py, fastgen/pipelines/msd.py): partition, router, cycling students, TSM, export
+(spec distillation.md 4.3)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from fastgen.denoiser import Denoiser  # noqa: E402
+from fastgen.guidance import CFG  # noqa: E402
+from fastgen.pipelines.msd import FastGenMSDPipeline  # noqa: E402
+from fastgen.training.method import Batch  # noqa: E402
+from fastgen.training.msd import MSD, MSDConfig, Partition, kmeans, smooth_round_robin  # noqa: E402
+from fastgen.training.students import Student  # noqa: E402
+
+from tiny import tiny_class_unet  # noqa: E402
+
+SHAPE = (1, 8, 8)
+
+
+# ---------------------------------------------------------------------- partition
+def test_balanced_partition_covers_every_class_once():
+    p = Partition.fit_classes(10, 4)
+    assert p.class_to_part == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
+    assert sorted(p.sizes()) == [2, 2, 3, 3]
+    assert sorted(c for k in range(4) for c in p.classes_of(k)) == list(range(10))
+    assert torch.equal(p.assign(torch.tensor([9, 0, 4, 4])), torch.tensor([3, 0, 1, 1]))
+
+
+def test_similarity_partition_groups_similar_classes_and_stays_balanced():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    truth = [2, 0, 1, 0, 2, 1, 0, 1, 2]  # three hidden groups of three classes
+    features = centres[truth] + 0.3 * torch.randn(9, 2, generator=g)
+    p = Partition.fit_classes(9, 3, "similarity", features)
+    groups = {frozenset(p.classes_of(k)) for k in range(3)}
+    assert groups == {frozenset(c for c in range(9) if truth[c] == j) for j in range(3)}
+    assert p.class_to_part[0] == 0  # parts numbered by their smallest class
+    # unequal natural clusters (7 + 2) are still split 5 / 4 by the capacity
+    uneven = torch.cat([torch.zeros(7, 2), torch.full((2, 2), 10.0)]) + 0.01 * torch.randn(9, 2, generator=g)
+    assert sorted(Partition.fit_classes(9, 2, "similarity", uneven).sizes()) == [4, 5]
+
+
+def test_kmeans_text_partition_routes_to_the_nearest_centroid():
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(3, 16, generator=g) * 5
+    emb = centres.repeat_interleave(20, 0) + 0.1 * torch.randn(60, 16, generator=g)
+    p = Partition.fit_embeddings(emb, 3, pooling="mean", encoder="tiny-clip")
+    parts = p.assign(emb)
+    assert all(len(set(parts[20 * j: 20 * j + 20].tolist())) == 1 for j in range(3))
+    assert len(set(parts.tolist())) == 3
+    # a text condition dict is pooled the same way (token mean of encoder_hidden_states)
+    tokens = emb[:4, None, :].expand(4, 5, 16)
+    assert torch.equal(p.assign({"cond": {"encoder_hidden_states": tokens}}), parts[:4])
+    _, assign = kmeans(emb, 3, balanced=True)
+    assert sorted(torch.bincount(assign).tolist()) == [20, 20, 20]
+
+
+def test_partition_save_load_round_trip(tmp_path):
+    for p in (Partition.fit_classes(10, 4),
+              Partition.fit_embeddings(torch.randn(12, 4, generator=torch.Generator().manual_seed(0)), 3)):
+        path = p.save(tmp_path / f"{p.kind}.json")
+        q = Partition.load(path)
+        assert q == p and q.to_dict() == p.to_dict()
+        probe = torch.arange(10) if p.kind == "classes" else torch.randn(7, 4)
+        assert torch.equal(q.assign(probe), p.assign(probe))
+    with pytest.raises(ValueError, match="hold no class"):
+        Partition(num_parts=3, class_to_part=[0, 0, 1])
+    with pytest.raises(ValueError, match="unknown fields"):
+        Partition.from_dict({"num_parts": 2, "classes": [0, 1]})
+    with pytest.raises(ValueError, match="class ids"):
+        Partition.fit_classes(10, 2).assign(torch.tensor([10]))
+
+
+def test_smooth_round_robin_is_proportional_and_spread():
+    order = smooth_round_robin([3, 2, 3, 2])
+    assert [order.count(k) for k in range(4)] == [3, 2, 3, 2]
+    assert all(a != b for a, b in zip(order, order[1:]))  # no student twice in a row here
+
+
+# ---------------------------------------------------------------------- router pipeline
+def _students(k=3, small=(1,)):
+    from fastgen.training.msd import small_network
+
+    nets = []
+    for i in range(k):
+        if i in small:
+            nets.append(small_network(tiny_class_unet(), (8, 16), seed=i).eval())
+        else:
+            torch.manual_seed(i)
+            net = tiny_class_unet()
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+            nets.append(net)
+    return nets
+
+
+def _pipe(partition, nets):
+    from fastgen.pipelines import FastGenClassPipeline
+
+    teacher = FastGenClassPipeline(scheduler=DDPMScheduler(), unet=tiny_class_unet())
+    pipe = FastGenMSDPipeline.from_students(teacher, nets, [700], partition)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_router_order_one_student_per_condition_and_mixed_batch_equals_per_student(tmp_path):
+    part = Partition.fit_classes(10, 3)
+    nets = _students(3)
+    pipe = _pipe(part, nets)
+    calls = {k: [] for k in range(3)}
+    for k, net in enumerate(pipe.students):
+        net.register_forward_hook(lambda mod, args, kw, out, k=k: calls[k].append(kw["class_labels"].tolist()),
+                                  with_kwargs=True)
+    labels = [7, 0, 3, 9, 5, 1, 8, 2, 6, 4, 0, 9]
+    out = pipe(class_labels=labels, seed=list(range(100, 112)), output_type="pt")
+    assert out.nfe == 1 and out.images.shape == (12, 1, 8, 8)
+    # each condition reached exactly one student, the partition's, in one batched call per student
+    for k in range(3):
+        assert len(calls[k]) == 1 and sorted(calls[k][0]) == sorted(c for c in labels if part.class_to_part[c] == k)
+    assert torch.equal(pipe.route(labels), part.assign(torch.tensor(labels)))
+    # the mixed batch equals each student run alone on its rows (order preserved)
+    sched = pipe.scheduler
+    for i, c in enumerate(labels):
+        k = part.class_to_part[c]
+        den = Denoiser.from_scheduler(nets[k], sched)
+        noise = torch.randn((1, *SHAPE), generator=torch.Generator().manual_seed(100 + i))
+        x0 = Student(nets[k], den.schedule, den.prediction_type, [700]).sample(noise, {"class_labels": torch.tensor([c])})
+        assert torch.allclose(out.images[i], ((x0[0] / 2 + 0.5).clamp(0, 1)), atol=1e-5), (i, c)
+    # a single-class call gives the same image as inside the mixed batch
+    alone = pipe(class_labels=[labels[3]], seed=[103], output_type="pt").images
+    assert torch.allclose(alone[0], out.images[3], atol=1e-5)
+    # save / reload through the FastGen class: same partition, same images
+    pipe.save_pretrained(tmp_path / "msd")
+    again = FastGenMSDPipeline.from_pretrained(tmp_path / "msd")
+    assert again.partition == part and len(again.students) == 3
+    assert again.students[1].config.block_out_channels == (8, 16) or list(again.students[1].config.block_out_channels) == [8, 16]
+    out2 = again(class_labels=labels, seed=list(range(100, 112)), output_type="pt")
+    assert torch.allclose(out2.images, out.images, atol=1e-6)
+
+
+def test_router_pipeline_refuses_mismatched_parts():
+    with pytest.raises(ValueError, match="partition has 4 parts"):
+        _pipe(Partition.fit_classes(10, 4), _students(3, small=()))
+    with pytest.raises(ValueError, match="guidance_scale"):
+        _pipe(Partition.fit_classes(10, 3), _students(3, small=()))(class_labels=[1], guidance_scale=2.0)
+
+
+# ---------------------------------------------------------------------- method
+def _teacher():
+    return Denoiser.from_scheduler(tiny_class_unet(), DDPMScheduler())
+
+
+def _batch(seed, b=6):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (b,), generator=g)
+    return Batch(labels=labels, noise=torch.randn(b, *SHAPE, generator=g), real=torch.rand(b, *SHAPE, generator=g) * 2 - 1,
+                 real_labels=labels, generator=torch.Generator().manual_seed(seed + 50))
+
+
+def _params(module):
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def test_msd_cycles_students_each_on_its_own_part(tmp_path):
+    torch.manual_seed(0)
+    m = MSD(_teacher(), guider=CFG(2.0), students=2, output_dir=str(tmp_path))
+    assert Partition.load(tmp_path / "partition.json") == m.partition
+    assert m.order == [0, 1]
+    opts = {k: torch.optim.AdamW(v, lr=1e-3, weight_decay=0.01) for k, v in m.optimizer_groups().items()}
+    seen = {0: [], 1: [], "real": []}
+    for k in range(2):
+        m.parts[k].student_module.network.class_embedding.register_forward_hook(
+            lambda mod, args, out, k=k: seen[k].append(args[0].tolist()))
+    for step in range(4):
+        m.begin_generator_step(step)
+        before = [_params(p) for p in m.parts]
+        for phase in ("critic", "generator"):
+            out = m(phase, _batch(10 * step + (phase == "generator")))
+            out["loss"].backward()
+            for name, o in opts.items():
+                if (name == "generator") == (phase == "generator"):
+                    o.step()
+                o.zero_grad(set_to_none=True)
+        after = [_params(p) for p in m.parts]
+        changed = [any(not torch.equal(before[k][n], after[k][n]) for n in before[k]) for k in range(2)]
+        assert changed == [m.active == 0, m.active == 1], (step, changed)  # the other student (and its critic) untouched
+        assert float(out["student"]) == step % 2
+    for k in range(2):
+        classes = {c for row in seen[k] for c in row}
+        assert classes and classes <= set(m.partition.classes_of(k)), (k, classes)
+    # routing in sample(): rows in input order, each through its own student
+    noise, labels = torch.randn(5, *SHAPE), torch.tensor([9, 0, 5, 4, 1])
+    mixed = m.sample(noise, labels)
+    for i in range(5):
+        k = m.partition.class_to_part[int(labels[i])]
+        assert torch.allclose(mixed[i], m.parts[k].sample(noise[i:i + 1], labels[i:i + 1])[0], rtol=1e-4, atol=1e-4)
+
+
+def test_part_batch_filters_real_rows_to_the_part():
+    torch.manual_seed(0)
+    m = MSD(_teacher(), students=2, partition=Partition.fit_classes(10, 2))
+    b = _batch(3, b=12)
+    sub = m._part_batch(b, 1)
+    assert set(sub.real_labels.tolist()) <= {5, 6, 7, 8, 9} and set(sub.labels.tolist()) <= {5, 6, 7, 8, 9}
+    assert sub.real.shape[0] == int((b.real_labels >= 5).sum())
+
+
+def test_small_students_tsm_reduces_the_matching_gap():
+    """Half-width random-init students: TSM steps lower the gap to the teacher's x0 (spec 4.3 test 3)."""
+    torch.manual_seed(0)
+    m = MSD(_teacher(), guider=CFG(2.0), students=2, student_block_out_channels=[8, 16], tsm_steps=100,
+            gan_weight_generator=0.0, gan_weight_discriminator=0.0)
+    n_small = sum(p.numel() for p in m.parts[0].student_module.parameters())
+    n_teacher = sum(p.numel() for p in m.teacher_denoiser.model.parameters())
+    assert n_small < 0.4 * n_teacher
+    opt = torch.optim.AdamW(m.optimizer_groups()["generator"], lr=3e-3)
+    g = torch.Generator().manual_seed(999)
+    x_t, t = torch.randn(32, *SHAPE, generator=g), torch.randint(0, 1000, (32,), generator=g)
+    labels = torch.tensor(m.partition.classes_of(0))[torch.randint(5, (32,), generator=g)]
+
+    def gap():
+        with torch.no_grad():
+            cond, uncond = m.parts[0]._conditions(labels)
+            return float(m.tsm_gap(m.parts[0], x_t, t, cond, uncond))
+
+    start = gap()
+    for step in range(0, 40, 2):  # student 0's steps
+        m.begin_generator_step(step)
+        assert m.in_tsm and m.active == 0
+        out = m.generator_loss(_batch(step))
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    end = gap()
+    assert end < 0.65 * start, (start, end)
+    assert abs(start - 0.3192) < 0.01 and abs(end - 0.1772) < 0.01, (start, end)  # known-good run
+    m.begin_generator_step(151)  # student 1's 76th own step (TSM counts each student's own steps)
+    assert m.active == 1 and m.in_tsm and m.own_steps(1, 151) == 75
+    m.begin_generator_step(200)  # student 0's 101st own step: DM from now on
+    assert not m.in_tsm and "dm" in m.generator_loss(_batch(0))
+
+
+def _msd_trainer(out, max_steps, resume=None, **options):
+    from fastgen.pipelines import FastGenClassPipeline
+    from fastgen.training.config import DistillConfig
+    from fastgen.training.teacher import load_teacher
+    from fastgen.training.trainer import DistillTrainer
+
+    config = DistillConfig(output_dir=str(out), method="msd", teacher="builtin:digits", train_batch_size=4,
+                           max_train_steps=max_steps, critic_steps_per_generator_step=1, checkpointing_steps=3,
+                           learning_rate=1e-3, logging_steps=1, report_to="none", progress=False, mixed_precision="no",
+                           resume_from_checkpoint=resume, ema_decay=0.9,
+                           method_options={"students": 3, "gan_weight_generator": 0.0, "gan_weight_discriminator": 0.0,
+                                           **options})
+    pipe = FastGenClassPipeline(scheduler=DDPMScheduler(), unet=tiny_class_unet())
+    torch.manual_seed(0)
+    return DistillTrainer(config, teacher=load_teacher(config, pipeline=pipe))
+
+
+def test_resume_continues_the_student_cycle_exactly(tmp_path):
+    from fastgen.training.checkpoint import network_state_dict
+
+    _msd_trainer(tmp_path / "a", 5).train()
+    _msd_trainer(tmp_path / "b", 3).train()
+    b = _msd_trainer(tmp_path / "b", 5, resume="latest")
+    b.train()
+    wa = network_state_dict(tmp_path / "a" / "checkpoint-5" / "student_ema")
+    wb = network_state_dict(tmp_path / "b" / "checkpoint-5" / "student_ema")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(ValueError, match="another partition"):
+        _msd_trainer(tmp_path / "b", 6, resume="latest", partition="similarity")._resume()
+
+
+def test_trainer_exports_a_routed_pipeline(tmp_path):
+    trainer = _msd_trainer(tmp_path, 3)
+    assert isinstance(trainer.method, MSD) and trainer.method.config.output_dir == str(tmp_path)
+    summary = trainer.train()
+    students = [int(r["generator/student"]) for r in map(__import__("json").loads,
+                                                          (tmp_path / "train_log.jsonl").read_text().splitlines())]
+    assert students == trainer.method.order[:3]
+    out = FastGenMSDPipeline.from_pretrained(summary["student"])
+    assert out.partition == trainer.method.partition
+    images = out(class_labels=list(range(10)), seed=0, output_type="pt")
+    assert images.images.shape == (10, 1, 8, 8) and images.nfe == 1
+
+
+def test_msd_options():
+    with pytest.raises(ValueError, match="students"):
+        MSDConfig(students=0)
+    with pytest.raises(ValueError, match="partition"):
+        MSDConfig(partition="random")
+    with pytest.raises(ValueError, match="lora"):
+        MSDConfig(lora_student=True)
+    with pytest.raises(ValueError, match="between 1 and the number of classes"):
+        MSD(_teacher(), students=11)
+    with pytest.raises(ValueError, match="student_block_out_channels"):
+        MSD(_teacher(), students=2, student_block_out_channels=[8])
+    assert MSDConfig(base_method="dmd2", divergence="js").divergence == "rkl"
