@@ -254,9 +254,9 @@ def test_2d_oracle_stage1_nodes_approach_the_initial_students_score(tmp_path):
     torch.manual_seed(0)
     net = UNetToy2D(_ring(), torch.tensor([3, 1, 3, 1, 3, 1, 3, 1.0]) / 16, 0.15)
     teacher = Denoiser(net, NoiseSchedule.from_scheduler_config(DDPMScheduler()), "epsilon")
-    m = DisBack(teacher, nodes=4, record_interval=20, interval=10, output_dir=str(tmp_path), label_dropout=0.0,
-                gan_weight_generator=0.0, gan_weight_discriminator=0.0)
     mean, scale, t_star = torch.tensor([4.0, -3.0]), 0.5, 700
+    m = DisBack(teacher, nodes=4, record_interval=20, interval=10, output_dir=str(tmp_path), label_dropout=0.0,
+                gan_weight_generator=0.0, gan_weight_discriminator=0.0, student_timesteps=[t_star])
     student = m.student_module.network
     a, s = float(net.alpha[t_star]), float(net.sigma[t_star])
     with torch.no_grad():  # x0 = G_0(z) = mean + scale * z: epsilon = c z + d at t*

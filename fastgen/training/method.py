@@ -28,6 +28,9 @@ stepped after :meth:`generator_loss`; all other groups (``"critic"``, ``"discrim
 stepped after :meth:`critic_loss`. Each group may carry its own learning rate (trainer option
 ``learning_rate_<group>``, default ``learning_rate``).
 
+Optional hooks with no-op defaults: :meth:`DistillMethod.begin_generator_step` (step-indexed schedules)
+and :meth:`DistillMethod.export_pipeline` (a method that exports its own pipeline, e.g. MSD's router).
+
 Losses return a ``dict[str, Tensor]`` with a scalar ``"loss"`` (what is back-propagated); every
 other entry must be a scalar (or 0-d) tensor and is logged as ``<phase>/<key>`` (detached, averaged
 over micro-steps and processes). Losses must be means over the local batch, so that the gradient of
@@ -133,6 +136,15 @@ class DistillMethod(torch.nn.Module, abc.ABC):
         """Restore what :meth:`trainer_state` returned."""
         if state:
             raise ValueError(f"{type(self).__name__} keeps no trainer state, got keys {sorted(state)}.")
+
+    def begin_generator_step(self, step: int) -> None:
+        """Called with the generator-step index before each generator step (DisBack's node schedule, MSD's
+        active student); default nothing. Must depend on ``step`` only, so a resumed run does the same."""
+
+    def export_pipeline(self, teacher_pipeline) -> Any:
+        """The pipeline to save as the run's ``student/`` folder, or ``None`` (default) for the trainer's
+        :class:`~fastgen.pipelines.student.FastGenStudentPipeline` of :meth:`student_network`."""
+        return None
 
     @abc.abstractmethod
     def student(self) -> torch.nn.Module:

@@ -526,9 +526,8 @@ class DistillTrainer:
         start_step = self.step
         metrics: dict[str, float] = {}
         while self.step < cfg.max_train_steps:
-            # 0. optional method hook with the step's index (DisBack's node schedule, MSD's active student)
-            if hasattr(self.method, "begin_generator_step"):
-                self.method.begin_generator_step(self.step)
+            # 0. the method's step hook (DisBack's node schedule, MSD's active student; default nothing)
+            self.method.begin_generator_step(self.step)
             # 1. critic
             if self.critic_groups:
                 for k in range(cfg.critic_steps_per_generator_step):
@@ -594,8 +593,9 @@ class DistillTrainer:
                 shutil.rmtree(tmp, ignore_errors=True)
                 network_fn = getattr(self.method, "student_network", None)
                 pipe = getattr(self.teacher, "pipeline", None)
-                if hasattr(self.method, "export_pipeline") and pipe is not None:  # own pipeline (MSD's router)
-                    self.method.export_pipeline(pipe).save_pretrained(tmp)
+                own = self.method.export_pipeline(pipe) if pipe is not None else None  # e.g. MSD's router
+                if own is not None:
+                    own.save_pretrained(tmp)
                 elif network_fn is not None and pipe is not None and hasattr(pipe, "num_classes"):
                     from ..pipelines.student import FastGenStudentPipeline
 
