@@ -284,7 +284,7 @@ def test_bad_arguments_name_the_argument():
                         (lambda: resolve_guidance("apgx", 3.0), r"\['cfg', 'apg', 'ag', 'linear-ag'\]")]:
         with pytest.raises(ValueError, match=match):
             make()
-    assert available_guidance() == ["cfg", "apg", "ag", "linear-ag"]
+    assert available_guidance() == ["cfg", "apg", "ag", "linear-ag", "cfg-interval"]
 
 
 @pytest.mark.parametrize("kind, solver", [("sd", "dpmsolver++"), ("sdxl", "unipc")])

@@ -1,0 +1,114 @@
+"""Issue 15: the interval-CFG baseline, distance to the reference solution, model guidance settings, digits-small."""
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from fastgen import FastGenClassPipeline
+from fastgen.denoiser import Denoiser, GuidedDenoiser
+from fastgen.guidance import CFG, CFGInterval, resolve_guidance
+from tiny import tiny_class_unet
+
+logging.getLogger("diffusers.guiders.guider_utils").setLevel(logging.ERROR)
+N = 6
+LABELS = [1, 5, 7]
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    pipe = FastGenClassPipeline(scheduler=DDIMScheduler(), unet=tiny_class_unet(), id2label={i: str(i) for i in range(10)})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, guidance, scale=3.0, **kw):
+    return pipe(LABELS, num_inference_steps=N, guidance=guidance, guidance_scale=scale, seed=0, output_type="np", **kw)
+
+
+def step_sigmas(pipe):
+    """EDM sigma = sigma_t / alpha_t at each of the N steps of the tiny pipeline's DDIM run."""
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(N)
+    den = Denoiser.from_scheduler(pipe.unet, sched)
+    out = []
+    for t in sched.timesteps:
+        a, s = den.alpha_sigma(t, like=torch.zeros(1, 1, 1, 1))
+        out.append(float(s.double().reshape(-1)[0] / a.double().reshape(-1)[0]))  # as the guider computes it
+    return out
+
+
+# ---------------------------------------------------------------- 1. interval baseline
+def test_interval_covering_every_step_is_cfg_and_empty_interval_is_conditional_only(tiny_pipe):
+    cfg = run(tiny_pipe, CFG(guidance_scale=3.0))
+    full = run(tiny_pipe, CFGInterval(guidance_scale=3.0, sigma_low=None, sigma_high=None))
+    assert np.array_equal(full.images, cfg.images) and full.nfe == cfg.nfe == 2 * N
+    wide = run(tiny_pipe, CFGInterval(guidance_scale=3.0, sigma_low=0.0, sigma_high=1e9))
+    assert np.array_equal(wide.images, cfg.images) and wide.nfe == 2 * N
+    cond = run(tiny_pipe, None, scale=1.0)
+    empty = run(tiny_pipe, CFGInterval(guidance_scale=3.0, sigma_low=None, sigma_high=1e-6))
+    assert np.array_equal(empty.images, cond.images) and empty.nfe == cond.nfe == N
+    assert not np.array_equal(cfg.images, cond.images)  # guidance matters on this model
+
+
+@pytest.mark.parametrize("first,last", [(0, 1), (2, 4), (3, 5)])
+def test_sigma_interval_guides_exactly_its_steps_with_exact_nfe(tiny_pipe, first, last):
+    sig = step_sigmas(tiny_pipe)
+    assert all(a > b for a, b in zip(sig, sig[1:]))
+    # bounds half-way (geometric) between neighbouring steps: steps first..last are inside (low, high]
+    high = None if first == 0 else (sig[first - 1] * sig[first]) ** 0.5
+    low = None if last == N - 1 else (sig[last] * sig[last + 1]) ** 0.5
+    guider = CFGInterval(guidance_scale=3.0, sigma_low=low, sigma_high=high)
+    out = run(tiny_pipe, guider)
+    k = last - first + 1
+    assert out.nfe == 2 * k + (N - k)
+    assert [s["nfe"] for s in out.steps] == [2 if first <= i <= last else 1 for i in range(N)]
+    # the same steps guided by diffusers' own step window (CFG start/stop)
+    window = CFG(guidance_scale=3.0, start=first / N + 1e-9, stop=min(1.0, (last + 1) / N + 1e-9))
+    ref = run(tiny_pipe, window)
+    assert np.array_equal(out.images, ref.images) and ref.nfe == out.nfe
+
+
+def test_sigma_bounds_are_open_below_and_closed_above(tiny_pipe):
+    sig = step_sigmas(tiny_pipe)
+    only = run(tiny_pipe, CFGInterval(guidance_scale=3.0, sigma_low=sig[3], sigma_high=sig[2]))
+    assert [s["nfe"] for s in only.steps] == [1, 1, 2, 1, 1, 1]
+
+
+def test_step_window_interval_equals_cfg_window_and_counts_nfe(tiny_pipe):
+    out = run(tiny_pipe, CFGInterval(guidance_scale=5.0, sigma_low=None, sigma_high=None, stop=0.5))
+    ref = run(tiny_pipe, CFG(guidance_scale=5.0, stop=0.5), scale=5.0)
+    assert np.array_equal(out.images, ref.images) and out.nfe == ref.nfe == 2 * 3 + 3
+
+
+def test_per_row_sigma_interval_outside_sampling(tiny_pipe):
+    """Training-style call: one time per row, step=None; rows inside the interval get CFG, the others the
+    conditional prediction, and only the inside rows pay for the unconditional branch."""
+    den = Denoiser.from_scheduler(tiny_pipe.unet, tiny_pipe.scheduler)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([999, 700, 300, 20])
+    a, s = den.alpha_sigma(t, like=x)
+    sig = (s / a).reshape(-1)
+    low, high = float(sig[2]) * 0.99, float(sig[1]) * 1.01   # rows 1 and 2 inside
+    cond = {"class_labels": torch.tensor([1, 2, 3, 4])}
+    uncond = {"class_labels": torch.full((4,), 10)}
+    with torch.no_grad():
+        got = GuidedDenoiser(den, CFGInterval(3.0, sigma_low=low, sigma_high=high), cond, uncond)(x, t)
+        cfg = GuidedDenoiser(den, CFG(guidance_scale=3.0), cond, uncond)(x, t)
+        plain = GuidedDenoiser(den, None, cond, uncond)(x, t)
+    assert got.nfe_per_row.tolist() == [1, 2, 2, 1]
+    torch.testing.assert_close(got.model_output[1:3], cfg.model_output[1:3], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.model_output[[0, 3]], plain.model_output[[0, 3]], rtol=1e-5, atol=1e-5)
+
+
+def test_interval_name_registry_and_bad_arguments():
+    g = resolve_guidance("cfg-interval", 4.0)
+    assert isinstance(g, CFGInterval) and (g.sigma_low, g.sigma_high) == (0.28, 5.42) and g.guidance_scale == 4.0
+    with pytest.raises(ValueError, match="sigma_low"):
+        CFGInterval(3.0, sigma_low=2.0, sigma_high=1.0)
+    with pytest.raises(ValueError, match="sigma_high"):
+        CFGInterval(3.0, sigma_high=-1.0)
+    with pytest.raises(ValueError, match="noise level"):
+        CFGInterval(3.0).forward(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
