@@ -14,6 +14,7 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 # name -> (folder under fastgen/assets, "module:function" that loads the folder into a pipeline/model)
 _BUILTINS = {
     "digits": ("digits", "fastgen.pipelines.class_conditional:_load_builtin_digits"),
+    "digits-small": ("digits-small", "fastgen.pipelines.class_conditional:_load_builtin_digits"),
     "digits-features": ("digits-features", "fastgen.metrics.digits:_load_builtin_features"),
     "arith-dlm": ("arith-dlm", "fastgen.prophet:load_builtin_dlm"),
 }

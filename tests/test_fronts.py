@@ -112,3 +112,63 @@ def test_interval_name_registry_and_bad_arguments():
         CFGInterval(3.0, sigma_high=-1.0)
     with pytest.raises(ValueError, match="noise level"):
         CFGInterval(3.0).forward(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+
+
+# ---------------------------------------------------------------- 2. distance to the reference solution
+@pytest.fixture(scope="module")
+def digits():
+    import fastgen
+
+    pipe = fastgen.load_builtin("digits")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_rms_distance_closed_forms():
+    from fastgen.metrics import rms_distance
+
+    a = torch.zeros(2, 1, 1, 1)
+    assert rms_distance(a, torch.tensor([3.0, 4.0]).view(2, 1, 1, 1)) == pytest.approx((12.5) ** 0.5, abs=0)
+    x = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert rms_distance(x, x + 0.25) == pytest.approx(0.25, rel=1e-6)
+    with pytest.raises(ValueError, match="same shape"):
+        rms_distance(x, x[:2])
+
+
+def test_reference_solvers_own_distance_is_zero_and_few_steps_are_further(digits):
+    from fastgen.metrics import evaluate_pipeline, reference_solution
+
+    n, kw = 6, dict(guidance_scale=2.0, knn_metrics=False, progress=False, classifier=None)
+    ref = reference_solution(digits, n, seed=3, steps=12, guidance_scale=2.0, batch_size=4)
+    assert ref.shape == (n, 1, 16, 16) and 0 <= float(ref.min()) and float(ref.max()) <= 1
+    same = evaluate_pipeline(digits, n, seed=3, num_inference_steps=12, solver="dpmsolver++", reference_samples=ref,
+                             batch_size=4, **kw)
+    assert same.rms_to_reference == 0.0
+    rebatched = evaluate_pipeline(digits, n, seed=3, num_inference_steps=12, solver="dpmsolver++",
+                                  reference_samples=ref, batch_size=5, **kw)
+    assert rebatched.rms_to_reference < 1e-6  # other batch shapes: float round-off only
+    shifted = evaluate_pipeline(digits, n, seed=3, num_inference_steps=12, solver="dpmsolver++",
+                                reference_samples=ref + 0.125, batch_size=6, **kw)  # closed form: a constant shift
+    assert shifted.rms_to_reference == pytest.approx(0.125, rel=1e-6)
+    dist = [evaluate_pipeline(digits, n, seed=3, num_inference_steps=s, solver="dpmsolver++", reference_samples=ref,
+                              **kw).rms_to_reference for s in (2, 4)]
+    assert dist[0] > dist[1] > 0.0
+    other = evaluate_pipeline(digits, n, seed=4, num_inference_steps=12, solver="dpmsolver++", reference_samples=ref,
+                              **kw)  # other seeds: not the same noise, far away
+    assert other.rms_to_reference > 3 * dist[1]
+    with pytest.raises(ValueError, match="reference_samples"):
+        evaluate_pipeline(digits, n + 1, reference_samples=ref, num_inference_steps=1, **kw)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        reference_solution(digits, 2, num_inference_steps=3)
+
+
+def test_rms_search_fitness_is_the_shared_distance(digits):
+    from fastgen.metrics import rms_distance, reference_solution
+    from fastgen.solvers.evaluate import SEARCH_SEED, ScheduleEvaluator, run_schedule
+
+    ev = ScheduleEvaluator(digits, samples=4, reference_steps=8, scale=2.0)
+    ref = reference_solution(digits, 4, seed=SEARCH_SEED, steps=8, guidance_scale=2.0)
+    assert torch.equal(ev.reference, ref)
+    assert ev(("dpmsolver++", 8, None, 0.0)) == 0.0
+    few = run_schedule(digits, ("dpmsolver++", 3, None, 0.0), ev.labels, ev.seeds, 2.0)
+    assert ev(("dpmsolver++", 3, None, 0.0)) == rms_distance(few, ref) > 0
