@@ -172,3 +172,113 @@ def test_rms_search_fitness_is_the_shared_distance(digits):
     assert ev(("dpmsolver++", 8, None, 0.0)) == 0.0
     few = run_schedule(digits, ("dpmsolver++", 3, None, 0.0), ev.labels, ev.seeds, 2.0)
     assert ev(("dpmsolver++", 3, None, 0.0)) == rms_distance(few, ref) > 0
+
+
+# ---------------------------------------------------------------- 3. defaults that work on the built-in models
+def test_model_settings_apply_to_names_only_and_other_models_keep_paper_defaults(tmp_path):
+    from fastgen import builtin_path
+    from fastgen.guidance import APG, AdaptiveGuidance, LinearAG
+
+    folder = builtin_path("digits")
+    apg = resolve_guidance("apg", 3.0, model_path=folder)
+    ag = resolve_guidance("ag", 3.0, model_path=folder)
+    lag = resolve_guidance("linear-ag", 3.0, model_path=folder)
+    assert (apg.norm_threshold, apg.eta, apg.momentum) == (1.0, 0.0, -0.5)
+    assert (ag.space, ag.threshold) == ("x0", 0.95) and (lag.space, lag.threshold) == ("x0", 0.95)
+    assert isinstance(lag, LinearAG) and lag.guidance_scale == 3.0
+    # no settings file (any other model), no model path, or a guider object: the papers' defaults / as given
+    for path in (tmp_path, None):
+        assert resolve_guidance("apg", 3.0, model_path=path).norm_threshold == APG().norm_threshold == 15.0
+        assert resolve_guidance("ag", 3.0, model_path=path).space == "eps"
+    mine = AdaptiveGuidance(guidance_scale=3.0)
+    assert resolve_guidance(mine, 3.0, model_path=folder) is mine and mine.threshold == 0.991
+
+
+def test_bad_settings_files_name_the_file(tmp_path):
+    from fastgen.guidance.model_settings import SETTINGS_FILE, SETTINGS_FORMAT
+
+    path = tmp_path / SETTINGS_FILE
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="guidance.json"):
+        resolve_guidance("ag", 3.0, model_path=tmp_path)
+    path.write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match=SETTINGS_FORMAT):
+        resolve_guidance("ag", 3.0, model_path=tmp_path)
+    path.write_text(json.dumps({"format": SETTINGS_FORMAT, "ag": {"threshhold": 0.9}}))
+    with pytest.raises(ValueError, match="threshhold"):
+        resolve_guidance("ag", 3.0, model_path=tmp_path)
+    path.write_text(json.dumps({"format": SETTINGS_FORMAT, "ag": {"space": "latent"}}))
+    with pytest.raises(ValueError, match="space must be one of"):
+        resolve_guidance("ag", 3.0, model_path=tmp_path)
+
+
+@pytest.mark.parametrize("name", ["digits", "digits-small"])
+def test_guidance_names_work_out_of_the_box_on_the_builtin_models(name):
+    import fastgen
+
+    pipe = fastgen.load_builtin(name)
+    pipe.set_progress_bar_config(disable=True)
+    labels, steps = list(range(10)), 20
+    kw = dict(num_inference_steps=steps, guidance_scale=3.0, seed=0, output_type="np")
+    cfg = pipe(labels, guidance="cfg", **kw)
+    ag = pipe(labels, guidance="ag", **kw)
+    assert steps + 1 < ag.nfe < 2 * steps  # guided for a while, then conditional only (no trip at step 0)
+    lag = pipe(labels, guidance="linear-ag", **kw)  # fitted coefficients found next to the model
+    assert steps + 1 < lag.nfe < ag.nfe
+    apg = pipe(labels, guidance="apg", **kw)
+    assert apg.nfe == cfg.nfe == 2 * steps and not np.array_equal(apg.images, cfg.images)
+    interval = pipe(labels, guidance="cfg-interval", **kw)
+    assert steps < interval.nfe < 2 * steps
+
+
+# ---------------------------------------------------------------- 4. the fronts comparison (benchmark logic)
+def _fronts_module():
+    import runpy
+    from pathlib import Path
+
+    return runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "guidance_fronts.py"),
+                          run_name="fronts_under_test")
+
+
+def test_fronts_compare_points_to_both_baselines_at_equal_accuracy():
+    m = _fronts_module()
+    cell = lambda method, scale, acc, fid, nfe=40.0: dict(method=method, scale=scale, accuracy=acc, fid=fid, nfe=nfe)  # noqa: E731
+    cells = [cell("none", 1.0, 0.6, 20.0, 20.0),
+             cell("cfg", 2.0, 0.8, 10.0), cell("cfg", 4.0, 1.0, 12.0),
+             cell("cfg-interval", 2.0, 0.7, 14.0, 30.0), cell("cfg-interval", 4.0, 0.9, 8.0, 30.0),
+             cell("apg", 2.0, 0.7, 14.5), cell("apg", 4.0, 0.95, 9.0),
+             cell("ag", 2.0, 0.85, 9.0, 25.0), cell("cfg-first-k:ag", 2.0, 0.8, 9.5, 25.0)]
+    cells[-1]["first_k_steps"] = 5
+    # closed forms: CFG at accuracy 0.7 is half-way between (0.6, 20) and (0.8, 10) -> 15
+    assert m["at_accuracy"](m["curve"](cells, "cfg"), 0.7) == pytest.approx(15.0)
+    assert m["at_accuracy"](m["curve"](cells, "cfg"), 1.01) is None
+    comp = m["compare"]({"cells": cells})
+    apg = comp["per_point"]["apg"]
+    assert apg["2"]["cfg_fid_at_same_accuracy"] == pytest.approx(15.0)
+    assert apg["2"]["cfg-interval_fid_at_same_accuracy"] == pytest.approx(14.0)
+    assert apg["2"]["below_baselines"] is False  # below CFG (14.5 < 15) but not below the interval (14.0)
+    assert apg["4"]["below_baselines"] is None   # the interval never reaches 95% accuracy: no match
+    ag = comp["per_point"]["ag"]["2"]
+    assert ag["cfg_fid_at_same_accuracy"] == pytest.approx(10.5) and ag["below_baselines"] is True
+    assert ag["beats_equal_nfe_baseline"] is True and ag["equal_nfe_baseline"]["first_k_steps"] == 5
+    assert comp["verdict"]["ag"]["beats_cfg_at_matched_accuracy"] is True
+    assert comp["verdict"]["apg"]["beats_cfg_at_matched_accuracy"] is False
+    assert "| apg | 2 | 70.0% | 14.50 | 15.00 | 14.00 | no | 40.0 |" in m["table"]({"cells": cells})
+
+
+# ---------------------------------------------------------------- 5. the second workload
+def test_digits_small_is_a_workload_where_guidance_lowers_fid():
+    import fastgen
+    from fastgen.metrics import evaluate_pipeline
+
+    pipe = fastgen.load_builtin("digits-small")
+    pipe.set_progress_bar_config(disable=True)
+    assert fastgen.builtin_path("digits-small").name == "digits-small" and pipe.num_classes == 10
+    assert sum(p.numel() for p in pipe.unet.parameters()) == 280_881
+    kw = dict(num_inference_steps=10, batch_size=100, progress=False, knn_metrics=False)
+    plain = evaluate_pipeline(pipe, 100, guidance_scale=1.0, **kw)
+    guided = evaluate_pipeline(pipe, 100, guidance_scale=3.0, **kw)
+    assert guided.fid < 0.8 * plain.fid and guided.accuracy > plain.accuracy
+    # pinned from a known-good run (100 samples, 10 steps): 32.70 / 64% unguided, 8.28 / 94% at w = 3
+    assert (plain.fid, plain.accuracy) == (pytest.approx(32.701, rel=2e-3), 0.64)
+    assert (guided.fid, guided.accuracy) == (pytest.approx(8.2802, rel=2e-3), 0.94)
