@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 BUILTIN_MODEL = "builtin:digits"
+DIGITS_MODELS = ("builtin:digits", "builtin:digits-small")  # 16x16 digits: the digits-feature FID applies
 METRICS = ("auto", "fid", "rms")
 MAX_NFE = 20
 
@@ -31,8 +32,9 @@ class SearchScheduleConfig:
     model: str = field(default=BUILTIN_MODEL, metadata={"help": "'builtin:digits' or a diffusers folder"})
     budget: int = field(default=40, metadata={"help": "true evaluations (model runs) of candidate schedules"})
     metric: str = field(default="auto", metadata={
-        "help": "search fitness: 'fid' (digits features; 16x16 one-channel models), 'rms' (distance to a high-NFE "
-                "reference from the same noise); 'auto' = fid for builtin:digits, rms otherwise"})
+        "help": "search fitness: 'fid' (digits features; the built-in digits models), 'rms' (RMS distance of the "
+                "images to a high-NFE DPM-Solver++ reference from the same noise: solver accuracy; the top candidates "
+                "are re-ranked by it on disjoint seeds); 'auto' = fid for the digits models, rms otherwise"})
     samples: int = field(default=500, metadata={"help": "samples per evaluation (fixed seeds and labels)"})
     reference_steps: int = field(default=50, metadata={"help": "steps of the reference solver for metric rms"})
     data_mean: str = field(default="auto", metadata={
@@ -44,8 +46,9 @@ class SearchScheduleConfig:
     teleport: Optional[str] = field(default=None, metadata={
         "help": "Gaussian statistics file: search schedules whose first step is this teleport (its target is "
                 "searched too)"})
-    rescore: int = field(default=3, metadata={"help": "re-score this many top candidates with digits FID"})
-    rescore_samples: int = field(default=1000, metadata={"help": "samples for the FID re-scoring"})
+    rescore: int = field(default=3, metadata={
+        "help": "re-score this many top candidates on disjoint seeds (by the search metric; digits FID recorded too)"})
+    rescore_samples: int = field(default=1000, metadata={"help": "samples for the re-scoring"})
     seed: int = field(default=0, metadata={"help": "search seed"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar on stderr"})
@@ -63,10 +66,10 @@ def _check(config: SearchScheduleConfig) -> str:
         raise ValueError(f"out must be a .json path, got {config.out!r}.")
     if config.metric not in METRICS:
         raise ValueError(f"metric must be one of {list(METRICS)}, got {config.metric!r}.")
-    builtin = config.model == BUILTIN_MODEL
-    metric = ("fid" if builtin else "rms") if config.metric == "auto" else config.metric
-    if metric == "fid" and not builtin:
-        raise ValueError("metric fid scores with the digits feature network, so it needs model builtin:digits; "
+    digits = config.model in DIGITS_MODELS
+    metric = ("fid" if digits else "rms") if config.metric == "auto" else config.metric
+    if metric == "fid" and not digits:
+        raise ValueError(f"metric fid scores with the digits feature network, so it needs model {' or '.join(DIGITS_MODELS)}; "
                          "use metric rms for other models.")
     if not (isinstance(config.scale, (int, float)) and abs(config.scale) < float("inf")):
         raise ValueError(f"scale must be a finite number, got {config.scale!r}.")
@@ -91,7 +94,7 @@ def _data_mean(config: SearchScheduleConfig):
     """The data mean for the ``average_x0`` first step (rounded: it is stored inline in every candidate)."""
     path = config.data_mean
     if path == "auto":
-        if config.model != BUILTIN_MODEL:
+        if config.model not in DIGITS_MODELS:
             return None
         from .builtin import asset_path
 
@@ -130,7 +133,7 @@ def search_schedule(config: SearchScheduleConfig | None = None, **overrides) -> 
         ev = FIDEvaluator(pipe, samples=config.samples, scale=config.scale, teleport=stats)
     else:
         ev = ScheduleEvaluator(pipe, samples=config.samples, reference_steps=config.reference_steps,
-                               scale=config.scale, teleport=stats)
+                               scale=config.scale, teleport=stats, fid=config.model in DIGITS_MODELS)
     ns = ev.noise_schedule
     space = SearchSpace(nfe=config.nfe, t_max=ns.t_max, t_min=ns.t_min, lambda_of=ns.lambda_,
                         t_of_lambda=ns.t_from_lambda, teleport_steps=int(stats is not None), data_mean=data_mean)
@@ -155,7 +158,8 @@ def search_schedule(config: SearchScheduleConfig | None = None, **overrides) -> 
     best.name = f"s3-nfe{config.nfe}" + ("-teleport" if stats is not None else "")
     best.save(out)
     return {"out": str(out), "nfe": best.nfe, **best.meta["search"], "search_metric": best.meta.get("search_metric"),
-            "fid": best.meta.get("fid"), "rescore_samples": config.rescore_samples}
+            "fid": best.meta.get("fid"), "rms_to_reference": best.meta.get("rms_to_reference"),
+            "rescore_samples": config.rescore_samples}
 
 
 __all__ = ["SearchScheduleConfig", "search_schedule"]

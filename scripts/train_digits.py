@@ -20,6 +20,12 @@ Checkpoints (model, EMA, optimizer, RNG, step, CPU seconds) are written atomical
 Example::
 
     python scripts/train_digits.py --steps 3000 --batch-size 64 --out fastgen/assets/digits
+
+The second, deliberately weaker workload ``builtin:digits-small`` (a smaller network trained for fewer steps,
+so that guidance improves its FID) is built with these options (the exact command is in ``fastgen/assets/digits-small/README.md``):
+
+    python scripts/train_digits.py --block-out-channels 16 32 32 --attention-head-dim 16 --steps 800 \\
+        --pipeline --ckpt-dir out/digits_small_ckpt --out fastgen/assets/digits-small
 """
 from __future__ import annotations
 
@@ -46,18 +52,19 @@ NUM_CLASSES = 10
 NULL_LABEL = 10
 
 
-def build_unet() -> UNet2DModel:
-    """The built-in digits UNet: 16x16x1, three levels (32, 64, 96), attention at 8x8 and 4x4 (~1.74M params)."""
+def build_unet(block_out_channels=(32, 64, 96), attention_head_dim: int = 32) -> UNet2DModel:
+    """The built-in digits UNet: 16x16x1, three levels (default 32, 64, 96), attention at 8x8 and 4x4 (~1.74M
+    params at the defaults; ``builtin:digits-small`` uses (16, 32, 32) with head dim 16, ~0.28M)."""
     return UNet2DModel(
         sample_size=16,
         in_channels=1,
         out_channels=1,
         num_class_embeds=NUM_CLASSES + 1,
         layers_per_block=1,
-        block_out_channels=(32, 64, 96),
+        block_out_channels=tuple(block_out_channels),
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=32,
+        attention_head_dim=attention_head_dim,
         norm_num_groups=8,
     )
 
@@ -104,6 +111,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-dropout", type=float, default=0.12, help="probability of replacing the label by 10")
     p.add_argument("--beta-schedule", choices=["linear", "squaredcos_cap_v2"], default="linear")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--block-out-channels", type=int, nargs=3, default=[32, 64, 96], metavar="C",
+                   help="UNet channels of the three levels (multiples of 8)")
+    p.add_argument("--attention-head-dim", type=int, default=32, help="attention head dim (divides the 2nd/3rd level)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="also write model_index.json and the diffusers entry file (a complete FastGenClassPipeline folder)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--ckpt-dir", type=Path, default=Path("out/digits_ckpt"))
     p.add_argument("--ckpt-every", type=int, default=250)
@@ -113,6 +125,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--steps and --batch-size must be positive")
     if not 0.0 <= args.label_dropout < 1.0:
         p.error("--label-dropout must be in [0, 1)")
+    if any(c < 8 or c % 8 for c in args.block_out_channels):
+        p.error("--block-out-channels must be positive multiples of 8 (GroupNorm with 8 groups)")
+    if args.attention_head_dim < 1 or any(c % args.attention_head_dim for c in args.block_out_channels[1:]):
+        p.error("--attention-head-dim must divide the channels of the 2nd and 3rd levels")
     return args
 
 
@@ -123,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     images, labels = load_digits_images("train", size=16)
     n = images.shape[0]
 
-    unet = build_unet()
+    unet = build_unet(args.block_out_channels, args.attention_head_dim)
     ema = copy.deepcopy(unet).requires_grad_(False)
     ddpm = build_ddpm(args.beta_schedule)
     alphas_cumprod = ddpm.alphas_cumprod.float()
@@ -187,6 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     # 1/sqrt(alpha_bar_T) ~ 157 for the linear schedule and some samples end as saturated noise.
     dpm = DPMSolverMultistepScheduler.from_config(ddpm.config, thresholding=True, sample_max_value=1.0)
     dpm.save_pretrained(args.out / "scheduler")
+    if args.pipeline:  # model_index.json + entry file, as FastGenClassPipeline.save_pretrained writes them
+        from fastgen.pipelines.class_conditional import FastGenClassPipeline
+
+        FastGenClassPipeline(scheduler=dpm, unet=ema, id2label={i: str(i) for i in range(NUM_CLASSES)}).save_pretrained(args.out)
     info = {"steps": step, "cpu_seconds": round(cpu_seconds, 1), "parameters": n_params,
             "final_loss_avg_last_200": sum(losses[-200:]) / len(losses[-200:]), "args": {k: str(v) for k, v in vars(args).items()}}
     (args.ckpt_dir / "train_info.json").write_text(json.dumps(info, indent=2))

@@ -281,10 +281,10 @@ def test_bad_arguments_name_the_argument():
                         (lambda: AdaptiveGuidance(batch_rule="mean"), "batch_rule must be one of"),
                         (lambda: LinearAG(coefficients={"format": "other"}), "fastgen-linear-ag/1"),
                         (lambda: LinearAG(coefficients=3), "coefficients must be a path, a dict or None"),
-                        (lambda: resolve_guidance("apgx", 3.0), r"\['cfg', 'apg', 'ag', 'linear-ag'\]")]:
+                        (lambda: resolve_guidance("apgx", 3.0), r"\['cfg', 'apg', 'ag', 'linear-ag', 'cfg-interval'\]")]:
         with pytest.raises(ValueError, match=match):
             make()
-    assert available_guidance() == ["cfg", "apg", "ag", "linear-ag"]
+    assert available_guidance() == ["cfg", "apg", "ag", "linear-ag", "cfg-interval"]
 
 
 @pytest.mark.parametrize("kind, solver", [("sd", "dpmsolver++"), ("sdxl", "unipc")])

@@ -12,7 +12,9 @@ def run(config: SearchScheduleConfig) -> dict:
 
 
 def summary(r: dict) -> str:
-    return (f"best schedule (nfe {r['nfe']}, {r['metric']} {r['search_metric']:.4g}, FID {r['fid']:.4g} on "
+    scores = ", ".join(f"{name} {r[key]:.4g}" for name, key in (("FID", "fid"), ("RMS to reference", "rms_to_reference"))
+                       if r.get(key) is not None)
+    return (f"best schedule (nfe {r['nfe']}, {r['metric']} {r['search_metric']:.4g}; {scores} on "
             f"{r['rescore_samples']} re-scoring samples) written to {r['out']}")
 
 
@@ -21,6 +23,7 @@ COMMANDS = [Command(
     help="search a per-step solver schedule for a model and NFE (S³)",
     description="S³ search (Liu et al. 2024): evolutionary search over USF solver schedules, screened by a learned "
                 "predictor and scored by FID of a few hundred samples on fixed seeds (digits features; the paper's "
-                "fitness) or by the RMS distance to a high-NFE reference from the same noise. The top candidates "
-                "are re-scored by FID on disjoint seeds. Resumable: state in OUT.state.json, every evaluation "
+                "fitness) or by the RMS distance to a high-NFE reference from the same noise (solver accuracy). The top "
+                "candidates are re-scored on disjoint seeds: by FID, or by the distance (FID recorded too where it "
+                "applies). Resumable: state in OUT.state.json, every evaluation "
                 "logged to OUT.log.jsonl.")]

@@ -16,14 +16,17 @@ from diffusers.guiders import BaseGuidance
 from .adaptive import AdaptiveGuidance, LinearAG, fit_linear_ag_coefficients, load_linear_ag_coefficients
 from .apg import APG
 from .cfg import CFG
+from .interval import CFGInterval
 
-# name -> factory(guidance_scale), each with its paper's defaults. "linear-ag" finds its fitted coefficients
-# next to the model at the start of a run (see LinearAG).
-GUIDANCE_REGISTRY: dict[str, Callable[[float], BaseGuidance]] = {
-    "cfg": lambda scale: CFG(guidance_scale=scale),
-    "apg": lambda scale: APG(guidance_scale=scale),
-    "ag": lambda scale: AdaptiveGuidance(guidance_scale=scale),
-    "linear-ag": lambda scale: LinearAG(guidance_scale=scale),
+# name -> factory(guidance_scale, **settings), each with its paper's defaults unless the model folder recommends
+# settings (guidance.json, see model_settings). "linear-ag" finds its fitted coefficients next to the model at the
+# start of a run (see LinearAG).
+GUIDANCE_REGISTRY: dict[str, Callable[..., BaseGuidance]] = {
+    "cfg": lambda scale, **kw: CFG(guidance_scale=scale, **kw),
+    "apg": lambda scale, **kw: APG(guidance_scale=scale, **kw),
+    "ag": lambda scale, **kw: AdaptiveGuidance(guidance_scale=scale, **kw),
+    "linear-ag": lambda scale, **kw: LinearAG(guidance_scale=scale, **kw),
+    "cfg-interval": lambda scale, **kw: CFGInterval(guidance_scale=scale, **kw),
 }
 
 
@@ -50,10 +53,12 @@ def check_guidance_scale(guidance_scale, name: str = "guidance_scale") -> float:
     return float(guidance_scale)
 
 
-def resolve_guidance(guidance, guidance_scale: float) -> BaseGuidance | None:
+def resolve_guidance(guidance, guidance_scale: float, model_path=None) -> BaseGuidance | None:
     """Turn the pipeline's ``guidance=`` argument into a guider (or ``None``: conditional only).
 
-    ``None`` keeps diffusers' behaviour: CFG when ``guidance_scale > 1``, otherwise no guidance.
+    ``None`` keeps diffusers' behaviour: CFG when ``guidance_scale > 1``, otherwise no guidance. A name gets the
+    settings ``model_path``'s ``guidance.json`` recommends for it (:mod:`fastgen.guidance.model_settings`), else
+    its paper's defaults; a guider object is used as given.
     """
     check_guidance_scale(guidance_scale)
     if guidance is None:
@@ -63,11 +68,17 @@ def resolve_guidance(guidance, guidance_scale: float) -> BaseGuidance | None:
     if isinstance(guidance, str):
         key = guidance.lower().replace("_", "-")
         if key in GUIDANCE_REGISTRY:
-            return GUIDANCE_REGISTRY[key](float(guidance_scale))
+            from .model_settings import load_guidance_settings
+
+            settings = load_guidance_settings(model_path).get(key, {})
+            try:
+                return GUIDANCE_REGISTRY[key](float(guidance_scale), **settings)
+            except TypeError as err:
+                raise ValueError(f"guidance settings for {key!r} in {model_path}: {err}") from None
     raise ValueError(
         f"guidance must be None, one of {available_guidance()}, or a diffusers BaseGuidance object; got {guidance!r}."
     )
 
 
-__all__ = ["APG", "AdaptiveGuidance", "CFG", "GUIDANCE_REGISTRY", "LinearAG", "available_guidance",
+__all__ = ["APG", "AdaptiveGuidance", "CFG", "CFGInterval", "GUIDANCE_REGISTRY", "LinearAG", "available_guidance",
            "check_guidance_scale", "fit_linear_ag_coefficients", "load_linear_ag_coefficients", "resolve_guidance"]

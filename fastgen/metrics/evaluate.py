@@ -8,8 +8,10 @@ these two functions.
 
 Metrics: FID (Heusel et al. 2017, arXiv:1706.08500), KID (Bińkowski et al. 2018, arXiv:1801.01401),
 improved precision/recall (Kynkäänniemi et al. 2019, arXiv:1904.06991), class accuracy of the digits
-classifier, mean HSV saturation (Sadat et al. 2024, arXiv:2410.02416) with its grey-scale analogues, and
-roughness (mean absolute neighbouring-pixel difference).
+classifier, mean HSV saturation (Sadat et al. 2024, arXiv:2410.02416) with its grey-scale analogues,
+roughness (mean absolute neighbouring-pixel difference) and, given the reference solution of the same
+seeds (:func:`reference_solution`: the same guidance, many solver steps), the RMS distance to it (solver
+accuracy).
 
 Under ``accelerate launch`` the processes take batches round robin (batch ``b`` goes to process
 ``b % P``) and add their sufficient statistics (EDM's ``fid.py`` does the same), and raw features are
@@ -28,13 +30,16 @@ import torch
 
 from .data import builtin_digits, check_image_files, list_image_folder, load_images, parse_builtin_data
 from .fid import FeatureStats, frechet_distance, kernel_inception_distance
-from .quality import clipped_fraction, mean_abs_intensity, mean_saturation, precision_recall, roughness_per_image
+from .quality import (clipped_fraction, mean_abs_intensity, mean_saturation, precision_recall, roughness_per_image,
+                      squared_error_sum)
 from .stats import ReferenceStats, builtin_reference_path
 
 __all__ = ["EvalResult", "PixelStats", "evaluate_pipeline", "evaluate_images", "compute_reference", "load_reference",
-           "resolve_state", "REAL_BATCH_SIZE"]
+           "reference_solution", "resolve_state", "REAL_BATCH_SIZE", "REFERENCE_STEPS", "REFERENCE_SOLVER"]
 
 REAL_BATCH_SIZE = 500  # feature batches of real images (fixed, so results do not depend on batch_size)
+REFERENCE_SOLVER = "dpmsolver++"  # the reference solution of the (guided) probability-flow ODE: DPM-Solver++(2M)
+REFERENCE_STEPS = 500
 
 
 # --------------------------------------------------------------------------- result
@@ -51,6 +56,8 @@ class EvalResult:
         mean_abs, clipped_fraction: grey-scale saturation analogues (mean ``|x|`` in [-1, 1]; share of pixels
             at the ends of the range).
         roughness: mean absolute difference of neighbouring pixels (images in [0, 1]).
+        rms_to_reference: RMS distance (images in [0, 1], over every pixel of every sample) to the reference
+            solution passed as ``reference_samples`` (see :func:`reference_solution`); ``None`` without one.
         nfe: network evaluations per sample (CFG step = 2; mean over samples); ``None`` for given images.
         seconds: sampling seconds (pipeline calls), summed over processes; ``seconds_per_image`` per sample.
         wall_seconds: wall time of the whole evaluation on this process.
@@ -72,6 +79,7 @@ class EvalResult:
     mean_abs: float | None = None
     clipped_fraction: float | None = None
     roughness: float | None = None
+    rms_to_reference: float | None = None
     nfe: float | None = None
     seconds: float | None = None
     seconds_per_image: float | None = None
@@ -331,7 +339,8 @@ def evaluate_pipeline(pipe, num_samples: int = 2000, *, seed: int = 0, labels: S
                       batch_size: int = 250, classifier="auto", grid: str | Path | None = None, grid_count: int = 64,
                       grid_title: str | None = None, accelerator=None, device=None, progress: bool = True,
                       knn_metrics: bool = True, kid_subsets: int = 100, kid_subset_size: int = 1000, pr_k: int = 3,
-                      on_batch: Callable | None = None, **call_kwargs) -> EvalResult:
+                      on_batch: Callable | None = None, reference_samples: torch.Tensor | None = None,
+                      **call_kwargs) -> EvalResult:
     """Sample ``num_samples`` images from ``pipe`` and score them against ``reference``.
 
     Sample ``i`` uses seed ``seed + i`` and class ``labels[i]`` (default ``i % pipe.num_classes``, balanced)
@@ -354,6 +363,8 @@ def evaluate_pipeline(pipe, num_samples: int = 2000, *, seed: int = 0, labels: S
         device: device of the feature extractor (default: the state's device).
         knn_metrics: also compute KID and precision/recall (keeps the raw features; needs them in the reference).
         on_batch: ``fn(output, start, stop)`` after each pipeline call (e.g. to read a guider's per-sample state).
+        reference_samples: images ``[num_samples, C, H, W]`` in [0, 1] of the same seeds and conditioning
+            (:func:`reference_solution`); sets ``rms_to_reference``.
         **call_kwargs: passed to ``pipe(...)`` unchanged: ``num_inference_steps``, ``guidance``,
             ``guidance_scale``, ``solver``, ``teleport``, ``teleport_fraction``, ... (the pipeline validates them).
 
@@ -368,13 +379,17 @@ def evaluate_pipeline(pipe, num_samples: int = 2000, *, seed: int = 0, labels: S
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}.")
     conditioning = _conditioning(pipe, num_samples, labels, prompts)
+    if reference_samples is not None and (not isinstance(reference_samples, torch.Tensor)
+                                          or reference_samples.ndim != 4 or reference_samples.shape[0] != num_samples):
+        raise ValueError(f"reference_samples must be a tensor [num_samples={num_samples}, C, H, W] of images in "
+                         f"[0, 1] (reference_solution), got {getattr(reference_samples, 'shape', reference_samples)!r}.")
     state, device = resolve_state(accelerator, device)
     extractor = get_extractor(extractor, device=device)
     ref = load_reference(reference, extractor, state=state, keep_features=knn_metrics, progress=progress)
     num_classes = getattr(pipe, "num_classes", None) if prompts is None else None
     classify = _classifier(classifier, extractor, num_classes)
 
-    spent = {"seconds": 0.0, "nfe": 0.0, "counted": 0}
+    spent = {"seconds": 0.0, "nfe": 0.0, "counted": 0, "sq": 0.0}
 
     def sample(start: int, stop: int):
         kwargs, batch_labels = conditioning(start, stop)
@@ -391,20 +406,57 @@ def evaluate_pipeline(pipe, num_samples: int = 2000, *, seed: int = 0, labels: S
             spent["counted"] += stop - start
         if on_batch is not None:
             on_batch(out, start, stop)
+        if reference_samples is not None:
+            spent["sq"] += squared_error_sum(images, reference_samples[start:stop])
         return images, batch_labels
 
     pixels, grid_items = PixelStats(), ([] if grid is not None else None)
     fake = _accumulate(sample, num_samples, extractor, state, batch_size, knn_metrics, pixels=pixels,
                        classifier=classify, grid=grid_items, grid_count=grid_count, progress=progress, desc="sampling")
-    seconds, nfe_sum, counted = _reduce_sum([spent["seconds"], spent["nfe"], spent["counted"]], state)
+    seconds, nfe_sum, counted, sq = _reduce_sum([spent["seconds"], spent["nfe"], spent["counted"], spent["sq"]], state)
+    rms = None if reference_samples is None else (sq / reference_samples.numel()) ** 0.5
     result = _score(fake, ref, pixels, extractor, state, knn_metrics=knn_metrics, kid_subsets=kid_subsets,
                     kid_subset_size=kid_subset_size, pr_k=pr_k, t_start=t_start, seconds=seconds,
-                    seconds_per_image=seconds / num_samples, nfe=nfe_sum / counted if counted else None)
+                    seconds_per_image=seconds / num_samples, nfe=nfe_sum / counted if counted else None,
+                    rms_to_reference=rms)
     if grid is not None:
         names = getattr(getattr(pipe, "config", None), "id2label", None) or getattr(pipe, "id2label", None)
         names = {int(k): v for k, v in names.items()} if isinstance(names, dict) else None
         result.grid = _write_grid(grid_items, state, grid, grid_title or f"FID {result.fid:.2f}", names)
     return result
+
+
+def reference_solution(pipe, num_samples: int, *, seed: int = 0, labels: Sequence[int] | int | None = None,
+                       prompts: Sequence[str] | None = None, steps: int = REFERENCE_STEPS,
+                       solver=REFERENCE_SOLVER, batch_size: int = 250, output_type: str = "pt",
+                       **call_kwargs) -> torch.Tensor:
+    """The reference solution of the sampler's ODE for the samples :func:`evaluate_pipeline` draws.
+
+    Same seeds and conditioning as ``evaluate_pipeline(pipe, num_samples, seed=..., labels=..., prompts=...)``
+    (sample ``i``: seed ``seed + i``) and the same guidance (``call_kwargs``: ``guidance``, ``guidance_scale``,
+    ...), solved with ``steps`` steps of ``solver`` (default: 500 steps of DPM-Solver++(2M), whose error there is
+    far below any few-step solver's). Pass the result as ``evaluate_pipeline(..., reference_samples=...)`` to get
+    ``rms_to_reference``. Returns images ``[num_samples, C, H, W]`` in [0, 1] (``output_type="latent"``: model
+    space). Teleport and solver schedules are what is measured, not part of the reference: they are refused here.
+    """
+    _check_positive("num_samples", num_samples)
+    _check_positive("steps", steps)
+    _check_positive("batch_size", batch_size)
+    for name in ("num_inference_steps", "teleport", "teleport_fraction", "output_type"):
+        if name in call_kwargs:
+            raise ValueError(f"reference_solution sets {name} itself (steps=, solver=); got {name}={call_kwargs[name]!r}.")
+    if output_type not in ("pt", "latent"):
+        raise ValueError(f"output_type must be 'pt' (images in [0, 1]) or 'latent', got {output_type!r}.")
+    conditioning = _conditioning(pipe, num_samples, labels, prompts)
+    out = []
+    for start in range(0, num_samples, batch_size):
+        stop = min(start + batch_size, num_samples)
+        kwargs, _ = conditioning(start, stop)
+        with torch.no_grad():
+            res = pipe(**kwargs, seed=[seed + i for i in range(start, stop)], num_inference_steps=steps, solver=solver,
+                       output_type=output_type, **call_kwargs)
+        out.append(res.images.float().cpu())
+    return torch.cat(out)
 
 
 def _conditioning(pipe, num_samples: int, labels, prompts):

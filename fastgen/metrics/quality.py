@@ -8,13 +8,16 @@
   [-1, 1] and the share of pixels clipped at the ends of the range.
 - Roughness: mean absolute difference of neighbouring pixels (total variation per pixel pair), a
   high-frequency-artefact measure (over-guided and under-resolved samples are grainy).
+- RMS distance to a reference solution: how far a few-step solver lands from the many-step solution of the
+  same ODE from the same noise (solver accuracy, as opposed to FID, which a solver can lower by landing
+  somewhere else).
 """
 from __future__ import annotations
 
 import torch
 
 __all__ = ["precision_recall", "knn_radii", "mean_saturation", "mean_abs_intensity", "clipped_fraction",
-           "class_accuracy", "roughness", "roughness_per_image"]
+           "class_accuracy", "roughness", "roughness_per_image", "squared_error_sum", "rms_distance"]
 
 
 def _features(name: str, x) -> torch.Tensor:
@@ -131,3 +134,16 @@ def class_accuracy(predicted, labels) -> float:
         raise ValueError(f"predicted and labels must be non-empty and of equal length, got {predicted.numel()} and "
                          f"{labels.numel()}.")
     return float((predicted.cpu() == labels.cpu()).double().mean())
+
+
+def squared_error_sum(samples: torch.Tensor, reference: torch.Tensor) -> float:
+    """Sum over all elements of ``(samples - reference)^2`` in float64 (the reducible part of :func:`rms_distance`)."""
+    if tuple(samples.shape) != tuple(reference.shape):
+        raise ValueError(f"samples and reference must have the same shape, got {tuple(samples.shape)} and "
+                         f"{tuple(reference.shape)}.")
+    return float(((samples.double() - reference.double().to(samples.device)) ** 2).sum())
+
+
+def rms_distance(samples: torch.Tensor, reference: torch.Tensor) -> float:
+    """Root mean square of ``samples - reference`` over every element (same shapes; e.g. images in [0, 1])."""
+    return (squared_error_sum(samples, reference) / max(1, samples.numel())) ** 0.5

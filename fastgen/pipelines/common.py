@@ -136,7 +136,7 @@ class FastGenPipelineMixin:
         from ..teleport import resolve_teleport
 
         teleport = resolve_teleport(teleport)
-        guider = resolve_guidance(guidance, guidance_scale)
+        guider = resolve_guidance(guidance, guidance_scale, model_path=getattr(self, "name_or_path", None))
         scheduler = resolve_solver(solver, self.scheduler)
         max_steps = scheduler.config.get("num_train_timesteps")
         if max_steps is not None and num_inference_steps > max_steps:
