@@ -1,4 +1,4 @@
-"""One-step students of the built-in digits teacher against the teacher itself: FID vs generator steps.
+"""Students of the built-in digits teacher against the teacher itself: FID, grain and recall vs generator steps.
 
 Collects the in-training evaluations of ``fastgen distill`` runs (their ``train_log.jsonl``: FID, class
 accuracy, roughness, precision/recall of the EMA student on the run's fixed seeds, sample i: seed i, digit
@@ -97,7 +97,7 @@ def main(argv=None) -> None:
 
 def plot(record: dict, path: Path) -> None:
     plt = pyplot()
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.9))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 3.9))
     minutes = "cpu_minutes" if all(r.get("cpu_minutes") is not None for run in record["students"].values()
                                    for r in run["evaluations"]) else "wall_minutes"
     for label, run in record["students"].items():
@@ -115,10 +115,10 @@ def plot(record: dict, path: Path) -> None:
                 title="FID vs time")
     axes[2].set(xlabel="generator steps", ylabel="roughness (mean |neighbour diff|)", title="grain")
     axes[3].set(xlabel="generator steps", ylabel="recall", title="mode coverage")
-    for ax in axes:
-        ax.legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()  # one legend for the four panels, beside them
+    fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
     fig.suptitle(f"Students of the digits teacher (n = {record['config']['n']} fixed seeds)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.88, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
