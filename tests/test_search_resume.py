@@ -43,8 +43,10 @@ def _state_len(out: Path) -> int:
 
 def _interrupt(out: Path, sig: int, after: int) -> subprocess.CompletedProcess:
     """Start the search, send ``sig`` once the state holds ``after`` records; returns the finished process."""
+    # SIG_DFL first: a test run started in the background by a shell inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler (the search would not see the Ctrl-C this test sends).
     proc = subprocess.Popen(_cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                            cwd=out.parent)
+                            cwd=out.parent, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while _state_len(out) < after and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
