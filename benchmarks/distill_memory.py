@@ -18,7 +18,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fastgen.benchmarking import parse_options, pyplot, write_json
+from fastgen.benchmarking import parse_options, portable, pyplot, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = {
@@ -119,7 +119,7 @@ def main(argv=None) -> dict:
             row["above_teacher_ratio_vs_full"] = row["peak_above_teacher_mib"] / full["peak_above_teacher_mib"]
     hardware = (f"{platform.machine()} CPU, peak resident set size of a fresh process" if cfg.device == "cpu"
                 else "GPU, torch.cuda.max_memory_allocated")
-    result = {"config": asdict(cfg), "hardware": hardware, "rows": rows}
+    result = {"config": {**asdict(cfg), "out": portable(cfg.out)}, "hardware": hardware, "rows": rows}
     write_json(cfg.out, result)
     plt = pyplot()
     if plt is not None:

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fastgen.benchmarking import parse_options, write_json
+from fastgen.benchmarking import parse_options, portable, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RECIPE = Path(__file__).resolve().parents[1] / "distill" / "digits-fdistill-js.yaml"
@@ -116,7 +116,7 @@ def main(argv=None) -> dict:
         loop.append(loop_seconds(opts, state))
         print(f"repeat {rep}: trainer {trainer[-1]:.3f} s/step, loop {loop[-1]:.3f} s/step", flush=True)
     ratio = statistics.median(trainer) / statistics.median(loop)
-    record = {"config": {**asdict(opts), "out": Path(opts.out).name, "recipe": RECIPE.name},
+    record = {"config": {**asdict(opts), "out": portable(opts.out), "recipe": RECIPE.name},
               "hardware": f"{platform.machine()} CPU, {opts.threads} torch thread(s), shared 2-core machine",
               "trainer_seconds_per_step": trainer, "loop_seconds_per_step": loop,
               "median_ratio": ratio, "target": 1.10}

@@ -119,30 +119,20 @@ def fid(config: FidConfig | None = None, **overrides) -> dict:
         result = evaluate_images(config.fake, **common)
         return {**result.to_dict(), "real": config.real, "fake": config.fake, "device": str(device)}
     from .builtin import load_pipeline
-
-    from .generate import DEFAULT_CLASS_SCALE, DEFAULT_STEPS, check_student_options, is_student
+    from .generate import plan_sampling
 
     pipe = load_pipeline(config.fake, config.attention, str(device))
     pipe.set_progress_bar_config(disable=True)
-    if is_student(pipe):  # its own step list, no guidance
-        check_student_options(pipe, steps=config.steps, guidance=config.guidance, guidance_scale=config.scale,
-                              solver=config.solver, teleport=config.teleport, teleport_fraction=config.teleport_fraction)
-        steps, guidance_name, scale, solver, call = pipe.nfe, "none", 1.0, f"student t={pipe.student_timesteps}", {}
+    plan = plan_sampling(pipe, steps=config.steps, guidance=config.guidance, guidance_scale=config.scale,
+                         solver=config.solver, teleport=config.teleport, teleport_fraction=config.teleport_fraction)
+    if plan.student:
         title = f"{config.fake}  distilled student, t = {pipe.student_timesteps}"
     else:
-        steps, guidance_name = config.steps or DEFAULT_STEPS, config.guidance or "cfg"
-        guidance = None if guidance_name == "none" else guidance_name
-        scale = 1.0 if guidance is None else (DEFAULT_CLASS_SCALE if config.scale is None else config.scale)
-        call = dict(num_inference_steps=steps, guidance=guidance, guidance_scale=scale, solver=config.solver,
-                    teleport=config.teleport)
-        if config.teleport_fraction is not None:
-            call["teleport_fraction"] = config.teleport_fraction
-        solver = config.solver or "pipeline scheduler"
-        title = f"{config.fake}  {solver}, {steps} steps, {guidance_name} w={scale:g}"
-    result = evaluate_pipeline(pipe, config.n, seed=config.seed, grid_title=title, **common, **call)
-    return {**result.to_dict(), "real": config.real, "fake": config.fake, "steps": steps,
-            "guidance": guidance_name, "guidance_scale": scale, "solver": solver, "teleport": config.teleport,
-            "seed": config.seed, "device": str(device)}
+        title = f"{config.fake}  {plan.solver}, {plan.steps} steps, {plan.guidance} w={plan.scale:g}"
+    result = evaluate_pipeline(pipe, config.n, seed=config.seed, grid_title=title, **common, **plan.call)
+    return {**result.to_dict(), "real": config.real, "fake": config.fake, "steps": plan.steps,
+            "guidance": plan.guidance, "guidance_scale": plan.scale, "solver": plan.solver,
+            "teleport": config.teleport, "seed": config.seed, "device": str(device)}
 
 
 def reference(config: ReferenceConfig | None = None, **overrides) -> dict:

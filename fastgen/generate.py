@@ -121,6 +121,40 @@ def is_student(pipe) -> bool:
     return isinstance(pipe, FastGenStudentPipeline)
 
 
+@dataclass
+class SamplingPlan:
+    """How a command calls a loaded pipeline: the resolved options (for records and titles) and the kwargs."""
+
+    steps: int
+    guidance: str  # a guidance name or "none"
+    scale: float
+    solver: str
+    call: dict
+    student: bool
+
+
+def plan_sampling(pipe, *, steps=None, guidance=None, guidance_scale=None, solver=None, teleport=None,
+                  teleport_fraction=None, default_scale: float = DEFAULT_CLASS_SCALE) -> SamplingPlan:
+    """Resolve a command's sampling options (``None``: the default) for ``pipe``: a distilled student runs its
+    own step list without guidance (options that would change that are refused by name); any other pipeline
+    gets ``steps`` (default :data:`DEFAULT_STEPS`), ``guidance`` (default CFG) at ``guidance_scale``
+    (default ``default_scale``), ``solver`` and ``teleport``."""
+    if is_student(pipe):
+        check_student_options(pipe, steps=steps, guidance=guidance, guidance_scale=guidance_scale, solver=solver,
+                              teleport=teleport, teleport_fraction=teleport_fraction)
+        return SamplingPlan(pipe.nfe, "none", 1.0, f"student t={pipe.student_timesteps}", {}, True)
+    name = guidance or "cfg"
+    scale = 1.0 if name == "none" else (default_scale if guidance_scale is None else guidance_scale)
+    steps = steps or DEFAULT_STEPS
+    call = dict(num_inference_steps=steps, guidance=None if name == "none" else name, guidance_scale=scale,
+                solver=solver)
+    if teleport is not None:
+        call["teleport"] = teleport
+        if teleport_fraction is not None:
+            call["teleport_fraction"] = teleport_fraction
+    return SamplingPlan(steps, name, scale, solver or type(pipe.scheduler).__name__, call, False)
+
+
 def _check(config: SampleConfig) -> Path:
     """Everything checkable before the model loads."""
     from .pipelines.common import check_positive_int
@@ -157,35 +191,20 @@ def sample_grid(config: SampleConfig | None = None, **overrides) -> dict:
     t0 = time.perf_counter()
     pipe = load_pipeline(config.model, attention=config.attention, device=config.device)
     is_class = isinstance(pipe, FastGenClassPipeline)
-    student = is_student(pipe)
-    if student:
-        check_student_options(pipe, steps=config.steps, guidance=config.guidance,
-                              guidance_scale=config.guidance_scale, solver=config.solver, teleport=config.teleport,
-                              teleport_fraction=config.teleport_fraction)
     if is_class:
         if config.prompt:
             raise ValueError("prompt is for text-to-image models; this model is class-conditional, use classes.")
         keys = config.classes if config.classes is not None else list(range(pipe.num_classes))
-        scale = DEFAULT_CLASS_SCALE if config.guidance_scale is None else config.guidance_scale
     else:
         if not config.prompt:
             raise ValueError("prompt is required for text-to-image models.")
         if config.classes is not None:
             raise ValueError("classes is for class-conditional models; this is a text-to-image model, use prompt.")
         keys = list(config.prompt)
-        scale = DEFAULT_TEXT_SCALE if config.guidance_scale is None else config.guidance_scale
-    guidance_name = "none" if student else (config.guidance or "cfg")
-    guidance = None if guidance_name == "none" else guidance_name
-    if guidance is None:
-        scale = 1.0
-    steps = pipe.nfe if student else (config.steps or DEFAULT_STEPS)
+    plan = plan_sampling(pipe, steps=config.steps, guidance=config.guidance, guidance_scale=config.guidance_scale,
+                         solver=config.solver, teleport=teleport, teleport_fraction=config.teleport_fraction,
+                         default_scale=DEFAULT_CLASS_SCALE if is_class else DEFAULT_TEXT_SCALE)
     conds = [k for _ in range(config.count) for k in keys]  # one row per repeat, one column per class/prompt
-    kw = ({} if student else
-          dict(num_inference_steps=steps, guidance=guidance, guidance_scale=scale, solver=config.solver))
-    if teleport is not None:
-        kw["teleport"] = teleport
-        if config.teleport_fraction is not None:
-            kw["teleport_fraction"] = config.teleport_fraction
     images, nfe = [], None
     one_batch = len(conds) <= config.batch_size
     pipe.set_progress_bar_config(disable=not (config.progress and one_batch), desc="sampling", leave=False)
@@ -199,10 +218,10 @@ def sample_grid(config: SampleConfig | None = None, **overrides) -> dict:
         seeds = [config.seed + start + i for i in range(len(chunk))]
         with torch.no_grad():
             if is_class:
-                out = pipe(class_labels=chunk, seed=seeds, **kw)
+                out = pipe(class_labels=chunk, seed=seeds, **plan.call)
             else:
                 negative = [config.negative_prompt] * len(chunk) if config.negative_prompt else None
-                out = pipe(prompt=chunk, negative_prompt=negative, seed=seeds, **kw)
+                out = pipe(prompt=chunk, negative_prompt=negative, seed=seeds, **plan.call)
         images.extend(out.images)
         nfe = out.nfe
         bar.update(len(chunk))
@@ -210,23 +229,22 @@ def sample_grid(config: SampleConfig | None = None, **overrides) -> dict:
     sample_seconds = time.perf_counter() - t1
 
     name = config.model.split(":")[-1] if config.model.startswith("builtin:") else Path(config.model).name
-    solver = f"student t={pipe.student_timesteps}" if student else (config.solver or type(pipe.scheduler).__name__)
     captions = [pipe.label_name(c) for c in conds] if is_class else None
-    if student:
+    if plan.student:
         title = f"{name} | distilled student, t = {pipe.student_timesteps} | no guidance | NFE {nfe}/img"
     else:
-        title = (f"{name} | {Path(solver).name} | {steps} steps | {guidance_name} {scale:g} | NFE {nfe}/img"
-                 + (" | teleport" if teleport is not None else ""))
+        title = (f"{name} | {Path(plan.solver).name} | {plan.steps} steps | {plan.guidance} {plan.scale:g} | "
+                 f"NFE {nfe}/img" + (" | teleport" if teleport is not None else ""))
     ncols = len(keys) if len(keys) > 1 else min(len(conds), 8)
     grid = image_grid(images, ncols=ncols, captions=captions, title=title,
                       cell_size=64 if is_class else max(64, images[0].size[0]))
     save_image_atomic(grid, output)
-    return {"output": str(output), "images": len(images), "nfe": nfe, "steps": steps,
-            "guidance": guidance_name, "guidance_scale": scale, "solver": solver,
+    return {"output": str(output), "images": len(images), "nfe": nfe, "steps": plan.steps,
+            "guidance": plan.guidance, "guidance_scale": plan.scale, "solver": plan.solver,
             "teleport": config.teleport, "seconds": round(time.perf_counter() - t0, 3),
             "sampling_seconds": round(sample_seconds, 3), "device": config.device,
             "threads": torch.get_num_threads()}
 
 
 __all__ = ["SampleConfig", "sample_grid", "check_output_path", "save_image_atomic", "check_sampling_options",
-           "check_student_options", "is_student"]
+           "check_student_options", "is_student", "plan_sampling", "SamplingPlan"]

@@ -158,6 +158,10 @@ def main(argv=None) -> int:
             teacher = bench["teacher"]
     staged = scratch / out.name
     shutil.copytree(src, staged)
+    for config_file in staged.glob("*/config.json"):  # a package asset names no folder of the machine it was built on
+        component = json.loads(config_file.read_text())
+        if component.pop("_name_or_path", None) is not None:
+            config_file.write_text(json.dumps(component, indent=2, sort_keys=True) + "\n")
     (staged / "README.md").write_text(card(record, recipe.read_text(), teacher))
     (staged / "eval.json").write_text(json.dumps(record, indent=1) + "\n")
     sample_grid(model=str(staged), count=4, output=str(staged / "samples_grid.png"), progress=False)
