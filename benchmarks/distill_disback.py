@@ -114,18 +114,25 @@ def plot(record: dict, path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(1, 1, figsize=(6.5, 4))
     cfg = record["config"]
-    for label, rows in (("DisBack", record["disback"]), (f"base ({cfg['base_method']})", record["base"])):
-        ax.plot([r["updates"] for r in rows], [r["fid"] for r in rows], marker="o", label=label)
     summary = record["summary"]
+    disback, base = record["disback"], record["base"]
+    ax.plot([r["updates"] for r in disback], [r["fid"] for r in disback], marker="o", color="tab:blue",
+            label=f"DisBack over {cfg['base_method']} (after {cfg['recording_steps']} recording steps)")
+    ax.plot([r["updates"] for r in base], [r["fid"] for r in base], marker="o", color="tab:orange",
+            label=f"base: {cfg['base']}")
+    start = next((r for r in disback if r["updates"] == 0), None)
+    if start is not None and base and base[0]["updates"] > 0:  # both start from the same initial student
+        ax.plot([0, base[0]["updates"]], [start["fid"], base[0]["fid"]], ls="--", color="tab:orange", lw=1)
     ax.axhline(summary["base_final_fid"], ls="--", color="grey", lw=0.8)
     ax.axvline(0.7 * summary["base_final_updates"], ls=":", color="tab:red", lw=0.8)
-    ax.text(0.7 * summary["base_final_updates"], summary["base_final_fid"], " 70% of the base's updates", fontsize=7,
-            color="tab:red", va="bottom")
+    ax.text(0.7 * summary["base_final_updates"], ax.get_ylim()[1], " 70% of the base's\n updates", fontsize=7,
+            color="tab:red", va="top")
     ax.axvline(0, ls=":", color="grey", lw=1)
-    ax.text(0, ax.get_ylim()[1], f" DisBack recording: {cfg['recording_steps']} steps before 0", fontsize=7, va="top")
+    ax.text(0, summary["base_final_fid"], " base's final FID", fontsize=7, va="bottom", color="grey")
     ax.set(xlabel="generator updates", ylabel=f"digits FID (n = {cfg['num_validation_samples']} fixed seeds)", yscale="log",
-           title=f"DisBack ({cfg['nodes']} nodes, {cfg['interval']} updates each) vs base, same initial student")
-    ax.legend(fontsize=8)
+           title=f"DisBack ({cfg['nodes']} nodes, {cfg['interval']} updates each) vs base, same initial student",
+           xlim=(-10, None))
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
