@@ -156,7 +156,9 @@ def load_pipeline(model: str = "builtin:digits", attention: str = "auto", device
     name = name[1] if isinstance(name, list) else str(name)
     from . import FastGenClassPipeline, FastGenStableDiffusionPipeline, FastGenStableDiffusionXLPipeline
 
-    if "Student" in name:  # a distilled student (fastgen distill's export)
+    if "MSD" in name:  # routed students (fastgen distill --method msd)
+        from .pipelines.msd import FastGenMSDPipeline as cls
+    elif "Student" in name:  # a distilled student (fastgen distill's export)
         from .pipelines.student import FastGenStudentPipeline as cls
     elif "XL" in name:
         cls = FastGenStableDiffusionXLPipeline

@@ -107,3 +107,9 @@ class FastGenMSDPipeline(FastGenStudentPipeline):
     def route(self, class_labels) -> torch.Tensor:
         """The student index of each requested class (LongTensor ``[B]``)."""
         return self.partition.assign(self._class_label_tensor(class_labels).cpu())
+
+
+def _load_builtin_msd(path, **kwargs) -> FastGenMSDPipeline:
+    """``fastgen.load_builtin("digits-msd4")``: routed one-step students of the built-in digits model."""
+    kwargs.setdefault("torch_dtype", torch.float32)  # weights may be stored in float16 (a smaller asset)
+    return FastGenMSDPipeline.from_pretrained(path, **kwargs)

@@ -1,0 +1,172 @@
+"""Build the built-in routed student ``builtin:digits-msd4`` from a finished ``fastgen distill --method msd`` run.
+
+MSD (Song et al., arXiv:2410.23274): K one-step students of the digits teacher behind a class router. This
+script scores the run's exported ``FastGenMSDPipeline`` (``<run>/student``: the EMA students at the end of
+training) with the one evaluator (digits FID, accuracy, roughness, precision/recall on fixed seeds: sample i
+uses seed i and digit i % 10, the seeds of benchmarks/results/distill.json), copies the folder into the
+package (weights in float16 with ``--half-precision``, to keep the asset small) and writes the model card
+(recipe, generator steps and CPU minutes, figures beside the teacher's and the one-step student's on the same
+seeds), ``eval.json`` and a sample grid.
+
+    fastgen distill --config distill/digits-msd4.yaml --output-dir runs/digits-msd4
+    python scripts/make_digits_msd.py --run runs/digits-msd4 --recipe distill/digits-msd4.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "fastgen" / "assets" / "digits-msd4"
+BENCH = ROOT / "benchmarks" / "results" / "distill.json"
+KEYS = ("fid", "accuracy", "roughness", "precision", "recall")
+
+
+def card(record: dict, recipe_text: str, teacher: list[dict], single: dict | None) -> str:
+    s = record["student"]
+    row = "| {name} | {nfe:g} | {fid:.2f} | {acc:.2f}% | {roughness:.3f} | {precision:.3f} | {recall:.3f} |"
+    rows = [row.format(name=f"{record['students']} routed students (this model)", nfe=1, acc=100 * s["accuracy"], **s)]
+    if single is not None:
+        rows.append(row.format(name=f"one student, same recipe ({single['label']})", nfe=1,
+                               acc=100 * single["accuracy"], **{k: single[k] for k in KEYS if k != "accuracy"}))
+    for cell in teacher:
+        rows.append(row.format(name=f"teacher, {cell['teacher']} (CFG {cell['guidance_scale']:g})", nfe=cell["nfe"],
+                               acc=100 * cell["accuracy"], **{k: cell[k] for k in KEYS if k != "accuracy"}))
+    parts = "; ".join(f"student {k}: digits {', '.join(map(str, classes))}"
+                      for k, classes in enumerate(record["parts"]))
+    minutes = record["cpu_minutes"]
+    minutes_text = f"{minutes:.0f} CPU minutes (1 thread)" if minutes is not None else "CPU minutes not recorded"
+    width = ("the teacher's architecture (block_out_channels " + str(record["block_out_channels"]) + ")")
+    return f"""# digits-msd4: {record['students']} routed one-step students of the built-in digits model (MSD)
+
+Multi-student distillation (Song et al. 2024, arXiv:2410.23274) of the built-in `digits` teacher (20 steps of
+classifier-free guidance at scale 2 = 40 evaluations) on fastgen's DMD2 trainer (Yin et al. 2024,
+arXiv:2405.14867): the ten digits are split among {record['students']} students ({parts}); a router sends each
+requested digit to its student, so every image costs one network evaluation of one student. Each student is
+{width}, read at timestep t* = {', '.join(map(str, record['timesteps']))}
+(`x0 = (z - sigma eps) / alpha`). Weights stored as {record['weights_dtype']}.
+
+![samples](samples_grid.png)
+
+## Use
+
+```python
+import fastgen
+pipe = fastgen.load_builtin("digits-msd4")               # FastGenMSDPipeline (router + students)
+images = pipe(class_labels=[0, 5, 9, 3], seed=0).images    # images in input order; pipe.nfe == 1
+pipe.route([0, 5, 9, 3])                                  # the student of each digit
+```
+
+```bash
+fastgen sample --model builtin:digits-msd4
+```
+
+## Figures
+
+{record['num_samples']:,} samples, sample i from seed i with digit i % 10, the same seeds for every row;
+digits FID against the 1,000-image training split; roughness = mean absolute difference of neighbouring
+pixels (real digits: about 0.093). Hardware: {record['hardware']}.
+
+| model | NFE / image | FID | accuracy | roughness | precision | recall |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+## Training
+
+`fastgen distill --config distill/{record['recipe']}` ({record['step']} generator steps of all students together,
+{minutes_text}, evaluations excluded; exported: the EMA students at step {record['step']}). The recipe:
+
+```yaml
+{recipe_text.strip()}
+```
+
+Rebuild: run the command above with `--output-dir <run folder>`, then
+`python scripts/make_digits_msd.py --run <run folder> --recipe distill/{record['recipe']} --overwrite`.
+"""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="a finished fastgen distill --method msd output_dir")
+    parser.add_argument("--recipe", required=True, help="the recipe the run used (copied into the card)")
+    parser.add_argument("--n", type=int, default=2000, help="samples of the evaluation (default 2000)")
+    parser.add_argument("--single", default="rkl (DMD2)",
+                        help="label of the one-student row in benchmarks/results/distill.json to show beside it")
+    parser.add_argument("--half-precision", action="store_true", help="store the students' weights as float16")
+    parser.add_argument("--out", default=str(OUT), help=f"asset folder (default {OUT.relative_to(ROOT)})")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing asset folder")
+    args = parser.parse_args(argv)
+    run, recipe, out = Path(args.run), Path(args.recipe), Path(args.out)
+    if not recipe.is_file():
+        raise SystemExit(f"recipe {recipe} not found.")
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"{out} exists; pass --overwrite to replace it.")
+    src = run / "student"
+    if not (src / "model_index.json").is_file():
+        raise SystemExit(f"{src} is not a pipeline folder; did the run finish?")
+    import torch
+
+    from fastgen.generate import sample_grid
+    from fastgen.metrics import evaluate_pipeline
+    from fastgen.pipelines.msd import FastGenMSDPipeline
+    from fastgen.training.trainer import read_run_log
+
+    torch.set_num_threads(1)
+    scratch = out.with_name(f".{out.name}.build")
+    shutil.rmtree(scratch, ignore_errors=True)
+    staged = scratch / out.name
+    pipe = FastGenMSDPipeline.from_pretrained(src)
+    if args.half_precision:  # stored in float16, computed in float32 (the evaluation runs what is shipped)
+        for net in pipe.students:
+            net.to(torch.float16)
+        pipe.save_pretrained(staged)
+        pipe = FastGenMSDPipeline.from_pretrained(staged, torch_dtype=torch.float32)
+    else:
+        shutil.copytree(src, staged)
+    res = evaluate_pipeline(pipe, args.n, seed=0, progress=False).to_dict()
+    log = read_run_log(run)
+    step = max((r["step"] for r in log), default=0)
+    at = next((r for r in log if r["step"] == step), None)
+    state = sorted(run.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    config = json.loads(state[-1].read_text())["config"] if state else {}
+    record = {"student": {k: res[k] for k in KEYS}, "num_samples": args.n, "step": step,
+              "cpu_minutes": at["cpu_minutes"] if at else None, "students": len(pipe.students),
+              "parts": [pipe.partition.classes_of(k) for k in range(pipe.partition.num_parts)],
+              "block_out_channels": sorted({tuple(n.config.block_out_channels) for n in pipe.students}),
+              "weights_dtype": "float16" if args.half_precision else "float32",
+              "timesteps": pipe.student_timesteps, "recipe": recipe.name, "method_options": config.get("method_options"),
+              "hardware": f"{platform.machine()} CPU, 1 torch thread"}
+    record["block_out_channels"] = [list(c) for c in record["block_out_channels"]]
+    teacher, single = [], None
+    if BENCH.is_file():
+        bench = json.loads(BENCH.read_text())
+        if bench["config"]["n"] == args.n:
+            teacher = bench["teacher"]
+            if args.single in bench.get("students", {}):
+                best = bench["students"][args.single]["evaluations"][-1]
+                single = {"label": f"{args.single}, {best['step']} steps", **{k: best[k] for k in KEYS}}
+    for config_file in staged.glob("*/config.json"):  # a package asset names no folder of the machine it was built on
+        component = json.loads(config_file.read_text())
+        if component.pop("_name_or_path", None) is not None:
+            config_file.write_text(json.dumps(component, indent=2, sort_keys=True) + "\n")
+    (staged / "README.md").write_text(card(record, recipe.read_text(), teacher, single))
+    (staged / "eval.json").write_text(json.dumps({**record, "single": single}, indent=1) + "\n")
+    sample_grid(model=str(staged), count=4, output=str(staged / "samples_grid.png"), progress=False)
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staged, out)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+    print(json.dumps(record, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
