@@ -116,6 +116,7 @@ def search_schedule(config: SearchScheduleConfig | None = None, **overrides) -> 
     state_path = str(config.out) + ".state.json"
     # a state from other options (or not a state) is refused here, before anything loads or is written
     read_state(state_path, {"nfe": config.nfe, "teleport_steps": int(config.teleport is not None), **options})
+    Path(config.out).parent.mkdir(parents=True, exist_ok=True)  # the state and the log go next to out from the start
     from .teleport import GaussianStats
     from .solvers.usf import SolverSchedule
 

@@ -378,6 +378,7 @@ def test_builtin_model_solves_its_task(parts):
 
 # --- fastgen eval prophet: output files ------------------------------------------------------------------------------
 
+FAIR_NFE = 25  # 4 problems at 4 steps/block: the stock 27 less two post-block forwards that change nothing
 EVAL_SMALL = ["eval", "prophet", "--n", "4", "--budgets", "4", "--gen-length", "16", "--block-length", "8"]
 
 
@@ -405,8 +406,16 @@ def test_eval_prophet_writes_to_cwd_and_never_overwrites(tmp_path, monkeypatch, 
     assert written[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # pinned: 4 held-out problems (seed 0), 4 steps per block; (correct, total forward passes, fired fraction)
     summary = {c["method"]: (c["correct"], c["total_nfe"], c["fired_fraction"]) for c in result["cells"]}
-    assert summary == {"baseline": (2, 27, None), "prophet": (2, 7, 1.0), "prophet-all-in": (2, 7, 1.0),
-                       "prophet-answer-span": (2, 10, 1.0)}
+    assert summary == {"baseline": (2, 27, None), "baseline-fair": (2, FAIR_NFE, None), "prophet": (2, 7, 1.0),
+                       "prophet-all-in": (2, 7, 1.0), "prophet-answer-span": (2, 10, 1.0)}
+    # the fair baseline decodes the stock tokens (same hash) with fewer forwards; Prophet is compared with both
+    cells = {c["method"]: c for c in result["cells"]}
+    assert cells["baseline-fair"]["answers_sha256"] == cells["baseline"]["answers_sha256"]
+    fair = [c for c in result["comparisons"] if c["method"] == "baseline-fair"]
+    assert len(fair) == 1 and fair[0]["identical_answers"] is True and fair[0]["nfe_reduction"] == round(27 / FAIR_NFE, 3)
+    vs_fair = {c["method"]: c["nfe_reduction"] for c in result["comparisons"] if c["baseline"] == "baseline-fair"}
+    assert vs_fair == {"prophet": round(FAIR_NFE / 7, 3), "prophet-all-in": round(FAIR_NFE / 7, 3),
+                       "prophet-answer-span": round(FAIR_NFE / 10, 3)}
     first = _digest(written)
     capsys.readouterr()
 
@@ -422,8 +431,8 @@ def test_eval_prophet_writes_to_cwd_and_never_overwrites(tmp_path, monkeypatch, 
     # --resume continues the file: measured cells are kept as they are, only new ones run
     assert main(EVAL_SMALL + ["--budgets", "4", "2", "--resume"]) == 0
     resumed = json.loads(written[0].read_text())
-    assert resumed["cells"][:4] == result["cells"] and len(resumed["cells"]) == 8
-    assert {c["steps_per_block"] for c in resumed["cells"][4:]} == {2} and len(resumed["comparisons"]) == 6
+    assert resumed["cells"][:5] == result["cells"] and len(resumed["cells"]) == 10
+    assert {c["steps_per_block"] for c in resumed["cells"][5:]} == {2} and len(resumed["comparisons"]) == 14
     first = _digest(written)
     capsys.readouterr()
     assert main(EVAL_SMALL + ["--n", "3", "--resume"]) == 2  # other options: refused, file untouched
@@ -493,3 +502,21 @@ def test_package_loads_lazily_and_builtin_registry_resolves():
     pipe = fastgen.load_builtin("arith-dlm")  # registry entry "fastgen.prophet:load_builtin_dlm"
     assert isinstance(pipe, LLaDA2Pipeline) and isinstance(pipe.scheduler, ProphetScheduler)
     assert ProphetScheduler.__module__ == "fastgen.prophet"  # the path saved pipelines name (model_index.json)
+
+
+def test_interleaved_wall_time_side_by_side():
+    from fastgen.prophet.benchmark import ProphetBenchmarkConfig, interleaved_wall_time
+
+    config = ProphetBenchmarkConfig(n=4, gen_length=16, block_length=8)
+    with pytest.raises(ValueError, match="methods must be names among"):
+        interleaved_wall_time(config, steps=4, methods=["baseline", "magic"], n=2)
+    with pytest.raises(ValueError, match="n must be in 1..4"):
+        interleaved_wall_time(config, steps=4, methods=["baseline"], n=5)
+    # the same 4 problems as the eval prophet test above: the same forward counts, the fair baseline's stock tokens
+    rows = interleaved_wall_time(config, steps=4, methods=["baseline", "baseline-fair", "prophet"], n=4, repeats=1)
+    by = {r["method"]: r for r in rows}
+    assert [4 * by[m]["mean_nfe"] for m in ("baseline", "baseline-fair", "prophet")] == [27, FAIR_NFE, 7]
+    assert by["baseline-fair"]["answers_sha256"] == by["baseline"]["answers_sha256"]
+    assert by["prophet"]["nfe_ratio_vs_baseline-fair"] == round(7 / FAIR_NFE, 4)
+    assert by["prophet"]["nfe_ratio_vs_baseline"] == round(7 / 27, 4) and "time_ratio_vs_baseline" not in by["baseline"]
+    assert all(r["ms_per_problem"] > 0 and r["time_ratio_vs_baseline-fair"] > 0 for r in rows if r["method"] != "baseline-fair")

@@ -5,6 +5,12 @@ Li et al., "Diffusion Language Models Know the Answer Before Decoding", arXiv:25
 
 Cells are (method, steps per block); each runs the same problems with the same seeds. Results go through the shared
 harness :mod:`fastgen.benchmarking` (atomic JSON after every cell, resumable, PNG plot next to the JSON).
+
+Two baselines: ``baseline`` is the stock ``BlockRefinementScheduler``, which pays ``LLaDA2Pipeline``'s post-block forward
+even when a block was emptied early (that forward cannot change a token with editing off); ``baseline-fair`` is the
+stock rule without that forward (:class:`ProphetScheduler` with every threshold at ``+inf`` and
+``stop_finished_blocks=True``: the same tokens, checked per cell by ``answers_sha256``). Prophet's saving is reported
+against both.
 """
 from __future__ import annotations
 
@@ -23,8 +29,11 @@ from .criterion import DEFAULT_PHASE_BOUNDARIES, DEFAULT_THRESHOLDS
 from .text import load_text_pipeline, resolve_model_path, run_text, validate_text_options
 
 DEFAULT_OUT = "prophet.json"
-METHODS = ("baseline", "prophet", "prophet-all-in", "prophet-answer-span")
-METHOD_LABELS = {"baseline": "stock BlockRefinementScheduler", "prophet": "ProphetScheduler (masked positions)",
+METHODS = ("baseline", "baseline-fair", "prophet", "prophet-all-in", "prophet-answer-span")
+BASELINES = ("baseline", "baseline-fair")
+METHOD_LABELS = {"baseline": "stock BlockRefinementScheduler",
+                 "baseline-fair": "stock rule, no post-block forward (fair baseline)",
+                 "prophet": "ProphetScheduler (masked positions)",
                  "prophet-all-in": "ProphetScheduler (+ later blocks all in)",
                  "prophet-answer-span": "ProphetScheduler (answer span)"}
 # options that decide what a cell measures: a results file is resumed only when they match
@@ -81,6 +90,9 @@ def load_method(method: str, config: ProphetBenchmarkConfig):
     """The pipeline of one benchmark method: the stock scheduler, or Prophet with the method's monitored set."""
     if method == "baseline":
         return load_text_pipeline(config.model, prophet=False)
+    if method == "baseline-fair":  # never fires: the stock rule, minus the post-block forwards that change nothing
+        inf = float("inf")
+        return load_text_pipeline(config.model, prophet=True, thresholds=(inf, inf, inf), stop_finished_blocks=True)
     extra = {"prophet-all-in": {"commit_later_blocks": True},
              "prophet-answer-span": {"answer_start": config.answer_start}}.get(method, {})
     return load_text_pipeline(config.model, prophet=True, thresholds=config.thresholds, **extra)
@@ -89,45 +101,118 @@ def load_method(method: str, config: ProphetBenchmarkConfig):
 def measure(pipe, problems: Sequence[dict], *, steps: int, gen_length: int, block_length: int, seed: int,
             tick: Callable[[], object] | None = None) -> dict:
     """One cell: decode every problem (seed + index), score the answers, count forward passes and Prophet's commits.
-    ``tick()`` runs after each problem (a progress bar)."""
+    ``answers_sha256`` hashes every decoded text (equal hashes: token-identical outputs). ``tick()`` runs after each
+    problem (a progress bar)."""
     from .scheduler import ProphetScheduler
 
-    correct, nfes, fired, t0 = 0, [], 0, time.perf_counter()
+    digest = _answers_digest()
+    correct, nfes, fired, t0, c0 = 0, [], 0, time.perf_counter(), time.process_time()
     for i, p in enumerate(problems):
         res = run_text(pipe, p["prompt"], steps=steps, gen_length=gen_length, block_length=block_length,
                        seed=seed + i)
+        digest.update(res["texts"][0].encode() + b"\0")
         correct += arith_extract_answer(res["texts"][0]) == p["answer"]
         nfes.append(res["nfe"])
         fired += bool(res["fired_at_step"] and res["fired_at_step"][0])
         if tick is not None:
             tick()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     n = len(problems)
+    prophet = isinstance(pipe.scheduler, ProphetScheduler) and min(pipe.scheduler.thresholds) < float("inf")
     return {"accuracy": correct / n, "correct": correct, "mean_nfe": sum(nfes) / n, "total_nfe": sum(nfes),
-            "fired_fraction": fired / n if isinstance(pipe.scheduler, ProphetScheduler) else None,
-            "wall_seconds": round(wall, 2), "ms_per_problem": round(1000 * wall / n, 2)}
+            "fired_fraction": fired / n if prophet else None,
+            "wall_seconds": round(wall, 2), "ms_per_problem": round(1000 * wall / n, 2),
+            "cpu_seconds": round(cpu, 2), "answers_sha256": digest.hexdigest()}
+
+
+def _answers_digest():
+    """The running hash of decoded texts behind ``answers_sha256`` (each text followed by a NUL byte)."""
+    import hashlib
+
+    return hashlib.sha256()
 
 
 def compare_to_baseline(cells: list[dict]) -> list[dict]:
-    """Per Prophet variant and budget: NFE reduction, wall-time speed-up and accuracy change against the baseline."""
+    """Per method, budget and baseline (``baseline``, and ``baseline-fair`` where measured): NFE reduction, wall-time
+    speed-up and accuracy change against that baseline. The fair baseline is compared with the stock one too, with
+    ``identical_answers`` (token-identical outputs) where both cells carry ``answers_sha256``."""
     out = []
-    for base in (c for c in cells if c["method"] == "baseline"):
-        for pro in (c for c in cells if c["method"] != "baseline" and c["steps_per_block"] == base["steps_per_block"]):
-            reduction = base["mean_nfe"] / pro["mean_nfe"]
-            delta = 100 * (pro["accuracy"] - base["accuracy"])
-            out.append({
-                "method": pro["method"], "steps_per_block": base["steps_per_block"],
-                "nfe_reduction": round(reduction, 3),
-                "wall_speedup": round(base["wall_seconds"] / max(pro["wall_seconds"], 1e-9), 3),
-                "accuracy_delta_points": round(delta, 2), "meets_target": reduction >= 2.0 and delta >= -1.0,
-            })
+    for kind in BASELINES:
+        for base in (c for c in cells if c["method"] == kind):
+            others = [c for c in cells if c["steps_per_block"] == base["steps_per_block"] and c["method"] not in BASELINES]
+            if kind == "baseline":
+                others = [c for c in cells if c["steps_per_block"] == base["steps_per_block"]
+                          and c["method"] == "baseline-fair"] + others
+            for pro in others:
+                reduction = base["mean_nfe"] / pro["mean_nfe"]
+                delta = 100 * (pro["accuracy"] - base["accuracy"])
+                row = {
+                    "method": pro["method"], "baseline": kind, "steps_per_block": base["steps_per_block"],
+                    "nfe_reduction": round(reduction, 3),
+                    "wall_speedup": round(base["wall_seconds"] / max(pro["wall_seconds"], 1e-9), 3),
+                    "accuracy_delta_points": round(delta, 2), "meets_target": reduction >= 2.0 and delta >= -1.0,
+                }
+                if pro["method"] == "baseline-fair" and "answers_sha256" in base and "answers_sha256" in pro:
+                    row["identical_answers"] = base["answers_sha256"] == pro["answers_sha256"]
+                out.append(row)
     return out
+
+
+def interleaved_wall_time(config: ProphetBenchmarkConfig, *, steps: int, methods: Sequence[str], n: int,
+                          repeats: int = 3) -> list[dict]:
+    """Seconds per problem of ``methods`` at ``steps`` per block, measured side by side in one process: the first ``n``
+    problems of the benchmark's draw, each decoded by every method in turn (the order rotates per problem), ``repeats``
+    passes over them, median of the per-pass totals. Rows carry the time and forward-pass ratios against ``baseline``
+    and ``baseline-fair`` where those are among ``methods``, and ``answers_sha256`` of the first pass's texts."""
+    import statistics
+
+    config = validate_benchmark_config(config)
+    methods = list(methods)
+    if not methods or any(m not in METHODS for m in methods):
+        raise ValueError(f"methods must be names among {list(METHODS)}, got {methods!r}.")
+    if not isinstance(n, int) or not 1 <= n <= config.n or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"n must be in 1..{config.n} and repeats >= 1, got n={n!r}, repeats={repeats!r}.")
+    problems = arith_problems(config.n, split="test", seed=config.seed)[:n]
+    pipes = {m: load_method(m, config) for m in methods}
+    kwargs = dict(steps=steps, gen_length=config.gen_length, block_length=config.block_length)
+    for m in methods:  # warm-up
+        run_text(pipes[m], problems[0]["prompt"], seed=config.seed, **kwargs)
+    totals = {m: [] for m in methods}
+    nfe = dict.fromkeys(methods, 0)
+    digests = {m: _answers_digest() for m in methods}
+    for r in range(repeats):
+        spent = dict.fromkeys(methods, 0.0)
+        for i, p in enumerate(problems):
+            k = (i + r) % len(methods)
+            for m in methods[k:] + methods[:k]:
+                t0 = time.perf_counter()
+                res = run_text(pipes[m], p["prompt"], seed=config.seed + i, **kwargs)
+                spent[m] += time.perf_counter() - t0
+                if r == 0:
+                    nfe[m] += res["nfe"]
+                    digests[m].update(res["texts"][0].encode() + b"\0")
+        for m in methods:
+            totals[m].append(spent[m])
+    med = {m: statistics.median(totals[m]) for m in methods}
+    rows = []
+    for m in methods:
+        row = {"method": m, "steps_per_block": steps, "problems": n, "repeats": repeats,
+               "ms_per_problem": round(1000 * med[m] / n, 3), "mean_nfe": nfe[m] / n,
+               "answers_sha256": digests[m].hexdigest()}
+        for base in BASELINES:
+            if base in methods and base != m:
+                row[f"time_ratio_vs_{base}"] = round(med[m] / med[base], 4)
+                row[f"nfe_ratio_vs_{base}"] = round(nfe[m] / nfe[base], 4)
+        rows.append(row)
+    return rows
 
 
 def summary_lines(result: dict) -> list[str]:
     """One line per comparison (reduction in forward passes, accuracy change), then the files written if any."""
-    lines = [f"{c['method']:>20} steps/block {c['steps_per_block']:>3}: {c['nfe_reduction']:.2f}x fewer forward "
-             f"passes, accuracy {c['accuracy_delta_points']:+.1f} points, target met: {c['meets_target']}"
+    lines = [f"{c['method']:>20} vs {c.get('baseline', 'baseline'):>13} steps/block {c['steps_per_block']:>3}: "
+             f"{c['nfe_reduction']:.2f}x fewer forward passes, accuracy {c['accuracy_delta_points']:+.1f} points, "
+             f"target met: {c['meets_target']}"
+             + (f", identical answers: {c['identical_answers']}" if "identical_answers" in c else "")
              for c in result["comparisons"]]
     if "out" in result:
         lines.append(f"wrote {result['out']} and {result['plot']}")
@@ -249,14 +334,14 @@ def plot_prophet_benchmark(result: dict, path: str | os.PathLike) -> None:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for (name, label), style in zip(METHOD_LABELS.items(), ("o-", "s-", "D-", "^-")):
+    for (name, label), style in zip(METHOD_LABELS.items(), ("o-", "o--", "s-", "D-", "^-")):
         rs = sorted((c for c in result["cells"] if c["method"] == name), key=lambda c: c["mean_nfe"])
         if not rs:
             continue
         ax.plot([c["mean_nfe"] for c in rs], [100 * c["accuracy"] for c in rs], style, label=label)
         for c in rs:  # label the budget once per method, left of each marker for Prophet, right for the baseline
             ax.annotate(f"{c['steps_per_block']}", (c["mean_nfe"], 100 * c["accuracy"]), fontsize=7,
-                        textcoords="offset points", xytext=(5, 4) if name == "baseline" else (-4, 5), ha="center")
+                        textcoords="offset points", xytext=(5, 4) if name in BASELINES else (-4, 5), ha="center")
     accs = [100 * c["accuracy"] for c in result["cells"]]
     ax.set_ylim(max(0.0, min(accs) - 5.0), min(100.0, max(accs) + 3.0))
     ax.set_xscale("log", base=2)

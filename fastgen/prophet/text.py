@@ -76,16 +76,18 @@ def resolve_model_path(model: str | Path | None) -> Path:
 
 def load_text_pipeline(model: str | Path | None = None, *, prophet: bool = True,
                        thresholds: Sequence[float] = DEFAULT_THRESHOLDS, answer_start: int | None = None,
-                       progress_mode: str = "block", commit_later_blocks: bool = False):
+                       progress_mode: str = "block", commit_later_blocks: bool = False,
+                       stop_finished_blocks: bool = False):
     """``LLaDA2Pipeline`` for the built-in model (``None`` or ``"arith-dlm"``) or an arith-dlm style folder, with a
-    :class:`ProphetScheduler` (``prophet=True``) or the stock ``BlockRefinementScheduler``; progress bar off."""
+    :class:`ProphetScheduler` (``prophet=True``) or the stock ``BlockRefinementScheduler``; progress bar off.
+    ``stop_finished_blocks`` skips the post-block forward of blocks the stock rule empties early (see the scheduler)."""
     thresholds = validate_thresholds(thresholds)
     path = resolve_model_path(model)
     kwargs = {}
     if prophet:
         kwargs = dict(early_threshold=thresholds[0], mid_threshold=thresholds[1], late_threshold=thresholds[2],
                       answer_start=answer_start, progress_mode=progress_mode,
-                      commit_later_blocks=commit_later_blocks)
+                      commit_later_blocks=commit_later_blocks, stop_finished_blocks=stop_finished_blocks)
     pipe = load_builtin_dlm(path, prophet=prophet, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
