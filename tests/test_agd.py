@@ -196,6 +196,32 @@ def test_pipeline_with_adapter_runs_one_evaluation_per_step(tmp_path):
     assert again.nfe == 8 and torch.equal(again.images, cfg.images)
 
 
+def test_cfg_window_switches_the_adapter_off_late_and_scale_one_is_the_base(tmp_path):
+    """Late drop: guidance=CFG(w, stop=0.5) with an adapter runs the adapter at w for the first half of the steps
+    and the bare base (CFG at 1) for the rest, one evaluation per step; guidance_scale=1 is the base exactly even
+    with a trained (non-zero) adapter; the adapter's state is restored after each call. (Caught: inverting the
+    window test in AdapterGuidance; leaving the adapter on at scale 1.)"""
+    from fastgen.guidance import CFG
+
+    pipe = _class_pipe()
+    kw = dict(class_labels=[0, 1, 2], num_inference_steps=4, seed=0, output_type="pt")
+    plain = pipe(guidance_scale=1.0, **kw)
+    adapter = pipe.load_guidance_adapter(GuidanceAdapter.for_model(pipe.unet, zero_init=False))
+    seen = []
+    handle = pipe.unet.register_forward_pre_hook(
+        lambda m, a: seen.append((adapter.enabled, float(adapter._omega) if adapter.enabled else None)))
+    late = pipe(guidance=CFG(guidance_scale=4.0, stop=0.5), guidance_scale=4.0, **kw)
+    assert late.nfe == 4 and seen == [(True, 4.0), (True, 4.0), (False, None), (False, None)]
+    seen.clear()
+    assert torch.equal(pipe(guidance_scale=1.0, **kw).images, plain.images) and seen == [(False, None)] * 4
+    handle.remove()
+    assert adapter.enabled and adapter._omega == 1.0  # restored after the call
+    full = pipe(guidance_scale=4.0, **kw)
+    assert full.nfe == 4 and not torch.equal(full.images, late.images)
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        pipe(guidance=CFG(guidance_scale=4.0, guidance_rescale=0.7), guidance_scale=4.0, **kw)
+
+
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_text_pipelines_with_adapter_report_steps(tmp_path, family):
     from fastgen import FastGenStableDiffusionPipeline, FastGenStableDiffusionXLPipeline
