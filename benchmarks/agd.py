@@ -15,7 +15,8 @@ resumes: the store, the runs and every measured cell are kept, so an interrupted
    seeds at the same omega (FID on digits *improves* as guidance weakens, so a one-pass model that guides
    less than CFG would pass a FID-only test: accuracy and this distance say whether it reproduces CFG);
 4. wall time per image of CFG, AGD, AGD with late drop and no guidance at ``time_scale``: interleaved repeats
-   in one process, median, at each ``time_batches`` size.
+   in one process, median, at each ``time_batches`` size (measured after the 20-step cells, before the
+   compositions, which use ``n_compose`` samples).
 
 Writes benchmarks/results/agd.json and agd.png::
 
@@ -47,6 +48,7 @@ class AGDBenchmark:
     """AGD vs CFG on the digits model."""
 
     n: int = field(default=2000, metadata={"help": "samples per cell (fixed seeds 0..n-1)"})
+    n_compose: int = field(default=1000, metadata={"help": "samples per composition cell (S³, late drop): seeds 0.."})
     steps: int = field(default=20, metadata={"help": "solver steps per sample"})
     scales: list[float] = field(default_factory=lambda: [3.0, 5.0, 8.0, 1.5], metadata={"help": "guidance scales"})
     fn_scales: list[float] = field(default_factory=lambda: [5.0, 8.0],
@@ -57,6 +59,8 @@ class AGDBenchmark:
     batch_size: int = field(default=64, metadata={"help": "training batch (rows)"})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate (10% warm-up, cosine)"})
     width: int = field(default=0, metadata={"help": "adapter width (0: GuidanceAdapter.for_model's default)"})
+    variant: str = field(default="", metadata={"help": "adapter variant: additive / attention ('': the default)"})
+    heads: int = field(default=0, metadata={"help": "attention heads of the attention variant (0: the default)"})
     s3: list[str] = field(default_factory=lambda: ["nfe5.json", "nfe10.json"],
                           metadata={"help": "S³ schedules of fastgen/assets/digits-schedules composed with AGD"})
     s3_scale: float = field(default=3.0, metadata={"help": "omega of the S³ cells (the schedules were searched at 3)"})
@@ -67,6 +71,7 @@ class AGDBenchmark:
     repeats: int = field(default=5, metadata={"help": "interleaved wall-time repeats (median); 0 skips timing"})
     work: str = field(default="runs/agd-bench", metadata={"help": "folder of the trajectory store, runs, CFG images"})
     only_train: bool = field(default=False, metadata={"help": "stop after collecting and training"})
+    compose: bool = field(default=True, metadata={"help": "also measure the S³ and late-drop compositions"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads"})
     out: str = field(default=str(RESULTS / "agd.json"), metadata={"help": "results JSON (PNG beside it)"})
 
@@ -84,7 +89,8 @@ def collect(opts: AGDBenchmark) -> tuple[Path, float]:
 
 
 def run_folder(opts: AGDBenchmark, source: str) -> Path:
-    return Path(opts.work) / f"run-{source}"
+    tag = "".join(f"-{k}{v}" for k, v in (("", opts.variant), ("w", opts.width), ("h", opts.heads)) if v)
+    return Path(opts.work) / f"run-{source}{tag}"
 
 
 def train(opts: AGDBenchmark, source: str, store: Path) -> dict:
@@ -95,13 +101,18 @@ def train(opts: AGDBenchmark, source: str, store: Path) -> dict:
     folder = run_folder(opts, source)
     done = folder / "bench_minutes.json"
     if (folder / "student" / "config.json").is_file() and done.is_file():
-        return json.loads(done.read_text())
+        record = json.loads(done.read_text())
+        if "fit" not in record:
+            record["fit"] = fit_quality(opts, source, store)
+            done.write_text(json.dumps(record))
+        return record
     recipe = read_recipe(RECIPE, DistillConfig)
     options = dict(recipe.get("method_options") or {})
     options.update(source=source, trajectories=str(store) if source == "trajectories" else None,
                    omega_range=[1.0, opts.omega_max])
-    if opts.width:
-        options["width"] = opts.width
+    for name in ("width", "variant", "heads"):
+        if getattr(opts, name):
+            options[name] = getattr(opts, name)
     recipe.update(method_options=options, output_dir=str(folder), max_train_steps=opts.train_steps,
                   train_batch_size=opts.batch_size, learning_rate=opts.learning_rate,
                   lr_warmup_steps=max(1, opts.train_steps // 10), resume_from_checkpoint="latest",
@@ -113,7 +124,46 @@ def train(opts: AGDBenchmark, source: str, store: Path) -> dict:
     record = {"source": source, "folder": portable(folder), "wall_minutes": (time.perf_counter() - t0) / 60,
               "cpu_minutes": (time.process_time() - c0) / 60, "train_steps": opts.train_steps,
               "batch_size": opts.batch_size, "learning_rate": opts.learning_rate}
+    record["fit"] = fit_quality(opts, source, store)
     done.write_text(json.dumps(record))
+    return record
+
+
+def fit_quality(opts: AGDBenchmark, source: str, store: Path, rows: int = 1024) -> dict:
+    """MSE to the stored CFG targets on ``rows`` fixed store rows (training rows: a diagnostic, not a test):
+    with the adapter off (the whole CFG correction, ``(w - 1)^2 |c - u|^2``) and on, per omega third."""
+    import numpy as np
+
+    import fastgen
+    from fastgen.adapters import load_guidance_adapter
+    from fastgen.denoiser import Denoiser
+    from fastgen.training.agd import TrajectoryStore
+
+    st = TrajectoryStore(store)
+    pick = np.random.default_rng(0).choice(st.num_trajectories * st.num_steps, rows, replace=False)
+    r = st.rows(np.sort(pick))
+    pipe = fastgen.load_builtin("digits")
+    den = Denoiser.from_scheduler(pipe.unet, pipe.scheduler)
+    adapter = load_guidance_adapter(run_folder(opts, source) / "student").attach(pipe.unet)
+    errs = {}
+    with torch.no_grad():
+        for label, on in (("adapter_off", False), ("adapter_on", True)):
+            adapter.enabled = on
+            out = []
+            for i in range(0, rows, 256):
+                with adapter.guidance_scale(r["omega"][i:i + 256]):
+                    out.append(den(r["x_t"][i:i + 256].float(), r["t"][i:i + 256],
+                                   {"class_labels": r["cond"]["class_labels"][i:i + 256]}))
+            errs[label] = ((torch.cat(out).float() - r["target"].float()) ** 2).flatten(1).mean(1)
+    adapter.detach()
+    record = {"rows": rows, "mse_adapter_off": errs["adapter_off"].mean().item(),
+              "mse_adapter_on": errs["adapter_on"].mean().item()}
+    record["share_of_cfg_correction_left"] = record["mse_adapter_on"] / record["mse_adapter_off"]
+    edges = np.linspace(1.0, opts.omega_max, 4)
+    omega = r["omega"].numpy()
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = torch.from_numpy((omega >= lo) & (omega <= hi))
+        record[f"share_left_omega_{lo:.1f}_{hi:.1f}"] = (errs["adapter_on"][m].mean() / errs["adapter_off"][m].mean()).item()
     return record
 
 
@@ -132,6 +182,8 @@ def cells(opts: AGDBenchmark) -> list[dict]:
     for name in opts.s3:
         for method in ("agd", "cfg"):
             out.append({"method": method, "guidance_scale": opts.s3_scale, "variant": f"S3 {name}"})
+    for cell in out:
+        cell["n"] = opts.n if cell["variant"] == "20 steps" else min(opts.n, opts.n_compose)
     return out
 
 
@@ -166,8 +218,9 @@ def measure(pipe, opts: AGDBenchmark, cell: dict) -> dict:
     from fastgen.metrics import evaluate_pipeline
 
     set_method(pipe, opts, cell["method"])
-    w = cell["guidance_scale"]
+    w, n = cell["guidance_scale"], cell["n"]
     reference = cfg_images(pipe, opts, w)
+    reference = None if reference is None else reference[:n].float()
     plain_cfg = cell["method"] == "cfg" and cell["variant"] == "20 steps"
     captured: list[torch.Tensor] = []
     on_batch = (lambda out, start, stop: captured.append(out.images.float().cpu())) if plain_cfg else None
@@ -175,7 +228,7 @@ def measure(pipe, opts: AGDBenchmark, cell: dict) -> dict:
     if w in (3.0, 8.0) and cell["variant"] == "20 steps" and cell["method"] in ("cfg", "agd"):
         grid = Path(opts.work) / "grids" / f"{cell['method']}_w{w:g}.png"
     t0 = time.process_time()
-    res = evaluate_pipeline(pipe, opts.n, seed=0, progress=False, on_batch=on_batch, grid=grid, grid_count=40,
+    res = evaluate_pipeline(pipe, n, seed=0, progress=False, on_batch=on_batch, grid=grid, grid_count=40,
                             grid_title=f"{LABELS[cell['method']]}, omega {w:g}",
                             reference_samples=None if plain_cfg else reference, **call_kwargs(opts, cell)).to_dict()
     if plain_cfg:
@@ -298,23 +351,28 @@ def main(argv=None) -> None:
     torch.set_num_threads(opts.threads)
     store, collect_seconds = collect(opts)
     training = {"trajectories": train(opts, "trajectories", store)}
-    if opts.fn_scales:
+    if set(opts.fn_scales) & set(opts.scales):
         training["forward_noised"] = train(opts, "forward_noised", store)
     if opts.only_train:
         return
     config = {**asdict(opts), "out": portable(opts.out), "work": portable(opts.work)}
     results = Results(opts.out, config, resume_on=("n", "steps", "train_steps", "batch_size", "learning_rate",
-                                                   "width", "num_trajectories", "omega_max"))
-    results.data["training"] = training
+                                                   "width", "variant", "heads", "num_trajectories",
+                                                   "omega_max"))
+    results.data.setdefault("training", {}).update(training)
     results.data.setdefault("collect_seconds", collect_seconds)
     results.data["hardware"] = (f"{platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs, "
                                 f"{opts.threads} torch thread(s), torch {torch.__version__}")
     pipe = builtin_pipeline("digits", threads=opts.threads)
     key = lambda c: c  # noqa: E731 - a cell is its own key
-    results.run(cells(opts), key=key, measure=lambda c: measure(pipe, opts, c), plot=plot, after=summarise)
-    if opts.repeats > 0 and not results.data.get("wall_time"):
+    todo = cells(opts)
+    main_cells = [c for c in todo if c["variant"] == "20 steps"]
+    results.run(main_cells, key=key, measure=lambda c: measure(pipe, opts, c), plot=plot, after=summarise)
+    if opts.repeats > 0 and not results.data.get("wall_time"):  # the targets' second half, before the extras
         results.data["wall_time"] = wall_time(pipe, opts)
         results.save()
+    results.run([c for c in todo if c not in main_cells and opts.compose], key=key, measure=lambda c: measure(pipe, opts, c),
+                plot=plot, after=summarise)
     summarise(results.data)
     results.save()
     results.plot(plot)

