@@ -40,7 +40,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RECIPE = Path(__file__).resolve().parent.parent / "distill" / "digits-agd.yaml"
 KEYS = ("fid", "accuracy", "precision", "recall", "nfe", "seconds_per_image", "rms_to_reference")
 LABELS = {"cfg": "CFG (2 NFE/step)", "agd": "AGD, trajectories (1 NFE/step)",
-          "forward_noised": "adapter, forward-noised data (1 NFE/step)"}
+          "forward_noised": "adapter, forward-noised data (1 NFE/step)", "none": "no guidance (1 NFE/step)"}
 
 
 @dataclass
@@ -176,6 +176,7 @@ def cells(opts: AGDBenchmark) -> list[dict]:
         out.append({"method": "agd", "guidance_scale": w, "variant": "20 steps"})
         if w in opts.fn_scales:
             out.append({"method": "forward_noised", "guidance_scale": w, "variant": "20 steps"})
+    out.append({"method": "none", "guidance_scale": 1.0, "variant": "20 steps"})  # the unguided model: scale of RMS
     for w in opts.late_scales:
         for method in ("agd", "cfg"):
             out.append({"method": method, "guidance_scale": w, "variant": f"late drop (stop {opts.late_stop})"})
@@ -203,7 +204,7 @@ def call_kwargs(opts: AGDBenchmark, cell: dict) -> dict:
 
 
 def set_method(pipe, opts: AGDBenchmark, method: str) -> None:
-    if method == "cfg":
+    if method in ("cfg", "none"):
         pipe.unload_guidance_adapter()
     else:
         pipe.load_guidance_adapter(run_folder(opts, "trajectories" if method == "agd" else method) / "student")
@@ -223,14 +224,15 @@ def measure(pipe, opts: AGDBenchmark, cell: dict) -> dict:
     reference = None if reference is None else reference[:n].float()
     plain_cfg = cell["method"] == "cfg" and cell["variant"] == "20 steps"
     captured: list[torch.Tensor] = []
-    on_batch = (lambda out, start, stop: captured.append(out.images.float().cpu())) if plain_cfg else None
+    keep = plain_cfg or cell["method"] == "none"
+    on_batch = (lambda out, start, stop: captured.append(out.images.float().cpu())) if keep else None
     grid = None
     if w in (3.0, 8.0) and cell["variant"] == "20 steps" and cell["method"] in ("cfg", "agd"):
         grid = Path(opts.work) / "grids" / f"{cell['method']}_w{w:g}.png"
     t0 = time.process_time()
     res = evaluate_pipeline(pipe, n, seed=0, progress=False, on_batch=on_batch, grid=grid, grid_count=40,
                             grid_title=f"{LABELS[cell['method']]}, omega {w:g}",
-                            reference_samples=None if plain_cfg else reference, **call_kwargs(opts, cell)).to_dict()
+                            reference_samples=None if keep else reference, **call_kwargs(opts, cell)).to_dict()
     if plain_cfg:
         path = Path(opts.work) / "cfg_images" / f"w{w:g}_n{opts.n}_s{opts.steps}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,6 +240,10 @@ def measure(pipe, opts: AGDBenchmark, cell: dict) -> dict:
         os.replace(path.with_suffix(".tmp"), path)
         res["rms_to_reference"] = 0.0
     record = {k: res.get(k) for k in KEYS}
+    if cell["method"] == "none":  # how far the unguided images are from CFG's at each omega (same seeds)
+        images = torch.cat(captured)
+        record["rms_to_cfg_images"] = {f"{v:g}": ((images - ref.float()) ** 2).mean().sqrt().item()
+                                       for v in opts.scales if (ref := cfg_images(pipe, opts, v)) is not None}
     record["cpu_seconds"] = time.process_time() - t0
     if grid is not None:
         record["grid"] = portable(grid)
@@ -302,6 +308,10 @@ def summarise(data: dict) -> None:
                  "fid_target_met (<= 1.03)": agd["fid"] / cfg["fid"] <= 1.03,
                  "accuracy_cfg": cfg["accuracy"], "accuracy_agd": agd["accuracy"],
                  "rms_agd_to_cfg_images": agd["rms_to_reference"], "nfe_cfg": cfg["nfe"], "nfe_agd": agd["nfe"]}
+        none = find("none", 1.0)
+        if none is not None and f"{w:g}" in (none.get("rms_to_cfg_images") or {}):
+            entry["rms_unguided_to_cfg_images"] = none["rms_to_cfg_images"][f"{w:g}"]
+            entry["share_of_cfg_shift_left_agd"] = agd["rms_to_reference"] / entry["rms_unguided_to_cfg_images"]
         if fn is not None:
             entry.update(fid_forward_noised=fn["fid"], accuracy_forward_noised=fn["accuracy"],
                          rms_forward_noised_to_cfg_images=fn["rms_to_reference"],
@@ -321,14 +331,14 @@ def plot(data: dict, path: Path) -> None:
         ws = [r["guidance_scale"] for r in rows]
         axes[0].plot(ws, [r["fid"] for r in rows], marker="o", label=label)
         axes[1].plot(ws, [r["accuracy"] for r in rows], marker="o", label=label)
-        if method != "cfg":
+        if method in ("agd", "forward_noised"):
             axes[2].plot(ws, [r["rms_to_reference"] for r in rows], marker="o", label=label)
     axes[0].set(xlabel="guidance scale omega", ylabel="digits FID", title="FID (lower is better)")
     axes[1].set(xlabel="guidance scale omega", ylabel="class accuracy", title="accuracy")
     axes[2].set(xlabel="guidance scale omega", ylabel="RMS pixel distance", title="distance to CFG images (same seeds)")
     ax = axes[3]
     for r in data["cells"]:
-        marker = {"cfg": "s", "agd": "o", "forward_noised": "^"}[r["method"]]
+        marker = {"cfg": "s", "agd": "o", "forward_noised": "^", "none": "x"}[r["method"]]
         color = {"20 steps": "C0", "late": "C1", "S3 nfe5.json": "C2", "S3 nfe10.json": "C3"}.get(
             r["variant"] if not r["variant"].startswith("late") else "late", "C4")
         ax.scatter(r["nfe"], r["fid"], marker=marker, color=color, s=22)
@@ -351,9 +361,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(opts.threads)
     store, collect_seconds = collect(opts)
     training = {"trajectories": train(opts, "trajectories", store)}
-    if set(opts.fn_scales) & set(opts.scales):
-        training["forward_noised"] = train(opts, "forward_noised", store)
     if opts.only_train:
+        if set(opts.fn_scales) & set(opts.scales):
+            train(opts, "forward_noised", store)
         return
     config = {**asdict(opts), "out": portable(opts.out), "work": portable(opts.work)}
     results = Results(opts.out, config, resume_on=("n", "steps", "train_steps", "batch_size", "learning_rate",
@@ -365,14 +375,22 @@ def main(argv=None) -> None:
                                 f"{opts.threads} torch thread(s), torch {torch.__version__}")
     pipe = builtin_pipeline("digits", threads=opts.threads)
     key = lambda c: c  # noqa: E731 - a cell is its own key
+    run = lambda group: results.run(group, key=key, measure=lambda c: measure(pipe, opts, c), plot=plot,  # noqa: E731
+                                    after=summarise)
     todo = cells(opts)
-    main_cells = [c for c in todo if c["variant"] == "20 steps"]
-    results.run(main_cells, key=key, measure=lambda c: measure(pipe, opts, c), plot=plot, after=summarise)
-    if opts.repeats > 0 and not results.data.get("wall_time"):  # the targets' second half, before the extras
+    # priority order: AGD vs CFG (20 steps), the unguided reference, wall time, the forward-noised baseline,
+    # then the compositions (an interrupted run keeps what it measured)
+    run([c for c in todo if c["variant"] == "20 steps" and c["method"] != "forward_noised"])
+    if opts.repeats > 0 and not results.data.get("wall_time"):
         results.data["wall_time"] = wall_time(pipe, opts)
         results.save()
-    results.run([c for c in todo if c not in main_cells and opts.compose], key=key, measure=lambda c: measure(pipe, opts, c),
-                plot=plot, after=summarise)
+    fn_cells = [c for c in todo if c["method"] == "forward_noised"]
+    if fn_cells:
+        results.data["training"]["forward_noised"] = train(opts, "forward_noised", store)
+        results.save()
+        run(fn_cells)
+    if opts.compose:
+        run([c for c in todo if c["variant"] != "20 steps"])
     summarise(results.data)
     results.save()
     results.plot(plot)

@@ -179,6 +179,8 @@ def main(argv=None) -> int:
     config = json.loads((staged / "config.json").read_text())
     config.pop("_name_or_path", None)
     (staged / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for weights in staged.glob("*.safetensors"):
+        weights.chmod(0o644)
     (staged / "README.md").write_text(card(bench, config, adapter.num_parameters_trainable(),
                                            adapter.trainable_share(base)))
     figures = {"config": bench["config"], "training": bench["training"], "cells": bench["cells"],
