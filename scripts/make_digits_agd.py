@@ -35,7 +35,11 @@ def card(bench: dict, adapter_config: dict, params: int, share: float) -> str:
     cells = bench["cells"]
     main = sorted((c for c in cells if c["variant"] == "20 steps"), key=lambda c: (c["guidance_scale"], c["method"]))
     names = {"cfg": "CFG (base, 2 passes)", "agd": "AGD (this adapter)",
-             "forward_noised": "adapter trained on forward-noised data"}
+             "forward_noised": "adapter trained on forward-noised data", "none": "no guidance (base, 1 pass)"}
+    fit = training.get("fit") or {}
+    fit_text = (f" On 1,024 stored rows the adapter leaves {100 * fit['share_of_cfg_correction_left']:.0f}% of the "
+                f"CFG correction's squared error unexplained (MSE {fit['mse_adapter_on']:.4f} against "
+                f"{fit['mse_adapter_off']:.4f} with the adapter off)." if fit else "")
     rows = [f"| {c['guidance_scale']:g} | {names[c['method']]} | {c['nfe']:g} | {_fmt(c['fid'])} | "
             f"{_fmt(100 * c['accuracy'])}% | {_fmt(c['precision'], '.3f')} | {_fmt(c['recall'], '.3f')} | "
             f"{_fmt(c['rms_to_reference'], '.3f')} |" for c in main]
@@ -50,6 +54,15 @@ def card(bench: dict, adapter_config: dict, params: int, share: float) -> str:
     extra_text = ("| composition | omega | model | NFE | FID | accuracy | RMS to CFG (20 steps) |\n"
                   "|---|---|---|---|---|---|---|\n" + "\n".join(extra_rows)) if extra_rows else "Not measured."
     recipe = RECIPE.read_text().strip()
+    none = next((c for c in cells if c["method"] == "none"), None)
+    gap = ""
+    if none and none.get("rms_to_cfg_images"):
+        pairs = sorted((float(k), v) for k, v in none["rms_to_cfg_images"].items())
+        gap = ("\n\nRead FID with the RMS column: the unguided model's images are "
+               + ", ".join(f"{v:.3f}" for _, v in pairs) + " from CFG's at omega "
+               + ", ".join(f"{w:g}" for w, _ in pairs) + ", so the adapter's images sit at roughly half to two "
+               "thirds of that distance: at the same accuracy it guides somewhat less than CFG, which is part of "
+               "why its FID is lower (and its recall higher).")
     kind = ("one offset per channel and block" if adapter_config["variant"] == "additive"
             else "the block's pixels attend to the omega and time/class tokens")
     return f"""# digits-agd: a guidance adapter for the built-in digits model (AGD)
@@ -96,7 +109,7 @@ Hardware: {bench.get('hardware', '-')}.
 
 | omega | model | NFE / image | FID | accuracy | precision | recall | RMS to CFG |
 |---|---|---|---|---|---|---|---|
-{chr(10).join(rows)}
+{chr(10).join(rows)}{gap}
 
 Compositions (the shipped S³ schedules of `digits-schedules`, searched for CFG at omega 3; guidance dropped
 for the last steps, the idea of Adaptive Guidance):
@@ -104,7 +117,8 @@ for the last steps, the idea of Adaptive Guidance):
 {extra_text}
 
 Wall time per image at omega {cfg['time_scale']:g}, {cfg['steps']} steps (interleaved repeats, median, one
-process, shared machine):
+process; measured while the job had a small, varying share of a busy shared machine, so absolute times are
+inflated and the ratios are noisy):
 
 {wall_text}
 
@@ -115,7 +129,7 @@ U[1, {cfg['omega_max']:g}] drawn once per trajectory; `fastgen distill collect-t
 {training['train_steps']} AdamW steps on batches of {training['batch_size']} stored rows (lr
 {training['learning_rate']:g}, no weight decay, 10% warm-up then cosine decay; MSE to the stored
 CFG-combined epsilon in fp32): {training['cpu_minutes']:.1f} CPU minutes ({training['wall_minutes']:.1f}
-minutes wall on a shared 2-core machine); collection {bench.get('collect_seconds', 0) / 60:.1f} minutes wall.
+minutes wall on a shared 2-core machine).{fit_text}
 Recipe `distill/digits-agd.yaml` (the benchmark overrides steps, batch, learning rate and folders):
 
 ```yaml
