@@ -50,6 +50,8 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from .guidance.base import LoopHooks
+
 VARIANTS = ("attention", "additive")
 FAMILIES = ("unet_text", "unet_class", "dit")
 CONFIG_NAME = "config.json"
@@ -457,19 +459,93 @@ def load_guidance_adapter(path: str | os.PathLike) -> GuidanceAdapter:
     return GuidanceAdapter.from_pretrained(str(resolve_adapter_folder(path)))
 
 
-def one_pass_guidance(adapter: GuidanceAdapter, guider) -> tuple[None, Any]:
-    """What a pipeline runs with an adapter loaded: no guider (one evaluation per step) and a context that sets
-    ``omega`` = the guider's CFG scale (1 without guidance). Non-CFG guiders are refused."""
-    from .guidance import CFG
+class AdapterGuidance(LoopHooks):
+    """The one-pass guider a pipeline runs with an adapter loaded: the CFG guider's own step window (``start``/
+    ``stop`` of :class:`~fastgen.guidance.CFG`, the noise interval of :class:`~fastgen.guidance.CFGInterval`)
+    decides where guidance applies, and there the adapter runs at the CFG scale; elsewhere the adapter is
+    switched off, so those steps are the base's conditional output exactly (CFG at scale 1). Every step is one
+    network evaluation. Dropping guidance for the last steps (Adaptive Guidance's observation, Castillo et al.
+    2023, arXiv:2312.12487) is ``guidance=CFG(guidance_scale=w, stop=0.7)``.
+    """
+
+    wants_conditional_forward = False
+
+    def __init__(self, adapter: GuidanceAdapter, guider):
+        self.adapter, self.inner = adapter, guider
+        self.scale = float(guider.guidance_scale)
+
+    # the loop's hooks (fastgen.guidance.base.LoopHooks), forwarded to the CFG guider that owns the window
+    def prepare_call(self, **kwargs) -> None:
+        self.inner.prepare_call(**kwargs)
+
+    def begin_run(self, *args, **kwargs) -> None:
+        self.inner.begin_run(*args, **kwargs)
+
+    def reset_run_state(self) -> None:
+        self.inner.reset_run_state()
+
+    def set_state(self, step: int, num_inference_steps: int, timestep) -> None:
+        self.inner.set_state(step=step, num_inference_steps=num_inference_steps, timestep=timestep)
+
+    def set_model_input(self, context) -> None:
+        """Called once per evaluation after ``set_state``: switch the adapter on (at the scale, per row where the
+        window is per row) or off for this evaluation."""
+        self.inner.set_model_input(context)
+        active = self.inner.num_conditions == 2
+        self.adapter.enabled = active
+        if active:
+            rows = self.inner.uncond_rows()
+            if rows is None or bool(rows.all()):
+                self.adapter.set_guidance_scale(self.scale)
+            else:
+                self.adapter.set_guidance_scale(torch.where(rows.cpu(), self.scale, 1.0))
+
+    def uncond_rows(self):
+        return None
+
+    def step_record(self) -> dict[str, Any]:
+        return {"adapter": bool(self.adapter.enabled)}
+
+    def combines_linearly(self) -> bool:
+        return True
+
+    @property
+    def num_conditions(self) -> int:
+        return 1
+
+    def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None):
+        raise RuntimeError("AdapterGuidance runs one conditional evaluation per step; there is nothing to combine.")
+
+
+@contextlib.contextmanager
+def _adapter_call(adapter: GuidanceAdapter, omega: float | None) -> Iterator[None]:
+    """One pipeline call: ``omega`` set (``None``: switched off, the base exactly); restored afterwards."""
+    old_omega, old_enabled = adapter._omega, adapter.enabled
+    if omega is None:
+        adapter.enabled = False
+    else:
+        adapter.set_guidance_scale(omega)
+    try:
+        yield
+    finally:
+        adapter._omega, adapter.enabled = old_omega, old_enabled
+
+
+def one_pass_guidance(adapter: GuidanceAdapter, guider) -> tuple[AdapterGuidance | None, Any]:
+    """What a pipeline runs with an adapter loaded: a one-evaluation-per-step guider (or ``None``) and a context
+    for the call. Without guidance (``guider=None``, scale 1) the adapter is off: the base's conditional output,
+    exactly as CFG at scale 1. With plain CFG (``start``/``stop`` windows allowed) or CFGInterval the adapter
+    runs at the CFG scale inside the guider's window and is off outside (:class:`AdapterGuidance`). Other
+    guiders, and CFG with ``guidance_rescale``, are refused."""
+    from .guidance import CFG, CFGInterval
 
     base = adapter.base
     if base is not None:  # the pipeline may have moved (pipe.to) after loading
         adapter.match(base)
     if guider is None:
-        return None, adapter.guidance_scale(1.0)
-    if type(guider) is not CFG or getattr(guider, "guidance_rescale", 0.0) > 0 or \
-            (guider.config.get("start", 0.0), guider.config.get("stop", 1.0)) != (0.0, 1.0):
-        raise ValueError(f"guidance: a loaded guidance adapter replaces plain CFG (guidance=None or 'cfg' with "
-                         f"guidance_scale); got {type(guider).__name__}. Call pipe.unload_guidance_adapter() to use "
-                         f"other guidance methods.")
-    return None, adapter.guidance_scale(float(guider.guidance_scale))
+        return None, _adapter_call(adapter, None)
+    if type(guider) not in (CFG, CFGInterval) or getattr(guider, "guidance_rescale", 0.0) > 0:
+        raise ValueError(f"guidance: a loaded guidance adapter replaces plain CFG (guidance=None, 'cfg', a CFG "
+                         f"object with a start/stop window, or 'cfg-interval'; no guidance_rescale); got "
+                         f"{type(guider).__name__}. Call pipe.unload_guidance_adapter() to use other guidance methods.")
+    return AdapterGuidance(adapter, guider), _adapter_call(adapter, float(guider.guidance_scale))

@@ -196,6 +196,32 @@ def test_pipeline_with_adapter_runs_one_evaluation_per_step(tmp_path):
     assert again.nfe == 8 and torch.equal(again.images, cfg.images)
 
 
+def test_cfg_window_switches_the_adapter_off_late_and_scale_one_is_the_base(tmp_path):
+    """Late drop: guidance=CFG(w, stop=0.5) with an adapter runs the adapter at w for the first half of the steps
+    and the bare base (CFG at 1) for the rest, one evaluation per step; guidance_scale=1 is the base exactly even
+    with a trained (non-zero) adapter; the adapter's state is restored after each call. (Caught: inverting the
+    window test in AdapterGuidance; leaving the adapter on at scale 1.)"""
+    from fastgen.guidance import CFG
+
+    pipe = _class_pipe()
+    kw = dict(class_labels=[0, 1, 2], num_inference_steps=4, seed=0, output_type="pt")
+    plain = pipe(guidance_scale=1.0, **kw)
+    adapter = pipe.load_guidance_adapter(GuidanceAdapter.for_model(pipe.unet, zero_init=False))
+    seen = []
+    handle = pipe.unet.register_forward_pre_hook(
+        lambda m, a: seen.append((adapter.enabled, float(adapter._omega) if adapter.enabled else None)))
+    late = pipe(guidance=CFG(guidance_scale=4.0, stop=0.5), guidance_scale=4.0, **kw)
+    assert late.nfe == 4 and seen == [(True, 4.0), (True, 4.0), (False, None), (False, None)]
+    seen.clear()
+    assert torch.equal(pipe(guidance_scale=1.0, **kw).images, plain.images) and seen == [(False, None)] * 4
+    handle.remove()
+    assert adapter.enabled and adapter._omega == 1.0  # restored after the call
+    full = pipe(guidance_scale=4.0, **kw)
+    assert full.nfe == 4 and not torch.equal(full.images, late.images)
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        pipe(guidance=CFG(guidance_scale=4.0, guidance_rescale=0.7), guidance_scale=4.0, **kw)
+
+
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_text_pipelines_with_adapter_report_steps(tmp_path, family):
     from fastgen import FastGenStableDiffusionPipeline, FastGenStableDiffusionXLPipeline
@@ -441,3 +467,28 @@ def test_text_trajectories_store_prompt_conditions_and_train(tmp_path, family):
     out["loss"].backward()
     assert method.adapter.context_proj.weight.grad.abs().sum() > 0
     method.adapter.detach()
+
+
+# ---------------------------------------------------------------------- the built-in adapter
+# builtin:digits-agd at omega 5, 4 DPM-Solver++ steps, seed 0, digits 3 and 7: mean pixel and one pixel (known-good)
+PINNED_BUILTIN = (0.341971, 0.729470, 0.682498)
+
+
+def test_builtin_digits_agd_loads_and_reproduces_its_pinned_output():
+    """`pipe.load_guidance_adapter("builtin:digits-agd")` on the digits model: one evaluation per step, under 3%
+    extra parameters, output pinned from the build; the adapter moves the image from the unguided one towards
+    CFG's. (Caught: feeding omega - 1 to the adapter in AdapterGuidance; subtracting the residual in the block hook.)"""
+    pipe = fastgen.load_builtin("digits")
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(class_labels=[3, 7], num_inference_steps=4, seed=0, output_type="pt")
+    with torch.no_grad():
+        cfg = pipe(guidance_scale=5.0, **kw).images
+        plain = pipe(guidance_scale=1.0, **kw).images
+        adapter = pipe.load_guidance_adapter("builtin:digits-agd")
+        out = pipe(guidance_scale=5.0, **kw)
+    pipe.unload_guidance_adapter()
+    assert out.nfe == 4 and adapter.trainable_share(pipe.unet) < 0.03
+    img = out.images
+    assert (img - cfg).pow(2).mean() < (plain - cfg).pow(2).mean()  # closer to CFG than the unguided image
+    got = (img.mean().item(), img[0, 0, 8, 8].item(), img[1, 0, 4, 10].item())
+    assert got == pytest.approx(PINNED_BUILTIN, abs=1e-4)
