@@ -11,7 +11,7 @@ measured, e.g. a run stopped early). The recording stage's cost is counted in CP
 benchmarks/results/distill_disback.json and .png.
 
     fastgen distill --config distill/digits-disback.yaml --output_dir runs/disback   # 100 recording + 400 updates
-    python benchmarks/distill_disback.py --disback runs/disback --base "record:benchmarks/results/distill.json:rkl (DMD2)"
+    python benchmarks/distill_disback.py --disback runs/disback --base "record:benchmarks/results/distill.json:rkl, earlier recipe"
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class DisBackBenchmark:
     """DisBack vs its base method: FID against generator updates."""
 
     disback: str = field(default="", metadata={"help": "the DisBack run folder (fastgen distill --method disback)"})
-    base: str = field(default="record:" + str(RESULTS / "distill.json") + ":rkl (DMD2)", metadata={
+    base: str = field(default="record:" + str(RESULTS / "distill.json") + ":rkl, earlier recipe", metadata={
         "help": "the base run folder, or record:<results json>:<label> (evaluations of an earlier record)"})
     out: str = field(default=str(RESULTS / "distill_disback.json"), metadata={"help": "results JSON (PNG beside it)"})
     note: str = field(default="", metadata={"help": "free text kept in the record (e.g. how the run was evaluated)"})

@@ -432,15 +432,17 @@ class GuidanceAdapter(ModelMixin, ConfigMixin):
             os.replace(tmp, folder)
 
 
-def resolve_adapter_folder(path: str | os.PathLike) -> Path:
+def resolve_adapter_folder(path: str | os.PathLike, name: str = "path_or_folder") -> Path:
     """The adapter folder of ``path``: ``builtin:<name>``, an adapter folder (``config.json`` + weights), its
-    ``.safetensors`` file, or a training run folder (its exported ``student/`` adapter)."""
+    ``.safetensors`` file, or a training run folder (its exported ``student/`` adapter). ``name``: the argument
+    named in the error."""
     text = str(path)
     if text.startswith("builtin:"):
         from .builtin import builtin_path
 
-        return builtin_path(text.split(":", 1)[1])
-    p = Path(path)
+        p = builtin_path(text.split(":", 1)[1])
+    else:
+        p = Path(path)
     if p.is_file() and p.suffix == ".safetensors":
         p = p.parent
     for candidate in (p, p / "student"):
@@ -450,8 +452,9 @@ def resolve_adapter_folder(path: str | os.PathLike) -> Path:
 
             if json.loads(cfg.read_text()).get("_class_name") == GuidanceAdapter.__name__:
                 return candidate
-    raise FileNotFoundError(f"path_or_folder: {text!r} holds no guidance adapter (a folder with config.json of "
-                            f"class GuidanceAdapter and its .safetensors weights, or a training run folder).")
+    raise FileNotFoundError(f"{name}: {text!r} holds no guidance adapter (builtin:digits-agd, a folder with "
+                            f"config.json of class GuidanceAdapter and its .safetensors weights, or a training run "
+                            f"folder).")
 
 
 def load_guidance_adapter(path: str | os.PathLike) -> GuidanceAdapter:

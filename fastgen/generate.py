@@ -46,6 +46,9 @@ class SampleConfig:
         "help": "Gaussian statistics (.safetensors/.npz from `fastgen teleport-stats`) for analytical teleportation"})
     teleport_fraction: Optional[float] = field(default=None, metadata={
         "help": "share of steps replaced by the teleport (needs --teleport; default: the pipeline's)"})
+    guidance_adapter: Optional[str] = field(default=None, metadata={
+        "help": "AGD guidance adapter loaded onto the model (builtin:digits-agd or a folder): CFG at "
+                "--guidance-scale for one network evaluation per step"})
     batch_size: int = field(default=64, metadata={"help": "images per forward batch"})
     attention: str = field(default="auto", metadata={"help": "attention backend: auto, sdpa or xformers"})
     device: str = field(default="cpu", metadata={"help": "torch device (cpu, cuda, cuda:1, mps)"})
@@ -163,6 +166,10 @@ def _check(config: SampleConfig) -> Path:
         check_positive_int(name, getattr(config, name))
     check_sampling_options(steps=config.steps, guidance=config.guidance, guidance_scale=config.guidance_scale,
                            teleport=config.teleport, teleport_fraction=config.teleport_fraction)
+    if config.guidance_adapter is not None:
+        from .adapters import resolve_adapter_folder
+
+        resolve_adapter_folder(config.guidance_adapter, name="guidance_adapter")
     output = check_output_path(config.output, (".png",))
     if output.exists() and not config.overwrite:
         raise FileExistsError(f"output {str(output)!r} already exists; set overwrite (--overwrite) to replace it, "
@@ -204,6 +211,10 @@ def sample_grid(config: SampleConfig | None = None, **overrides) -> dict:
     plan = plan_sampling(pipe, steps=config.steps, guidance=config.guidance, guidance_scale=config.guidance_scale,
                          solver=config.solver, teleport=teleport, teleport_fraction=config.teleport_fraction,
                          default_scale=DEFAULT_CLASS_SCALE if is_class else DEFAULT_TEXT_SCALE)
+    if config.guidance_adapter is not None:
+        if plan.student:
+            raise ValueError("guidance_adapter: a distilled student runs without guidance; omit guidance_adapter.")
+        pipe.load_guidance_adapter(config.guidance_adapter)
     conds = [k for _ in range(config.count) for k in keys]  # one row per repeat, one column per class/prompt
     images, nfe = [], None
     one_batch = len(conds) <= config.batch_size
@@ -234,14 +245,15 @@ def sample_grid(config: SampleConfig | None = None, **overrides) -> dict:
         title = f"{name} | distilled student, t = {pipe.student_timesteps} | no guidance | NFE {nfe}/img"
     else:
         title = (f"{name} | {Path(plan.solver).name} | {plan.steps} steps | {plan.guidance} {plan.scale:g} | "
-                 f"NFE {nfe}/img" + (" | teleport" if teleport is not None else ""))
+                 f"NFE {nfe}/img" + (" | teleport" if teleport is not None else "")
+                 + (" | AGD adapter" if config.guidance_adapter is not None else ""))
     ncols = len(keys) if len(keys) > 1 else min(len(conds), 8)
     grid = image_grid(images, ncols=ncols, captions=captions, title=title,
                       cell_size=64 if is_class else max(64, images[0].size[0]))
     save_image_atomic(grid, output)
     return {"output": str(output), "images": len(images), "nfe": nfe, "steps": plan.steps,
             "guidance": plan.guidance, "guidance_scale": plan.scale, "solver": plan.solver,
-            "teleport": config.teleport, "seconds": round(time.perf_counter() - t0, 3),
+            "teleport": config.teleport, "guidance_adapter": config.guidance_adapter, "seconds": round(time.perf_counter() - t0, 3),
             "sampling_seconds": round(sample_seconds, 3), "device": config.device,
             "threads": torch.get_num_threads()}
 

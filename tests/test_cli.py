@@ -388,3 +388,31 @@ def test_grid_labels_every_row_and_never_clips_the_title():
             x = 2 + col * (32 + 2)
             assert (gray[y:y + LINE_HEIGHT, x:x + 32] < 128).any(), (row, col)
     assert (gray[2:top - 4, :] < 128).any()  # the title is drawn
+
+
+def test_sample_with_guidance_adapter_runs_one_evaluation_per_step(tmp_path, capsys):
+    """``--guidance-adapter builtin:digits-agd``: CFG at --scale for one network evaluation per step (AGD);
+    the grid differs from plain CFG's on the same seeds (the adapter, not CFG, guided)."""
+    args = ["sample", "--steps", "3", "--count", "1", "--classes", "3", "--scale", "5", "--json"]
+    assert main([*args, "--guidance-adapter", "builtin:digits-agd", "--output", str(tmp_path / "a.png")]) == 0
+    record = _record(capsys)
+    assert record["nfe"] == 3 and record["guidance_adapter"] == "builtin:digits-agd"
+    assert main([*args, "--output", str(tmp_path / "c.png")]) == 0
+    assert _record(capsys)["nfe"] == 6
+    def cell(name):  # the image cell at the bottom of the grid (the titles differ in length)
+        grid = PIL.Image.open(tmp_path / name).convert("L")
+        return torch.tensor(list(grid.crop((0, grid.height - 80, 64, grid.height)).getdata()), dtype=torch.float32)
+
+    assert 0 < (cell("a.png") - cell("c.png")).abs().mean() < 20  # close to CFG, not equal to it
+
+
+@pytest.mark.parametrize("model, adapter, message", [
+    ("builtin:digits", "builtin:digits", r"guidance_adapter: 'builtin:digits' holds no guidance adapter"),
+    ("builtin:digits", "no/such/folder", r"guidance_adapter: 'no/such/folder' holds no guidance adapter"),
+    ("builtin:digits-1step", "builtin:digits-agd", r"guidance_adapter: a distilled student runs without guidance"),
+])
+def test_sample_bad_guidance_adapter_one_line(model, adapter, message, tmp_path, capsys):
+    assert main(["sample", "--model", model, "--guidance-adapter", adapter, "--output", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "x.png").exists()
