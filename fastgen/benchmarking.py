@@ -61,6 +61,30 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     return path
 
 
+def strip_machine_paths(folder: str | os.PathLike) -> None:
+    """Drop ``_name_or_path`` from every component ``config.json`` below ``folder``: a package asset names no
+    folder of the machine it was built on."""
+    for config_file in Path(folder).glob("*/config.json"):
+        component = json.loads(config_file.read_text())
+        if component.pop("_name_or_path", None) is not None:
+            config_file.write_text(json.dumps(component, indent=2, sort_keys=True) + "\n")
+
+
+def replace_folder(staged: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Put the finished folder ``staged`` in place of ``out`` (same file system): the old folder is moved aside
+    first and removed only after the new one is in place, so ``out`` is never half written."""
+    import shutil
+
+    out = Path(out)
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staged, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
 def pyplot():
     """``matplotlib.pyplot`` with the non-interactive Agg backend, or an ImportError that says what to install."""
     try:

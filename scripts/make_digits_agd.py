@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
+
+from fastgen.benchmarking import replace_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "fastgen" / "assets" / "digits-agd"
@@ -201,12 +202,7 @@ def main(argv=None) -> int:
                "summary": bench.get("summary"), "wall_time": bench.get("wall_time")}
     (staged / "eval.json").write_text(json.dumps(figures, indent=1) + "\n")
     sample_grid_png(staged, staged / "samples_grid.png")
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staged, out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(staged, out)
     shutil.rmtree(scratch, ignore_errors=True)
     print(f"wrote {out}")
     return 0

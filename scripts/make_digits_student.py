@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
+
+from fastgen.benchmarking import replace_folder, strip_machine_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "fastgen" / "assets" / "digits-1step"
@@ -158,19 +159,11 @@ def main(argv=None) -> int:
             teacher = bench["teacher"]
     staged = scratch / out.name
     shutil.copytree(src, staged)
-    for config_file in staged.glob("*/config.json"):  # a package asset names no folder of the machine it was built on
-        component = json.loads(config_file.read_text())
-        if component.pop("_name_or_path", None) is not None:
-            config_file.write_text(json.dumps(component, indent=2, sort_keys=True) + "\n")
+    strip_machine_paths(staged)
     (staged / "README.md").write_text(card(record, recipe.read_text(), teacher))
     (staged / "eval.json").write_text(json.dumps(record, indent=1) + "\n")
     sample_grid(model=str(staged), count=4, output=str(staged / "samples_grid.png"), progress=False)
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staged, out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(staged, out)
     shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps(record, indent=1))
     return 0
