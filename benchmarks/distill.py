@@ -141,11 +141,12 @@ def plot(record: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(19, 3.9))
     minutes = "cpu_minutes" if all(r.get("cpu_minutes") is not None for run in record["students"].values()
                                    for r in run["evaluations"]) else "wall_minutes"
-    for label, run in record["students"].items():
+    for i, (label, run) in enumerate(record["students"].items()):
         rows = run["evaluations"]
+        style = dict(marker="o", ms=3, color=plt.cm.tab20(i % 20), ls="--" if "earlier" in label else "-")
         for ax, x, y in ((axes[0], "step", "fid"), (axes[1], minutes, "fid"), (axes[2], "step", "roughness"),
                          (axes[3], "step", "recall")):
-            ax.plot([r[x] for r in rows], [r[y] for r in rows], marker="o", ms=3, label=f"student {label}")
+            ax.plot([r[x] for r in rows], [r[y] for r in rows], label=f"student {label}", **style)
     for cell in record["teacher"]:
         for ax, key in ((axes[0], "fid"), (axes[1], "fid"), (axes[2], "roughness"), (axes[3], "recall")):
             ax.axhline(cell[key], ls="--", lw=1, color="grey" if "20 steps" in cell["teacher"] else "tab:red")

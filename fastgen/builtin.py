@@ -15,6 +15,7 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 _BUILTINS = {
     "digits": ("digits", "fastgen.pipelines.class_conditional:_load_builtin_digits"),
     "digits-1step": ("digits-1step", "fastgen.pipelines.student:_load_builtin_student"),
+    "digits-msd4": ("digits-msd4", "fastgen.pipelines.msd:_load_builtin_msd"),
     "digits-agd": ("digits-agd", "fastgen.adapters:load_guidance_adapter"),  # pipe.load_guidance_adapter("builtin:digits-agd")
     "digits-small": ("digits-small", "fastgen.pipelines.class_conditional:_load_builtin_digits"),
     "digits-features": ("digits-features", "fastgen.metrics.digits:_load_builtin_features"),

@@ -42,7 +42,7 @@ def card(record: dict, recipe_text: str, teacher: list[dict], single: dict | Non
                       for k, classes in enumerate(record["parts"]))
     minutes = record["cpu_minutes"]
     minutes_text = f"{minutes:.0f} CPU minutes (1 thread)" if minutes is not None else "CPU minutes not recorded"
-    width = ("the teacher's architecture (block_out_channels " + str(record["block_out_channels"]) + ")")
+    width = ("the teacher's architecture (block_out_channels " + ", ".join(map(str, record["block_out_channels"])) + ")")
     return f"""# digits-msd4: {record['students']} routed one-step students of the built-in digits model (MSD)
 
 Multi-student distillation (Song et al. 2024, arXiv:2410.23274) of the built-in `digits` teacher (20 steps of

@@ -406,3 +406,21 @@ def test_2d_oracle_four_routed_students_beat_one_at_equal_total_steps():
     c = _class_sw2(1, 32)
     assert b < 0.8 * a and b <= 1.1 * c, (a, b, c)
     assert abs(a - 2.179) < 0.03 and abs(b - 1.4945) < 0.03 and abs(c - 1.8045) < 0.03, (a, b, c)
+
+
+def test_builtin_digits_msd4_reproduces_its_card():
+    """``builtin:digits-msd4``: 4 routed one-step students (float16 on disk, float32 in memory), NFE 1 per
+    image; output and 200-sample figures pinned from the build (the card's 2,000-sample FID is 3.66)."""
+    import fastgen
+    from fastgen.metrics import evaluate_pipeline
+    from fastgen.pipelines.msd import FastGenMSDPipeline
+
+    pipe = fastgen.load_builtin("digits-msd4")
+    assert type(pipe) is FastGenMSDPipeline and pipe.nfe == 1
+    assert pipe.route([0, 5, 9, 3]).tolist() == [0, 2, 3, 1]
+    assert all(p.dtype == torch.float32 for s in pipe.students for p in s.parameters())
+    images = pipe(class_labels=[0, 5, 9, 3], seed=0, output_type="pt").images
+    assert images.mean().item() == pytest.approx(0.331865, abs=1e-4)
+    res = evaluate_pipeline(pipe, 200, progress=False)
+    assert res.nfe == 1 and res.accuracy == 1.0
+    assert res.fid == pytest.approx(4.3036, abs=0.01) and res.roughness == pytest.approx(0.09813, abs=1e-4)

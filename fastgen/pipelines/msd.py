@@ -111,5 +111,5 @@ class FastGenMSDPipeline(FastGenStudentPipeline):
 
 def _load_builtin_msd(path, **kwargs) -> FastGenMSDPipeline:
     """``fastgen.load_builtin("digits-msd4")``: routed one-step students of the built-in digits model."""
-    kwargs.setdefault("torch_dtype", torch.float32)  # weights may be stored in float16 (a smaller asset)
+    kwargs.setdefault("dtype", torch.float32)  # weights may be stored in float16 (a smaller asset)
     return FastGenMSDPipeline.from_pretrained(path, **kwargs)
