@@ -20,7 +20,7 @@ resumes: the store, the runs and every measured cell are kept, so an interrupted
 
 Writes benchmarks/results/agd.json and agd.png::
 
-    python benchmarks/agd.py --n 2000 --train_steps 1500 --work /work/runs/agd/bench
+    python benchmarks/agd.py --n 2000 --train_steps 1500 --work runs/agd-bench
 """
 from __future__ import annotations
 

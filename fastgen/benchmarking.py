@@ -62,9 +62,12 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
 
 
 def strip_machine_paths(folder: str | os.PathLike) -> None:
-    """Drop ``_name_or_path`` from every component ``config.json`` below ``folder``: a package asset names no
-    folder of the machine it was built on."""
-    for config_file in Path(folder).glob("*/config.json"):
+    """Drop ``_name_or_path`` from ``model_index.json`` and every component ``config.json`` of ``folder``: a
+    package asset names no folder of the machine it was built on."""
+    folder = Path(folder)
+    for config_file in [folder / "model_index.json", *folder.glob("*/config.json")]:
+        if not config_file.is_file():
+            continue
         component = json.loads(config_file.read_text())
         if component.pop("_name_or_path", None) is not None:
             config_file.write_text(json.dumps(component, indent=2, sort_keys=True) + "\n")

@@ -137,3 +137,15 @@ def test_wheel_contents(wheel):
     for optional in ("matplotlib", "scikit-learn"):
         assert all("extra ==" in line for line in requires if optional in line), optional
     assert any("diffusers" in line and "<0.43" in line for line in requires)
+
+
+def test_assets_name_no_folder_of_the_machine_they_were_built_on():
+    """Every JSON of a shipped asset is free of absolute paths (``_name_or_path`` of a training run, say):
+    the builders strip them (``fastgen.benchmarking.strip_machine_paths``)."""
+    assets = Path(__file__).resolve().parents[1] / "fastgen" / "assets"
+    import re
+
+    absolute = re.compile(r'"(/[\w.-]+/|[A-Za-z]:\\\\)')  # "/dir/..." or "C:\\..."
+    offenders = [str(path.relative_to(assets)) for path in assets.rglob("*.json")
+                 if absolute.search(text := path.read_text()) or "_name_or_path" in text]
+    assert offenders == []
