@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     from fastgen.generate import sample_grid
     from fastgen.metrics import evaluate_pipeline
     from fastgen.pipelines.msd import FastGenMSDPipeline
-    from fastgen.training.trainer import read_run_log
+    from fastgen.training.trainer import run_summary
 
     torch.set_num_threads(1)
     scratch = out.with_name(f".{out.name}.build")
@@ -130,17 +130,13 @@ def main(argv=None) -> int:
     else:
         shutil.copytree(src, staged)
     res = evaluate_pipeline(pipe, args.n, seed=0, progress=False).to_dict()
-    log = read_run_log(run)
-    step = max((r["step"] for r in log), default=0)
-    at = next((r for r in log if r["step"] == step), None)
-    state = sorted(run.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
-    config = json.loads(state[-1].read_text())["config"] if state else {}
-    record = {"student": {k: res[k] for k in KEYS}, "num_samples": args.n, "step": step,
-              "cpu_minutes": at["cpu_minutes"] if at else None, "students": len(pipe.students),
+    summary = run_summary(run)
+    record = {"student": {k: res[k] for k in KEYS}, "num_samples": args.n, "step": summary["step"],
+              "cpu_minutes": summary["cpu_minutes"], "students": len(pipe.students),
               "parts": [pipe.partition.classes_of(k) for k in range(pipe.partition.num_parts)],
               "block_out_channels": sorted({tuple(n.config.block_out_channels) for n in pipe.students}),
               "weights_dtype": "float16" if args.half_precision else "float32",
-              "timesteps": pipe.student_timesteps, "recipe": recipe.name, "method_options": config.get("method_options"),
+              "timesteps": pipe.student_timesteps, "recipe": recipe.name, "method_options": summary["config"].get("method_options"),
               "hardware": f"{platform.machine()} CPU, 1 torch thread"}
     record["block_out_channels"] = [list(c) for c in record["block_out_channels"]]
     teacher, single = [], None

@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     from fastgen.generate import sample_grid
     from fastgen.metrics import evaluate_pipeline
     from fastgen.pipelines.student import FastGenStudentPipeline
-    from fastgen.training.trainer import read_run_log
+    from fastgen.training.trainer import run_summary
 
     torch.set_num_threads(1)
     scratch = out.with_name(f".{out.name}.build")
@@ -140,17 +140,12 @@ def main(argv=None) -> int:
     src = student_folder(run, args.step, scratch / "run")
     pipe = FastGenStudentPipeline.from_pretrained(src)
     res = evaluate_pipeline(pipe, args.n, seed=0, progress=True).to_dict()
-    log = read_run_log(run)
-    step = args.step if args.step is not None else max((r["step"] for r in log), default=0)
-    at = next((r for r in log if r["step"] == step), None)
-    config = {}
-    for ckpt in sorted(run.glob("checkpoint-*/trainer_state.json")):
-        config = json.loads(ckpt.read_text())["config"]
+    summary = run_summary(run, args.step)
     import platform
 
     record = {"student": {k: res[k] for k in ("fid", "accuracy", "roughness", "precision", "recall")},
-              "num_samples": args.n, "step": step, "cpu_minutes": at["cpu_minutes"] if at else None,
-              "divergence": config.get("divergence", "js"), "timesteps": pipe.student_timesteps,
+              "num_samples": args.n, "step": summary["step"], "cpu_minutes": summary["cpu_minutes"],
+              "divergence": summary["config"].get("divergence", "js"), "timesteps": pipe.student_timesteps,
               "recipe": recipe.name, "hardware": f"{platform.machine()} CPU, 1 torch thread"}
     teacher = []
     if BENCH.is_file():

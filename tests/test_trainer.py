@@ -329,3 +329,22 @@ def _main(argv):
 
 if __name__ == "__main__":
     sys.exit(_main(sys.argv[1:]))
+
+
+def test_run_summary_reads_the_exported_step_and_the_newest_checkpoint(tmp_path):
+    """``run_summary``: the last evaluated step and its CPU minutes from ``train_log.jsonl``, the configuration
+    of the newest checkpoint by step number (``checkpoint-1000`` after ``checkpoint-200``, not by name)."""
+    from fastgen.training import run_summary
+
+    lines = [{"step": 100, "seconds_per_step": 2.0, "cpu_seconds_per_step": 1.2},
+             {"step": 100, "eval/fid": 5.0},
+             {"step": 200, "seconds_per_step": 2.0, "cpu_seconds_per_step": 0.6},
+             {"step": 200, "eval/fid": 4.0}]
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    for step, divergence in ((200, "js"), (1000, "kl")):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text(json.dumps({"config": {"divergence": divergence}}))
+    summary = run_summary(tmp_path)
+    assert summary == {"step": 200, "cpu_minutes": 3.0, "config": {"divergence": "kl"}}
+    assert run_summary(tmp_path, step=100)["cpu_minutes"] == 2.0

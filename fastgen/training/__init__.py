@@ -12,7 +12,7 @@ import importlib
 
 _LAZY = {
     "Batch": ".method", "DistillMethod": ".method",
-    "DistillTrainer": ".trainer", "run_distillation": ".trainer", "read_run_log": ".trainer",
+    "DistillTrainer": ".trainer", "run_distillation": ".trainer", "read_run_log": ".trainer", "run_summary": ".trainer",
     "DistillConfig": ".config",
     "Teacher": ".teacher", "load_teacher": ".teacher",
     "AGD": ".agd", "TrajectoryStore": ".agd", "collect_trajectories": ".agd",

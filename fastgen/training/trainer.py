@@ -646,3 +646,19 @@ def read_run_log(folder: str | os.PathLike, keys: tuple[str, ...] = ("fid", "acc
                          "cpu_minutes": None if math.isnan(cpu) else round(cpu, 2),
                          **{k: record.get(f"eval/{k}") for k in keys}})
     return rows
+
+
+def run_summary(folder: str | os.PathLike, step: int | None = None) -> dict:
+    """What an asset builder records of a finished run: the generator ``step`` it exports (default: the last
+    evaluated one), the CPU minutes of training up to it, and the run's configuration (from its newest
+    checkpoint; ``{}`` when none is left)."""
+    from .checkpoint import list_checkpoints
+
+    log = read_run_log(folder)
+    if step is None:
+        step = max((r["step"] for r in log), default=0)
+    at = next((r for r in log if r["step"] == step), None)
+    checkpoints = list_checkpoints(folder)
+    state = checkpoints[-1][1] / "trainer_state.json" if checkpoints else None
+    config = json.loads(state.read_text())["config"] if state is not None and state.is_file() else {}
+    return {"step": step, "cpu_minutes": at["cpu_minutes"] if at else None, "config": config}
