@@ -69,14 +69,20 @@ def teacher_cells(n: int, scale: float, threads: int) -> list[dict]:
     return out
 
 
-def _teacher(opts: DistillBenchmark) -> list[dict]:
-    """The teacher cells: reused from ``--out`` when it was scored with the same sample count and scale."""
+def _previous(opts: DistillBenchmark) -> dict:
+    """The record at ``--out`` when it was scored with the same sample count and teacher scale (its teacher
+    cells are reused), else ``{}``."""
     old = Path(opts.out)
     if old.is_file() and not opts.fresh:
         record = json.loads(old.read_text())
         if (record["config"]["n"], record["config"]["teacher_scale"]) == (opts.n, opts.teacher_scale):
-            return record["teacher"]
-    return teacher_cells(opts.n, opts.teacher_scale, opts.threads)
+            return record
+    return {}
+
+
+def _teacher(opts: DistillBenchmark) -> list[dict]:
+    """The teacher cells, reused from ``--out`` when it scored the same n and scale."""
+    return _previous(opts).get("teacher") or teacher_cells(opts.n, opts.teacher_scale, opts.threads)
 
 
 HELDOUT = "builtin:digits:heldout"
@@ -88,12 +94,7 @@ def heldout_cells(opts: DistillBenchmark, runs: dict[str, str]) -> dict[str, dic
     from fastgen.metrics import evaluate_pipeline
     from fastgen.pipelines.student import FastGenStudentPipeline
 
-    old = Path(opts.out)
-    cached = {}
-    if old.is_file() and not opts.fresh:
-        record = json.loads(old.read_text())
-        if record["config"].get("n") == opts.n and record["config"].get("teacher_scale") == opts.teacher_scale:
-            cached = record.get("heldout", {}).get("models", {})
+    cached = _previous(opts).get("heldout", {}).get("models", {})
     out = {}
     teacher = "teacher, 20 steps CFG"
     if teacher in cached:

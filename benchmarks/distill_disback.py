@@ -43,10 +43,11 @@ class DisBackBenchmark:
 
 def recording_steps(folder: str | os.PathLike) -> tuple[int, dict]:
     """``nodes * record_interval`` of a DisBack run (from its newest checkpoint's config) and its options."""
-    states = sorted(Path(folder).glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
-    if not states:
+    from fastgen.training import run_summary
+
+    config = run_summary(folder)["config"]
+    if not config:
         raise ValueError(f"disback: {str(folder)!r} holds no checkpoint (its config names the recording stage).")
-    config = json.loads(states[-1].read_text())["config"]
     options = config.get("method_options") or {}
     options = json.loads(options) if isinstance(options, str) else options
     from fastgen.training.disback import DisBackConfig
