@@ -48,6 +48,21 @@ def read_run(folder: str | os.PathLike) -> list[dict]:
     return read_run_log(folder, KEYS)
 
 
+def evaluations(spec: str) -> tuple[str, list[dict]]:
+    """``(name, evaluation records)`` of a run folder, or of ``record:<results json>:<label>``: a run kept in an
+    earlier record (``students`` of distill.json, ``runs`` of distill_msd.json)."""
+    if spec.startswith("record:"):
+        path, _, label = spec[len("record:"):].rpartition(":")
+        record = json.loads(Path(path).read_text())
+        runs = {**record.get("runs", {}), **record.get("students", {})}
+        if label not in runs:
+            raise ValueError(f"{spec!r}: {Path(path).name} holds no run {label!r}; it holds {sorted(runs)}.")
+        return f"{Path(path).name}:{label}", runs[label]["evaluations"]
+    if not Path(spec, "train_log.jsonl").is_file():
+        raise ValueError(f"{spec!r} is neither a run folder with a train_log.jsonl nor record:<json>:<label>.")
+    return Path(spec).name, read_run(spec)
+
+
 def best(rows: list[dict]) -> dict:
     """The evaluation with the lowest FID (the figure a run reaches, and the minutes it took)."""
     return min(rows, key=lambda r: r["fid"])

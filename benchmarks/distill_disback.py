@@ -10,8 +10,11 @@ measured, e.g. a run stopped early). The recording stage's cost is counted in CP
 ``cpu_minutes`` include it), not in updates. Writes
 benchmarks/results/distill_disback.json and .png.
 
-    fastgen distill --config distill/digits-disback.yaml --output_dir runs/disback   # 100 recording + 400 updates
-    python benchmarks/distill_disback.py --disback runs/disback --base "record:benchmarks/results/distill.json:rkl, earlier recipe"
+    fastgen distill --config distill/digits-disback.yaml --output_dir runs/disback --validation_steps 25  # 100 recording + 400 updates
+    python benchmarks/distill_disback.py --disback runs/disback --base "record:benchmarks/results/distill.json:rkl (DMD2)"
+
+(The earlier record, GAN weight 3e-3 and DM t in [20, 980] for both runs, base "rkl, earlier recipe", is kept as
+benchmarks/results/distill_disback_earlier_recipe.json.)
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill import read_run  # noqa: E402  (the one reader of train_log.jsonl evaluations)
+from distill import evaluations, read_run  # noqa: E402  (the one reader of run evaluations)
 
 from fastgen.benchmarking import parse_options, portable, pyplot, write_json  # noqa: E402
 
@@ -35,7 +38,7 @@ class DisBackBenchmark:
     """DisBack vs its base method: FID against generator updates."""
 
     disback: str = field(default="", metadata={"help": "the DisBack run folder (fastgen distill --method disback)"})
-    base: str = field(default="record:" + str(RESULTS / "distill.json") + ":rkl, earlier recipe", metadata={
+    base: str = field(default="record:" + str(RESULTS / "distill.json") + ":rkl (DMD2)", metadata={
         "help": "the base run folder, or record:<results json>:<label> (evaluations of an earlier record)"})
     out: str = field(default=str(RESULTS / "distill_disback.json"), metadata={"help": "results JSON (PNG beside it)"})
     note: str = field(default="", metadata={"help": "free text kept in the record (e.g. how the run was evaluated)"})
@@ -59,14 +62,6 @@ def recording_steps(folder: str | os.PathLike) -> tuple[int, dict]:
                             "interval": int(options.get("interval", defaults.interval)),
                             "base_method": options.get("base_method", defaults.base_method),
                             "num_validation_samples": config.get("num_validation_samples")}
-
-
-def base_evaluations(spec: str) -> tuple[str, list[dict]]:
-    if spec.startswith("record:"):
-        path, _, label = spec[len("record:"):].rpartition(":")
-        record = json.loads(Path(path).read_text())
-        return f"{Path(path).name}:{label}", record["students"][label]["evaluations"]
-    return Path(spec).name, read_run(spec)
 
 
 def compare(disback: list[dict], base: list[dict]) -> dict:
@@ -102,7 +97,7 @@ def main(argv=None) -> None:
         raise ValueError(f"disback: pass a DisBack run folder with a train_log.jsonl, got {opts.disback!r}.")
     shift, disback_options = recording_steps(opts.disback)
     disback = [{**r, "updates": r["step"] - shift} for r in read_run(opts.disback)]
-    base_name, base = base_evaluations(opts.base)
+    base_name, base = evaluations(opts.base)
     base = [{**r, "updates": r["step"]} for r in base]
     summary = compare(disback, base)
     record = {"config": {**asdict(opts), "disback": Path(opts.disback).name, "base": base_name,

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill import read_run  # noqa: E402
+from distill import evaluations  # noqa: E402  (run folders and earlier records, one reader)
 
 from fastgen.benchmarking import builtin_pipeline, parse_options, portable, pyplot, write_json  # noqa: E402
 
@@ -85,15 +85,6 @@ def speed_cells(opts: MSDBenchmark) -> dict:
              for name, ts in times.items()]
     speedup = cells[0]["seconds_per_image"] / cells[1]["seconds_per_image"]
     return {"cells": cells, "speedup": round(speedup, 3), "target_met": speedup >= 1.5}
-
-
-def evaluations(spec: str) -> tuple[str, list[dict]]:
-    if spec.startswith("record:"):
-        path, _, label = spec[len("record:"):].rpartition(":")
-        return f"{Path(path).name}:{label}", json.loads(Path(path).read_text())["students"][label]["evaluations"]
-    if not Path(spec, "train_log.jsonl").is_file():
-        raise ValueError(f"runs: {spec!r} is neither a run folder with a train_log.jsonl nor record:<json>:<label>.")
-    return Path(spec).name, read_run(spec)
 
 
 def main(argv=None) -> None:

@@ -205,6 +205,48 @@ def test_msd_cycles_students_each_on_its_own_part(tmp_path):
         assert torch.allclose(mixed[i], m.parts[k].sample(noise[i:i + 1], labels[i:i + 1])[0], rtol=1e-4, atol=1e-4)
 
 
+def test_routed_schedule_trains_every_student_on_the_rows_it_owns():
+    """schedule="routed": each step updates every student (and its critic) on the batch rows of its part; the
+    step's loss is the row-share-weighted sum of the per-student losses (the mean over all rows)."""
+    torch.manual_seed(0)
+    m = MSD(_teacher(), guider=CFG(2.0), students=2, schedule="routed")
+    opts = {k: torch.optim.AdamW(v, lr=1e-3, weight_decay=0.01) for k, v in m.optimizer_groups().items()}
+    seen = {0: [], 1: []}
+    for k in range(2):
+        m.parts[k].student_module.network.class_embedding.register_forward_hook(
+            lambda mod, args, out, k=k: seen[k].append(args[0].tolist()))
+    b = _batch(7, b=12)
+    split = m._routed_batches(b)
+    assert [k for k, _, _ in split] == [0, 1] and sum(share for _, share, _ in split) == 1.0
+    for k, share, sub in split:
+        own = [int(c) for c in b.labels if m.partition.class_to_part[int(c)] == k]
+        assert sub.labels.tolist() == own and share == len(own) / 12  # rows kept in order, none redrawn
+        assert set(sub.real_labels.tolist()) == set(own)
+    # the loss: the share-weighted sum of each student's own loss on its rows (same generator seeds)
+    m.begin_generator_step(5)
+    assert m.active is None and m.own_steps(1, 5) == 5
+    total = m.generator_loss(_batch(7, b=12))["loss"]
+    parts = [share * m.parts[k].generator_loss(sub)["loss"] for k, share, sub in m._routed_batches(_batch(7, b=12))]
+    assert torch.allclose(total, sum(parts), rtol=1e-5), (total, parts)
+    for step in range(2):
+        m.begin_generator_step(step)
+        before = [_params(p) for p in m.parts]
+        for phase in ("critic", "generator"):
+            out = m(phase, _batch(10 * step + (phase == "generator"), b=12))
+            out["loss"].backward()
+            for name, o in opts.items():
+                if (name == "generator") == (phase == "generator"):
+                    o.step()
+                o.zero_grad(set_to_none=True)
+        after = [_params(p) for p in m.parts]
+        assert all(any(not torch.equal(before[k][n], after[k][n]) for n in before[k]) for k in range(2))
+    for k in range(2):
+        classes = {c for row in seen[k] for c in row}
+        assert classes and classes <= set(m.partition.classes_of(k)), (k, classes)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        MSD(_teacher(), students=2, schedule="routd")
+
+
 def test_part_batch_filters_real_rows_to_the_part():
     torch.manual_seed(0)
     m = MSD(_teacher(), students=2, partition=Partition.fit_classes(10, 2))

@@ -18,6 +18,13 @@ students' groups; AdamW's moments are per parameter and the inactive students re
 skips them, weight decay included), so this equals K separate optimisers stepped in turn. Conditions of a
 student's batches are redrawn from its part; GAN real rows are filtered to its part.
 
+``schedule="routed"`` trains every student in every generator step instead: the step's batch goes through
+the router as at inference, each student (with its fake score and discriminator head) is updated on the rows
+its part owns, and GAN real rows are filtered the same way. A generator step then costs one student's work
+on the whole batch (each row meets exactly one student), and each student gets an update every step, on
+about ``B / K`` rows. This is the schedule that compares with one student at equal generator steps *and*
+equal samples; the cycling schedules give each student ``1 / K`` of the steps, each on a full batch.
+
 Smaller students (``student_block_out_channels``, e.g. half width) start from random weights and are
 first trained by teacher score matching (TSM, ``tsm_steps`` of their own generator steps): a diffusion
 loss whose target is the guided teacher's ``x0`` at noised student samples, i.e. the teacher's score is
@@ -40,7 +47,7 @@ from .students import Student
 
 BASE_METHODS = ("dmd2", "fdistill")
 PARTITIONS = ("balanced", "similarity")
-SCHEDULES = ("proportional", "round_robin")
+SCHEDULES = ("proportional", "round_robin", "routed")
 POOLINGS = ("mean", "pooled")
 PARTITION_FILE = "partition.json"
 
@@ -283,8 +290,8 @@ class MSDConfig(FDistillConfig):
             teacher's per-class features); ignored with ``partition_file``.
         partition_file: a saved :class:`Partition` (JSON) to use instead of fitting one (required for text
             teachers: fit it with :meth:`Partition.fit_embeddings` on the training prompts).
-        schedule: ``"proportional"`` (generator steps per student proportional to its part's size) or
-            ``"round_robin"``.
+        schedule: ``"proportional"`` (generator steps per student proportional to its part's size),
+            ``"round_robin"``, or ``"routed"`` (every step trains every student on the batch rows its part owns).
         student_block_out_channels: smaller students (e.g. half the teacher's widths), randomly initialised;
             ``None``: students are teacher copies.
         tsm_steps: a student's own generator steps of teacher score matching before DM (smaller students).
@@ -417,19 +424,25 @@ class MSD(DistillMethod):
         return Partition.fit_classes(num_classes, c.students, c.partition, features)
 
     # ------------------------------------------------------------------ schedule
-    def student_at(self, step: int) -> int:
-        """The student trained in generator step ``step``."""
-        return self.order[step % len(self.order)]
+    @property
+    def routed(self) -> bool:
+        return self.config.schedule == "routed"
+
+    def student_at(self, step: int) -> int | None:
+        """The student trained in generator step ``step`` (``None`` with the routed schedule: all of them)."""
+        return None if self.routed else self.order[step % len(self.order)]
 
     def own_steps(self, k: int, step: int) -> int:
         """Generator steps student ``k`` had before step ``step``."""
+        if self.routed:
+            return step
         period, rest = divmod(step, len(self.order))
         return period * self.order.count(k) + self.order[:rest].count(k)
 
     def begin_generator_step(self, step: int) -> None:
         """Trainer hook: activate the student of generator step ``step`` (and its TSM or DM phase)."""
         self.active = self.student_at(step)
-        self.in_tsm = self.own_steps(self.active, step) < self.config.tsm_steps
+        self.in_tsm = self.own_steps(0 if self.active is None else self.active, step) < self.config.tsm_steps
 
     # ------------------------------------------------------------------ contract
     def optimizer_groups(self) -> dict[str, list[torch.nn.Parameter]]:
@@ -472,18 +485,55 @@ class MSD(DistillMethod):
                 real, real_labels = real[rows.to(real.device)], _select_rows(real_labels, rows)
         return Batch(labels=labels, noise=noise, real=real, generator=g, real_labels=real_labels)
 
-    def generator_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        part = self.parts[self.active]
-        sub = self._part_batch(batch, self.active)
+    def _routed_batches(self, batch: Batch) -> list[tuple[int, float, Batch]]:
+        """The routed schedule's split of ``batch``: ``(k, share of the rows, rows of part k)`` for every part
+        that owns rows; GAN real rows filtered to each part (all real rows when none falls in it)."""
+        parts = self.partition.assign(batch.labels)
+        real_parts = None if batch.real is None or batch.real_labels is None else self.partition.assign(batch.real_labels)
+        out = []
+        for k in range(len(self.parts)):
+            rows = (parts == k).nonzero().reshape(-1)
+            if not rows.numel():
+                continue
+            real, real_labels = batch.real, batch.real_labels
+            if real_parts is not None:
+                own = (real_parts == k).nonzero().reshape(-1)
+                if own.numel():
+                    real, real_labels = real[own.to(real.device)], _select_rows(real_labels, own)
+            sub = Batch(labels=_select_rows(batch.labels, rows), noise=batch.noise[rows.to(batch.noise.device)],
+                        real=real, generator=batch.generator, real_labels=real_labels)
+            out.append((k, rows.numel() / parts.numel(), sub))
+        return out
+
+    def _student_loss(self, k: int, batch: Batch) -> dict[str, torch.Tensor]:
+        part = self.parts[k]
         if getattr(self, "in_tsm", False):
-            loss = self.tsm_loss(part, sub)
-            out = {"loss": loss, "tsm": loss.detach()}
-        else:
-            out = part.generator_loss(sub)
+            loss = self.tsm_loss(part, batch)
+            return {"loss": loss, "tsm": loss.detach()}
+        return part.generator_loss(batch)
+
+    @staticmethod
+    def _share_sum(results: list[tuple[float, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+        """Row-share-weighted sum of the per-student loss dicts (the batch mean over all rows)."""
+        out: dict[str, torch.Tensor] = {}
+        for share, res in results:
+            for key, value in res.items():
+                out[key] = out.get(key, 0.0) + share * value
+        return out
+
+    def generator_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        if self.routed:
+            out = self._share_sum([(share, self._student_loss(k, sub)) for k, share, sub in self._routed_batches(batch)])
+            out["student"] = torch.tensor(-1.0)  # every student
+            return out
+        out = self._student_loss(self.active, self._part_batch(batch, self.active))
         out["student"] = torch.tensor(float(self.active))
         return out
 
     def critic_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        if self.routed:
+            return self._share_sum([(share, self.parts[k].critic_loss(sub))
+                                    for k, share, sub in self._routed_batches(batch)])
         return self.parts[self.active].critic_loss(self._part_batch(batch, self.active))
 
     def tsm_loss(self, part: FDistill, batch: Batch) -> torch.Tensor:
