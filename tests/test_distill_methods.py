@@ -446,3 +446,87 @@ def test_feature_tap_stops_after_the_tapped_block_and_head_sizes():
     assert logits.shape == (2,)
     with pytest.raises(ValueError, match="not found"):
         FeatureTap(unet, ["middle"])
+
+
+# ---------------------------------------------------------------------- DMD's regression term
+def _regression_method(**options):
+    from diffusers import DDIMScheduler
+
+    from fastgen.pipelines import FastGenClassPipeline
+    from fastgen.training.config import DistillConfig
+    from fastgen.training.teacher import load_teacher
+
+    torch.manual_seed(0)
+    pipe = FastGenClassPipeline(scheduler=DDIMScheduler(clip_sample=False), unet=tiny_class_unet(num_classes=3))
+    teacher = load_teacher(DistillConfig(guidance="cfg", guidance_scale=2.0), pipeline=pipe)
+    opts = dict(student_timesteps=[500], gan_weight_generator=0.0, gan_weight_discriminator=0.0,
+                regression_pairs=6, regression_steps=3)
+    return pipe, DMD2(teacher, **{**opts, **options})
+
+
+def _class_batch(seed, b=4):
+    g = torch.Generator().manual_seed(seed)
+    return Batch(labels=torch.randint(0, 3, (b,), generator=g), noise=torch.randn(b, 1, 8, 8, generator=g),
+                 real=None, generator=torch.Generator().manual_seed(seed + 1))
+
+
+def test_regression_pairs_are_the_teacher_pipelines_own_samples():
+    """Pair i: the block-drawn noise of regression_seed, class i % C, and the teacher pipeline's guided sample from
+    that noise (its scheduler and steps); the same pairs on a second build (every process, every resume)."""
+    pipe, m = _regression_method(regression_weight=0.5)
+    noise, labels, target = m.regression_pairs()
+    assert labels.tolist() == [0, 1, 2, 0, 1, 2]
+    assert torch.equal(noise, torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1_000_003)))
+    direct = pipe(class_labels=[2], latents=noise[2:3], num_inference_steps=3, guidance_scale=2.0,
+                  output_type="latent").images
+    assert torch.allclose(target[2:3], direct, atol=1e-5), (target[2], direct)
+    _, m2 = _regression_method(regression_weight=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(m2.regression_pairs(), (noise, labels, target)))
+    assert m.regression_pairs() is m.regression_pairs()  # made once
+
+
+def test_regression_term_adds_weight_times_pair_mse_and_is_off_by_default():
+    _, off = _regression_method()
+    assert "regression" not in off.generator_loss(_class_batch(0))  # DMD2: no term, no pairs made
+    assert off.__dict__.get("_regression_pairs") is None
+    _, m = _regression_method(regression_weight=0.5)
+    _, base = _regression_method(regression_weight=0.0)
+    out, ref = m.generator_loss(_class_batch(1)), base.generator_loss(_class_batch(1))
+    assert torch.allclose(out["dm"], ref["dm"]) and float(out["regression"]) > 0
+    assert torch.allclose(out["loss"], ref["loss"] + 0.5 * out["regression"], rtol=1e-6)
+    # the value: MSE between the student's one-step output on the drawn pairs' noises and their teacher samples
+    noise, labels, target = m.regression_pairs()
+    g = _class_batch(1).generator
+    torch.randint(20, 251, (4,), generator=g)  # replay the DM term's draws (t, then eps) before the pair draw
+    torch.randn(4, 1, 8, 8, generator=g)
+    idx = torch.randint(6, (4,), generator=g)
+    with torch.no_grad():
+        pred = m.student_module(noise[idx], m._conditions(labels[idx])[0], g, step=0)
+    assert torch.allclose(out["regression"], torch.nn.functional.mse_loss(pred, target[idx]), rtol=1e-5)
+
+
+def test_regression_term_pulls_the_student_to_the_teacher_samples():
+    _, m = _regression_method(regression_weight=1.0, dm_loss_weight=0.0)
+    opt = torch.optim.AdamW(m.optimizer_groups()["generator"], lr=3e-3)
+    g = torch.Generator().manual_seed(5)
+    first = float(m.regression_loss(6, torch.Generator().manual_seed(9), "cpu").detach())
+    for _ in range(25):
+        loss = m.regression_loss(6, g, "cpu")
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert float(m.regression_loss(6, torch.Generator().manual_seed(9), "cpu").detach()) < 0.5 * first
+
+
+def test_regression_options_are_checked():
+    from fastgen.training.dmd2 import DMD2Config
+
+    with pytest.raises(ValueError, match="one-step student"):
+        DMD2Config(student_timesteps=[500, 250], regression_weight=0.25)
+    with pytest.raises(ValueError, match="regression_pairs must be a positive integer"):
+        DMD2Config(regression_pairs=0)
+    with pytest.raises(ValueError, match="regression_weight must be a non-negative number"):
+        DMD2Config(regression_weight=-1.0)
+    den = Denoiser.from_scheduler(tiny_class_unet(), DDPMScheduler())
+    with pytest.raises(ValueError, match="class-conditional teacher pipeline"):
+        DMD2(den, regression_weight=0.5).regression_pairs()

@@ -90,6 +90,14 @@ class DMD2Config:
         lora_student, lora_fake_score: adapters on the one frozen teacher network instead of copies.
         lora_rank, lora_alpha, lora_target_modules: LoRA options.
         null_label: the unconditional class (default: from the network config).
+        regression_weight: weight of DMD's regression term (DMD, arXiv:2311.18828, section 3.3; DMD2 drops it):
+            the one-step student's output on fixed noises ``z_i`` regresses the teacher's deterministic guided
+            sample from the same ``z_i`` (L2 in the data space; DMD uses LPIPS, which needs pretrained weights).
+            0: off (DMD2). Class-conditional one-step students only.
+        regression_pairs: number of fixed (noise, class, teacher sample) pairs, class ``i % C`` for pair ``i``.
+        regression_steps: DDIM steps of the teacher's sampler that makes the pairs (2 NFE each with CFG).
+        regression_seed: seed of the pairs' noises (one generator, drawn as a block: not the seeds of the
+            in-training evaluation, which draws sample ``i`` from seed ``i``).
     """
 
     student_timesteps: Sequence[int] = (DEFAULT_ONE_STEP_TIMESTEP,)
@@ -110,11 +118,23 @@ class DMD2Config:
     lora_alpha: float | None = None
     lora_target_modules: Sequence[str] | None = None
     null_label: int | None = None
+    regression_weight: float = 0.0
+    regression_pairs: int = 1024
+    regression_steps: int = 20
+    regression_seed: int = 1_000_003
 
     def __post_init__(self):
         for name in ("dm_time", "dsm_time", "gan_time"):
             setattr(self, name, _check_time_range(name, tuple(getattr(self, name))))
-        for name in ("gan_weight_generator", "gan_weight_discriminator", "r1_weight", "r1_sigma", "dm_loss_weight"):
+        for name in ("regression_pairs", "regression_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.regression_weight and len(list(self.student_timesteps)) != 1:
+            raise ValueError(f"regression_weight > 0 needs a one-step student (DMD's regression term), got "
+                             f"student_timesteps {list(self.student_timesteps)}.")
+        for name in ("gan_weight_generator", "gan_weight_discriminator", "r1_weight", "r1_sigma", "dm_loss_weight",
+                     "regression_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}.")
@@ -176,6 +196,7 @@ class DMD2(DistillMethod):
         self.needs_real_data = config.use_gan
         if hasattr(teacher, "denoiser") and hasattr(teacher, "guided"):  # fastgen.training.teacher.Teacher
             bundle_null = getattr(teacher, "null_label", None)
+            self.__dict__["teacher_bundle"] = teacher  # the pipeline (DMD's regression pairs)
             guided = teacher.guided if guider is None else GuidedDenoiser(teacher.denoiser, guider=guider)
             teacher = teacher.denoiser
         else:
@@ -295,6 +316,42 @@ class DMD2(DistillMethod):
         """Per-sample weight of the DM gradient (``None``: unweighted DMD2) and values to log."""
         return None, {}
 
+    @torch.no_grad()
+    def regression_pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DMD's paired set (arXiv:2311.18828, section 3.3): ``(noise [P, ...], classes [P], teacher samples)``.
+
+        Pair ``i``: noise from one generator seeded ``regression_seed`` (drawn as a block), class ``i % C``, and
+        the teacher pipeline's own deterministic sample from that noise (its scheduler, ``regression_steps``
+        steps, the teacher's guidance). Made once, on first use: the same on every process and after a resume.
+        """
+        pairs = self.__dict__.get("_regression_pairs")
+        if pairs is None:
+            c, bundle = self.config, self.__dict__.get("teacher_bundle")
+            if bundle is None or bundle.num_classes is None:
+                raise ValueError("regression_weight > 0 needs a class-conditional teacher pipeline (a Teacher bundle "
+                                 "from fastgen.training.teacher.load_teacher).")
+            g = torch.Generator().manual_seed(c.regression_seed)
+            noise = torch.randn(c.regression_pairs, *bundle.sample_shape, generator=g)
+            labels = torch.arange(c.regression_pairs) % int(bundle.num_classes)
+            device = next(self.teacher_denoiser.model.parameters()).device
+            out = []
+            bundle.pipeline.set_progress_bar_config(disable=True)
+            for rows in torch.split(torch.arange(c.regression_pairs), 256):
+                out.append(bundle.pipeline(class_labels=labels[rows].tolist(), latents=noise[rows].to(device),
+                                           num_inference_steps=c.regression_steps, guidance=self.teacher.guider,
+                                           guidance_scale=float(bundle.guidance_scale),
+                                           output_type="latent").images.float().cpu())
+            pairs = self.__dict__["_regression_pairs"] = (noise, labels, torch.cat(out))
+        return pairs
+
+    def regression_loss(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
+        """Mean squared error between the student's output on ``n`` random pairs' noises and the teacher's samples."""
+        noise, labels, target = self.regression_pairs()
+        idx = torch.randint(noise.shape[0], (n,), generator=generator, device=generator.device).cpu()
+        cond, _ = self._conditions(labels[idx].to(device))
+        pred = self.student_module(noise[idx].to(device), cond, generator, step=0)
+        return F.mse_loss(pred.float(), target[idx].to(device).float())
+
     # ------------------------------------------------------------------ losses
     def generator_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         c, g = self.config, batch.generator
@@ -315,6 +372,10 @@ class DMD2(DistillMethod):
             loss_gan = F.softplus(-logits).mean()
             loss = loss + c.gan_weight_generator * loss_gan
             out["gan"] = loss_gan.detach()
+        if c.regression_weight > 0:
+            loss_reg = self.regression_loss(x0.shape[0], g, x0.device)
+            loss = loss + c.regression_weight * loss_reg
+            out["regression"] = loss_reg.detach()
         out["loss"] = loss
         return out
 
