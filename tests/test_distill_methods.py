@@ -464,7 +464,7 @@ def _regression_method(**options):
     return pipe, DMD2(teacher, **{**opts, **options})
 
 
-def _class_batch(seed, b=4):
+def _pair_batch(seed, b=4):
     g = torch.Generator().manual_seed(seed)
     return Batch(labels=torch.randint(0, 3, (b,), generator=g), noise=torch.randn(b, 1, 8, 8, generator=g),
                  real=None, generator=torch.Generator().manual_seed(seed + 1))
@@ -487,16 +487,16 @@ def test_regression_pairs_are_the_teacher_pipelines_own_samples():
 
 def test_regression_term_adds_weight_times_pair_mse_and_is_off_by_default():
     _, off = _regression_method()
-    assert "regression" not in off.generator_loss(_class_batch(0))  # DMD2: no term, no pairs made
+    assert "regression" not in off.generator_loss(_pair_batch(0))  # DMD2: no term, no pairs made
     assert off.__dict__.get("_regression_pairs") is None
     _, m = _regression_method(regression_weight=0.5)
     _, base = _regression_method(regression_weight=0.0)
-    out, ref = m.generator_loss(_class_batch(1)), base.generator_loss(_class_batch(1))
+    out, ref = m.generator_loss(_pair_batch(1)), base.generator_loss(_pair_batch(1))
     assert torch.allclose(out["dm"], ref["dm"]) and float(out["regression"]) > 0
     assert torch.allclose(out["loss"], ref["loss"] + 0.5 * out["regression"], rtol=1e-6)
     # the value: MSE between the student's one-step output on the drawn pairs' noises and their teacher samples
     noise, labels, target = m.regression_pairs()
-    g = _class_batch(1).generator
+    g = _pair_batch(1).generator
     torch.randint(20, 251, (4,), generator=g)  # replay the DM term's draws (t, then eps) before the pair draw
     torch.randn(4, 1, 8, 8, generator=g)
     idx = torch.randint(6, (4,), generator=g)
