@@ -322,6 +322,29 @@ def test_resume_continues_the_student_cycle_exactly(tmp_path):
         _msd_trainer(tmp_path / "b", 6, resume="latest", partition="similarity")._resume()
 
 
+def test_tsm_lr_scale_multiplies_the_generator_rate_during_tsm_only(tmp_path, monkeypatch):
+    """The trainer steps the generator at tsm_lr_scale x its scheduled rate while the student is in TSM, and at
+    the scheduled rate after (critic untouched); the scheduler's own rate is not compounded."""
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append([g["lr"] for g in self.param_groups])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    trainer = _msd_trainer(tmp_path, 4, students=2, schedule="round_robin", student_block_out_channels=[8, 16],
+                           tsm_steps=1, tsm_lr_scale=30.0)
+    trainer.train()
+    # per generator step: one critic update (no GAN head here), then the generator update
+    gen = [lrs[0] for i, lrs in enumerate(seen) if i % 2 == 1]
+    critic = [lrs[0] for i, lrs in enumerate(seen) if i % 2 == 0]
+    assert gen == pytest.approx([3e-2, 3e-2, 1e-3, 1e-3]), gen  # students 0, 1 in TSM (1 own step each), then DM
+    assert critic == pytest.approx([1e-3] * 4), critic
+    with pytest.raises(ValueError, match="tsm_lr_scale must be a positive number"):
+        MSD(_teacher(), students=2, tsm_lr_scale=0)
+
+
 def test_trainer_exports_a_routed_pipeline(tmp_path):
     trainer = _msd_trainer(tmp_path, 3)
     assert isinstance(trainer.method, MSD) and trainer.method.config.output_dir == str(tmp_path)

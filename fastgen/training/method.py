@@ -141,6 +141,11 @@ class DistillMethod(torch.nn.Module, abc.ABC):
         """Called with the generator-step index before each generator step (DisBack's node schedule, MSD's
         active student); default nothing. Must depend on ``step`` only, so a resumed run does the same."""
 
+    def learning_rate_scale(self, group: str) -> float:
+        """Multiplier of optimiser group ``group``'s scheduled learning rate for the current generator step (MSD's
+        TSM stage); default 1. Must depend on the step only (set in :meth:`begin_generator_step`)."""
+        return 1.0
+
     def export_pipeline(self, teacher_pipeline) -> Any:
         """The pipeline to save as the run's ``student/`` folder, or ``None`` (default) for the trainer's
         :class:`~fastgen.pipelines.student.FastGenStudentPipeline` of :meth:`student_network`."""

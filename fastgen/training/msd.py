@@ -296,6 +296,8 @@ class MSDConfig(FDistillConfig):
             ``None``: students are teacher copies.
         tsm_steps: a student's own generator steps of teacher score matching before DM (smaller students).
         tsm_time: timestep range of TSM.
+        tsm_lr_scale: multiplier of the generator's learning rate during TSM (a random-init student trains
+            from scratch there; the distillation rate that suits a teacher-initialised student is far too small).
         output_dir: the run folder (the trainer passes its own); the partition is saved there.
     """
 
@@ -307,6 +309,7 @@ class MSDConfig(FDistillConfig):
     student_block_out_channels: Sequence[int] | None = None
     tsm_steps: int = 0
     tsm_time: tuple[int, int] = (0, 999)
+    tsm_lr_scale: float = 1.0
     output_dir: str | None = None
 
     def __post_init__(self):
@@ -325,6 +328,8 @@ class MSDConfig(FDistillConfig):
             raise ValueError(f"tsm_steps must be a non-negative integer, got {self.tsm_steps!r}.")
         from .dmd2 import _check_time_range
         self.tsm_time = _check_time_range("tsm_time", tuple(self.tsm_time))
+        if isinstance(self.tsm_lr_scale, bool) or not isinstance(self.tsm_lr_scale, (int, float)) or self.tsm_lr_scale <= 0:
+            raise ValueError(f"tsm_lr_scale must be a positive number, got {self.tsm_lr_scale!r}.")
         if self.student_block_out_channels is not None:
             ch = list(self.student_block_out_channels)
             if not ch or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in ch):
@@ -443,6 +448,10 @@ class MSD(DistillMethod):
         """Trainer hook: activate the student of generator step ``step`` (and its TSM or DM phase)."""
         self.active = self.student_at(step)
         self.in_tsm = self.own_steps(0 if self.active is None else self.active, step) < self.config.tsm_steps
+
+    def learning_rate_scale(self, group: str) -> float:
+        """``tsm_lr_scale`` for the generator while the step's student(s) are in TSM, else 1."""
+        return float(self.config.tsm_lr_scale) if group == "generator" and getattr(self, "in_tsm", False) else 1.0
 
     # ------------------------------------------------------------------ contract
     def optimizer_groups(self) -> dict[str, list[torch.nn.Parameter]]:

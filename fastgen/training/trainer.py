@@ -405,6 +405,10 @@ class DistillTrainer:
                 else:
                     norm = acc.clip_grad_norm_(self.params[g], cfg.max_grad_norm)
                 update[f"grad_norm/{g}"] = torch.as_tensor(norm, device=acc.device).detach().float()
+        for g in groups:  # the method's per-step multiplier of the scheduled rate (the scheduler recomputes it)
+            scale = self.method.learning_rate_scale(g)
+            for group, lr in zip(self.optimizers[g].optimizer.param_groups, self.schedulers[g].get_last_lr()):
+                group["lr"] = lr * scale
         if scaler is not None:  # one scaler update for all optimisers of the phase
             for g in groups:
                 scaler.step(self.optimizers[g].optimizer)
