@@ -170,6 +170,21 @@ def _params(module):
     return {k: v.detach().clone() for k, v in module.named_parameters()}
 
 
+def _step_changes(m, opts, step, b=6):
+    """One critic + one generator update of ``m`` (hand-stepped optimisers); which students' weights moved."""
+    m.begin_generator_step(step)
+    before = [_params(p) for p in m.parts]
+    for phase in ("critic", "generator"):
+        out = m(phase, _batch(10 * step + (phase == "generator"), b=b))
+        out["loss"].backward()
+        for name, o in opts.items():
+            if (name == "generator") == (phase == "generator"):
+                o.step()
+            o.zero_grad(set_to_none=True)
+    after = [_params(p) for p in m.parts]
+    return [any(not torch.equal(before[k][n], after[k][n]) for n in before[k]) for k in range(len(m.parts))], out
+
+
 def test_msd_cycles_students_each_on_its_own_part(tmp_path):
     torch.manual_seed(0)
     m = MSD(_teacher(), guider=CFG(2.0), students=2, output_dir=str(tmp_path))
@@ -181,17 +196,7 @@ def test_msd_cycles_students_each_on_its_own_part(tmp_path):
         m.parts[k].student_module.network.class_embedding.register_forward_hook(
             lambda mod, args, out, k=k: seen[k].append(args[0].tolist()))
     for step in range(4):
-        m.begin_generator_step(step)
-        before = [_params(p) for p in m.parts]
-        for phase in ("critic", "generator"):
-            out = m(phase, _batch(10 * step + (phase == "generator")))
-            out["loss"].backward()
-            for name, o in opts.items():
-                if (name == "generator") == (phase == "generator"):
-                    o.step()
-                o.zero_grad(set_to_none=True)
-        after = [_params(p) for p in m.parts]
-        changed = [any(not torch.equal(before[k][n], after[k][n]) for n in before[k]) for k in range(2)]
+        changed, out = _step_changes(m, opts, step)
         assert changed == [m.active == 0, m.active == 1], (step, changed)  # the other student (and its critic) untouched
         assert float(out["student"]) == step % 2
     for k in range(2):
@@ -229,17 +234,7 @@ def test_routed_schedule_trains_every_student_on_the_rows_it_owns():
     parts = [share * m.parts[k].generator_loss(sub)["loss"] for k, share, sub in m._routed_batches(_batch(7, b=12))]
     assert torch.allclose(total, sum(parts), rtol=1e-5), (total, parts)
     for step in range(2):
-        m.begin_generator_step(step)
-        before = [_params(p) for p in m.parts]
-        for phase in ("critic", "generator"):
-            out = m(phase, _batch(10 * step + (phase == "generator"), b=12))
-            out["loss"].backward()
-            for name, o in opts.items():
-                if (name == "generator") == (phase == "generator"):
-                    o.step()
-                o.zero_grad(set_to_none=True)
-        after = [_params(p) for p in m.parts]
-        assert all(any(not torch.equal(before[k][n], after[k][n]) for n in before[k]) for k in range(2))
+        assert _step_changes(m, opts, step, b=12)[0] == [True, True]
     for k in range(2):
         classes = {c for row in seen[k] for c in row}
         assert classes and classes <= set(m.partition.classes_of(k)), (k, classes)
