@@ -159,7 +159,8 @@ def plot(record: dict, path: Path) -> None:
                                    for r in run["evaluations"]) else "wall_minutes"
     for i, (label, run) in enumerate(record["students"].items()):
         rows = run["evaluations"]
-        style = dict(marker="o", ms=3, color=plt.cm.tab20(i % 20), ls="--" if "earlier" in label else "-")
+        style = dict(marker="o" if i < 20 else "s", ms=3, color=plt.cm.tab20(i % 20),  # past 20: square markers
+                     ls="--" if "earlier" in label else "-")
         for ax, x, y in ((axes[0], "step", "fid"), (axes[1], minutes, "fid"), (axes[2], "step", "roughness"),
                          (axes[3], "step", "recall")):
             ax.plot([r[x] for r in rows], [r[y] for r in rows], label=f"student {label}", **style)
