@@ -286,7 +286,7 @@ def test_small_students_tsm_reduces_the_matching_gap():
     assert not m.in_tsm and "dm" in m.generator_loss(_batch(0))
 
 
-def _msd_trainer(out, max_steps, resume=None, **options):
+def _msd_trainer(out, max_steps, resume=None, learning_rate=1e-3, **options):
     from fastgen.pipelines import FastGenClassPipeline
     from fastgen.training.config import DistillConfig
     from fastgen.training.teacher import load_teacher
@@ -294,7 +294,7 @@ def _msd_trainer(out, max_steps, resume=None, **options):
 
     config = DistillConfig(output_dir=str(out), method="msd", teacher="builtin:digits", train_batch_size=4,
                            max_train_steps=max_steps, critic_steps_per_generator_step=1, checkpointing_steps=3,
-                           learning_rate=1e-3, logging_steps=1, report_to="none", progress=False, mixed_precision="no",
+                           learning_rate=learning_rate, logging_steps=1, report_to="none", progress=False, mixed_precision="no",
                            resume_from_checkpoint=resume, ema_decay=0.9,
                            method_options={"students": 3, "gan_weight_generator": 0.0, "gan_weight_discriminator": 0.0,
                                            **options})
@@ -338,6 +338,20 @@ def test_tsm_lr_scale_multiplies_the_generator_rate_during_tsm_only(tmp_path, mo
     assert critic == pytest.approx([1e-3] * 4), critic
     with pytest.raises(ValueError, match="tsm_lr_scale must be a positive number"):
         MSD(_teacher(), students=2, tsm_lr_scale=0)
+
+
+def test_resume_names_the_options_that_changed(tmp_path, capsys):
+    """A resumed run with other options (a warm start, or a mistake) says which ones; a longer budget alone is
+    not a change."""
+    _msd_trainer(tmp_path, 3).train()
+    capsys.readouterr()
+    longer = _msd_trainer(tmp_path, 4, resume="latest")
+    longer._resume()
+    assert "resumed from" in capsys.readouterr().out and longer.resume_changes(tmp_path / "checkpoint-3") == []
+    other = _msd_trainer(tmp_path, 4, resume="latest", learning_rate=2e-3)
+    other._resume()
+    assert other.resume_changes(tmp_path / "checkpoint-3") == [("learning_rate", 1e-3, 2e-3)]
+    assert "learning_rate: 0.001 -> 0.002" in capsys.readouterr().out
 
 
 def test_trainer_exports_a_routed_pipeline(tmp_path):

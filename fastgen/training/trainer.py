@@ -49,6 +49,10 @@ from .method import Batch, DistillMethod
 PHASES = {"critic": 1, "generator": 2}
 GENERATOR_GROUP = "generator"
 LOG_NAME = "train_log.jsonl"
+# options a resumed run may change without changing what is trained (budget, bookkeeping, evaluation)
+RESUME_FREE_OPTIONS = frozenset({"max_train_steps", "resume_from_checkpoint", "output_dir", "checkpointing_steps",
+                                 "checkpoints_total_limit", "validation_steps", "num_validation_samples",
+                                 "validation_seed", "validation_batch_size", "logging_steps", "report_to", "progress"})
 
 
 # ---------------------------------------------------------------------- evaluator (one switch point)
@@ -307,6 +311,19 @@ class DistillTrainer:
         self.load_checkpoint(path)
         self._trim_log()
         self._print(f"resumed from {path} at generator step {self.step}")
+        changed = self.resume_changes(path)
+        if changed:
+            self._print("resumed with other options than the checkpoint's run (the run goes on with the new ones): "
+                        + "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed))
+
+    def resume_changes(self, path: str | os.PathLike) -> list[tuple[str, Any, Any]]:
+        """``(option, checkpoint's value, this run's value)`` for every option that differs from the checkpoint's
+        run, except budget and bookkeeping (:data:`RESUME_FREE_OPTIONS`): a warm start on purpose, or a mistake."""
+        record = Path(path) / "trainer_state.json"
+        saved = json.loads(record.read_text()).get("config") or {} if record.is_file() else {}
+        now = json.loads(json.dumps(self.config.to_dict(), default=str))  # the same round trip as the saved one
+        return [(k, saved[k], now[k]) for k in sorted(saved.keys() & now.keys())
+                if k not in RESUME_FREE_OPTIONS and saved[k] != now[k]]
 
     def _trim_log(self) -> None:
         """Drop log records after the resumed step (written by the interrupted run), so curves have one
