@@ -447,7 +447,7 @@ class MSD(DistillMethod):
     def begin_generator_step(self, step: int) -> None:
         """Trainer hook: activate the student of generator step ``step`` (and its TSM or DM phase)."""
         self.active = self.student_at(step)
-        self.in_tsm = self.own_steps(0 if self.active is None else self.active, step) < self.config.tsm_steps
+        self.in_tsm = self.own_steps(self.active or 0, step) < self.config.tsm_steps  # routed: active None
 
     def learning_rate_scale(self, group: str) -> float:
         """``tsm_lr_scale`` for the generator while the step's student(s) are in TSM, else 1."""
@@ -487,31 +487,28 @@ class MSD(DistillMethod):
             rows = (self.partition.assign(labels) == k).nonzero().reshape(-1)
             if rows.numel():
                 labels, noise = _select_rows(labels, rows), noise[rows.to(noise.device)]
+        return Batch(labels=labels, noise=noise, generator=g, **self._real_of_part(batch, k))
+
+    def _real_of_part(self, batch: Batch, k: int) -> dict[str, Any]:
+        """``real`` / ``real_labels`` of ``batch`` filtered to part ``k`` (all real rows when none falls in it)."""
         real, real_labels = batch.real, batch.real_labels
         if real is not None and real_labels is not None:
             rows = (self.partition.assign(real_labels) == k).nonzero().reshape(-1)
             if rows.numel():
                 real, real_labels = real[rows.to(real.device)], _select_rows(real_labels, rows)
-        return Batch(labels=labels, noise=noise, real=real, generator=g, real_labels=real_labels)
+        return {"real": real, "real_labels": real_labels}
 
     def _routed_batches(self, batch: Batch) -> list[tuple[int, float, Batch]]:
         """The routed schedule's split of ``batch``: ``(k, share of the rows, rows of part k)`` for every part
         that owns rows; GAN real rows filtered to each part (all real rows when none falls in it)."""
         parts = self.partition.assign(batch.labels)
-        real_parts = None if batch.real is None or batch.real_labels is None else self.partition.assign(batch.real_labels)
         out = []
         for k in range(len(self.parts)):
             rows = (parts == k).nonzero().reshape(-1)
-            if not rows.numel():
-                continue
-            real, real_labels = batch.real, batch.real_labels
-            if real_parts is not None:
-                own = (real_parts == k).nonzero().reshape(-1)
-                if own.numel():
-                    real, real_labels = real[own.to(real.device)], _select_rows(real_labels, own)
-            sub = Batch(labels=_select_rows(batch.labels, rows), noise=batch.noise[rows.to(batch.noise.device)],
-                        real=real, generator=batch.generator, real_labels=real_labels)
-            out.append((k, rows.numel() / parts.numel(), sub))
+            if rows.numel():
+                sub = Batch(labels=_select_rows(batch.labels, rows), noise=batch.noise[rows.to(batch.noise.device)],
+                            generator=batch.generator, **self._real_of_part(batch, k))
+                out.append((k, rows.numel() / parts.numel(), sub))
         return out
 
     def _student_loss(self, k: int, batch: Batch) -> dict[str, torch.Tensor]:
