@@ -286,6 +286,43 @@ def test_small_students_tsm_reduces_the_matching_gap():
     assert not m.in_tsm and "dm" in m.generator_loss(_batch(0))
 
 
+def test_tsm_on_real_rows_regresses_the_teacher_at_noised_data_of_their_own_classes():
+    """tsm_inputs="real": TSM noises the real rows (not the student's samples) under the real rows' classes, so
+    the loss ignores the generator's noise and labels; it asks for real data even without a GAN term."""
+    torch.manual_seed(0)
+    m = MSD(_teacher(), guider=CFG(2.0), students=2, student_block_out_channels=[8, 16], tsm_steps=5,
+            tsm_inputs="real", schedule="round_robin", gan_weight_generator=0.0, gan_weight_discriminator=0.0)
+    assert m.needs_real_data and m.config.tsm_inputs == "real"
+    part = m.parts[0]
+    g0 = torch.Generator().manual_seed(7)
+    real, real_labels = torch.rand(5, *SHAPE, generator=g0) * 2 - 1, torch.tensor([0, 1, 2, 1, 0])
+
+    def loss(labels, noise):
+        b = Batch(labels=labels, noise=noise, real=real, real_labels=real_labels,
+                  generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            return float(m.tsm_loss(part, b))
+
+    def replay(labels):
+        g = torch.Generator().manual_seed(3)
+        t = part._timesteps(m.config.tsm_time, 5, g, real.device)
+        x_t = part._noised(real, t, g)
+        cond, uncond = part._conditions(labels)
+        with torch.no_grad():
+            return float(m.tsm_gap(part, x_t, t, cond, uncond))
+
+    got = loss(torch.tensor([2, 2, 2, 2, 2]), torch.randn(5, *SHAPE, generator=g0))
+    assert got == pytest.approx(replay(real_labels), rel=1e-6)
+    assert got != pytest.approx(replay(torch.tensor([2, 2, 2, 2, 2])), rel=1e-3)
+    assert loss(torch.tensor([0, 0, 0, 0, 0]), torch.randn(5, *SHAPE, generator=g0)) == pytest.approx(got, rel=1e-6)
+    with pytest.raises(ValueError, match="tsm_inputs='real' needs labelled real data"):
+        m.tsm_loss(part, Batch(labels=real_labels, noise=real, real=None, generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="tsm_inputs must be one of"):
+        MSD(_teacher(), students=2, tsm_inputs="data")
+    assert not MSD(_teacher(), students=2, tsm_steps=5, gan_weight_generator=0.0,
+                   gan_weight_discriminator=0.0).needs_real_data
+
+
 def _msd_trainer(out, max_steps, resume=None, learning_rate=1e-3, **options):
     from fastgen.pipelines import FastGenClassPipeline
     from fastgen.training.config import DistillConfig

@@ -48,6 +48,7 @@ from .students import Student
 BASE_METHODS = ("dmd2", "fdistill")
 PARTITIONS = ("balanced", "similarity")
 SCHEDULES = ("proportional", "round_robin", "routed")
+TSM_INPUTS = ("student", "real")
 POOLINGS = ("mean", "pooled")
 PARTITION_FILE = "partition.json"
 
@@ -296,6 +297,9 @@ class MSDConfig(FDistillConfig):
             ``None``: students are teacher copies.
         tsm_steps: a student's own generator steps of teacher score matching before DM (smaller students).
         tsm_time: timestep range of TSM.
+        tsm_inputs: what TSM noises: ``"student"`` (the student's own detached samples) or ``"real"`` (the rows
+            of the real-data batch of the part, with their own classes: the small network learns the teacher's
+            denoiser on the data manifold, as a diffusion model distilled from the teacher; needs ``dataset``).
         tsm_lr_scale: multiplier of the generator's learning rate during TSM (a random-init student trains
             from scratch there; the distillation rate that suits a teacher-initialised student is far too small).
         output_dir: the run folder (the trainer passes its own); the partition is saved there.
@@ -309,6 +313,7 @@ class MSDConfig(FDistillConfig):
     student_block_out_channels: Sequence[int] | None = None
     tsm_steps: int = 0
     tsm_time: tuple[int, int] = (0, 999)
+    tsm_inputs: str = "student"
     tsm_lr_scale: float = 1.0
     output_dir: str | None = None
 
@@ -328,6 +333,8 @@ class MSDConfig(FDistillConfig):
             raise ValueError(f"tsm_steps must be a non-negative integer, got {self.tsm_steps!r}.")
         from .dmd2 import _check_time_range
         self.tsm_time = _check_time_range("tsm_time", tuple(self.tsm_time))
+        if self.tsm_inputs not in TSM_INPUTS:
+            raise ValueError(f"tsm_inputs must be one of {TSM_INPUTS}, got {self.tsm_inputs!r}.")
         if isinstance(self.tsm_lr_scale, bool) or not isinstance(self.tsm_lr_scale, (int, float)) or self.tsm_lr_scale <= 0:
             raise ValueError(f"tsm_lr_scale must be a positive number, got {self.tsm_lr_scale!r}.")
         if self.student_block_out_channels is not None:
@@ -395,7 +402,7 @@ class MSD(DistillMethod):
         self.set_teacher(first.teacher)
         self.__dict__["teacher_denoiser"] = first.teacher_denoiser
         self.null_label = first.null_label
-        self.needs_real_data = first.needs_real_data
+        self.needs_real_data = first.needs_real_data or (c.tsm_steps > 0 and c.tsm_inputs == "real")
         self.partition = partition or self._make_partition()
         if self.partition.num_parts != c.students:
             raise ValueError(f"the partition has {self.partition.num_parts} parts for {c.students} students.")
@@ -544,11 +551,18 @@ class MSD(DistillMethod):
 
     def tsm_loss(self, part: FDistill, batch: Batch) -> torch.Tensor:
         """Teacher score matching: the student network as a denoiser regresses the guided teacher at noised
-        (detached) student samples, ``t ~ U[tsm_time]`` (:meth:`tsm_gap`)."""
+        inputs, ``t ~ U[tsm_time]`` (:meth:`tsm_gap`); the inputs are the student's own detached samples or,
+        with ``tsm_inputs="real"``, the part's real rows under their own conditions."""
         g = batch.generator
-        cond, uncond = part._conditions(batch.labels)
-        with torch.no_grad():
-            x0 = part.student_module(batch.noise, cond, g).detach()
+        if self.config.tsm_inputs == "real":
+            if batch.real is None or batch.real_labels is None:
+                raise ValueError("msd: tsm_inputs='real' needs labelled real data (the dataset option).")
+            x0 = batch.real.to(batch.noise.dtype)
+            cond, uncond = part._conditions(batch.real_labels)
+        else:
+            cond, uncond = part._conditions(batch.labels)
+            with torch.no_grad():
+                x0 = part.student_module(batch.noise, cond, g).detach()
         t = part._timesteps(self.config.tsm_time, x0.shape[0], g, x0.device)
         return self.tsm_gap(part, part._noised(x0, t, g), t, cond, uncond)
 
