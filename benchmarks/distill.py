@@ -36,6 +36,9 @@ class DistillBenchmark:
     out: str = field(default=str(RESULTS / "distill.json"), metadata={"help": "results JSON (PNG beside it)"})
     fresh: bool = field(default=False, metadata={"help": "re-score the teacher even if --out has its cells for the "
                                                          "same n and scale"})
+    keep: bool = field(default=False, metadata={
+        "help": "keep the students (and their held-out cells) already in --out, adding or replacing --runs: "
+                "earlier runs whose folders are gone stay in the record"})
     heldout: bool = field(default=True, metadata={
         "help": "also score the 40-NFE teacher and each run's exported student against the held-out digits "
                 "(297 images neither the teacher nor the GAN term saw), on the same seeds"})
@@ -110,7 +113,7 @@ def heldout_cells(opts: DistillBenchmark, runs: dict[str, str]) -> dict[str, dic
     from fastgen.pipelines.student import FastGenStudentPipeline
 
     cached = _previous(opts).get("heldout", {}).get("models", {})
-    out = {}
+    out = {label: cell for label, cell in cached.items() if opts.keep and label not in runs}
     teacher = "teacher, 20 steps CFG"
     if teacher in cached:
         out[teacher] = cached[teacher]
@@ -132,7 +135,10 @@ def heldout_cells(opts: DistillBenchmark, runs: dict[str, str]) -> dict[str, dic
 
 def main(argv=None) -> None:
     opts = parse_options(DistillBenchmark, argv)
-    runs, folders = {}, {}
+    if opts.keep and not _previous(opts):
+        raise ValueError(f"--keep: {opts.out} holds no record of n={opts.n}, teacher_scale={opts.teacher_scale}.")
+    runs = dict(_previous(opts).get("students", {})) if opts.keep else {}
+    folders = {}
     for spec in opts.runs:
         label, sep, folder = spec.partition("=")
         if not sep or not Path(folder, "train_log.jsonl").is_file():
