@@ -404,6 +404,45 @@ def test_trainer_exports_a_routed_pipeline(tmp_path):
     assert images.images.shape == (10, 1, 8, 8) and images.nfe == 1
 
 
+def test_x0_predicting_small_students_train_export_and_reload_in_their_parameterisation(tmp_path):
+    """student_prediction_type="sample": the small network's output is x0 itself (no 1/alpha(t*) factor on its
+    errors), TSM regresses the teacher's x0 in that parameterisation, and the exported routed pipeline carries
+    it in its scheduler, so the reloaded pipeline reproduces the trained students on the same noise."""
+    trainer = _msd_trainer(tmp_path, 2, students=2, schedule="routed", student_block_out_channels=[8, 16],
+                           student_prediction_type="sample", tsm_steps=1)
+    m = trainer.method
+    part = m.parts[0]
+    assert part.student_module.denoiser.prediction_type == "sample"
+    z, labels = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        t = torch.full((4,), part.student_module.timesteps[0])
+        raw = part.student_module.network(z, t, class_labels=labels).sample
+        assert torch.allclose(part.student_module(z, {"class_labels": labels}), raw, atol=1e-6)
+        x_t, tt = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(2)), torch.tensor([10, 300, 600, 900])
+        cond, uncond = part._conditions(labels)
+        gap = m.tsm_gap(part, x_t, tt, cond, uncond)
+        want = torch.nn.functional.mse_loss(part.student_module.network(x_t, tt, class_labels=labels).sample,
+                                            part._teacher_x0(x_t, tt, cond, uncond))
+        assert float(gap) == pytest.approx(float(want), rel=1e-5)
+    summary = trainer.train()
+    pipe = FastGenMSDPipeline.from_pretrained(summary["student"])
+    assert pipe.scheduler.config.prediction_type == "sample"
+    labels = torch.arange(10)
+    z = torch.randn(10, *SHAPE, generator=torch.Generator().manual_seed(3))
+    got = pipe(class_labels=labels.tolist(), latents=z, output_type="pt").images
+    parts, t_star = pipe.route(labels), pipe.student_timesteps[0]
+    assert sorted(set(parts.tolist())) == [0, 1]
+    with torch.no_grad():  # x0 is the network's raw output (an epsilon scheduler would give (z - sigma raw)/alpha)
+        for k, net in enumerate(pipe.students):
+            rows = parts == k
+            raw = net(z[rows], torch.full((int(rows.sum()),), t_star), class_labels=labels[rows]).sample
+            assert torch.allclose(got[rows], (raw.clamp(-1, 1) + 1) / 2, atol=1e-5)
+    with pytest.raises(ValueError, match="student_prediction_type needs student_block_out_channels"):
+        MSDConfig(student_prediction_type="sample")
+    with pytest.raises(ValueError, match="student_prediction_type must be one of"):
+        MSDConfig(student_block_out_channels=[8, 16], student_prediction_type="x0")
+
+
 def test_msd_options():
     with pytest.raises(ValueError, match="students"):
         MSDConfig(students=0)

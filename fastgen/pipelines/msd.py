@@ -85,12 +85,14 @@ class FastGenMSDPipeline(FastGenStudentPipeline):
 
     @classmethod
     def from_students(cls, teacher_pipeline, networks: Sequence[torch.nn.Module], student_timesteps: Sequence[int],
-                      partition) -> "FastGenMSDPipeline":
-        """The routed pipeline of trained ``networks`` (student k serves part k) with the teacher's scheduler/VAE."""
+                      partition, prediction_type: str | None = None) -> "FastGenMSDPipeline":
+        """The routed pipeline of trained ``networks`` (student k serves part k) with the teacher's scheduler/VAE
+        (in ``prediction_type`` when the students predict another quantity than the teacher)."""
         if not 1 <= len(networks) <= MAX_STUDENTS:
             raise ValueError(f"FastGenMSDPipeline holds 1 to {MAX_STUDENTS} students, got {len(networks)}.")
         nets = {("unet" if k == 0 else f"unet_{k}"): net for k, net in enumerate(networks)}
-        return cls(scheduler=student_scheduler(teacher_pipeline.scheduler), vae=getattr(teacher_pipeline, "vae", None),
+        return cls(scheduler=student_scheduler(teacher_pipeline.scheduler, prediction_type),
+                   vae=getattr(teacher_pipeline, "vae", None),
                    id2label=teacher_pipeline.config.get("id2label"), student_timesteps=list(student_timesteps),
                    partition=partition.to_dict() if hasattr(partition, "to_dict") else partition, **nets)
 

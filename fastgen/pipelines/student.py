@@ -45,12 +45,15 @@ from .common import FastGenPipelineOutput
 DEFAULT_STUDENT_TIMESTEPS = (DEFAULT_ONE_STEP_TIMESTEP,)
 
 
-def student_scheduler(teacher_scheduler) -> LCMScheduler:
-    """An ``LCMScheduler`` on the teacher's training schedule (no clipping, no thresholding)."""
+def student_scheduler(teacher_scheduler, prediction_type: str | None = None) -> LCMScheduler:
+    """An ``LCMScheduler`` on the teacher's training schedule (no clipping, no thresholding), in the teacher's
+    parameterisation or in ``prediction_type`` (students trained from scratch may predict another quantity)."""
     import inspect
 
     accepted = set(inspect.signature(LCMScheduler.__init__).parameters)  # no warnings about a solver's own keys
     config = {k: v for k, v in teacher_scheduler.config.items() if k in accepted}
+    if prediction_type is not None:
+        config["prediction_type"] = prediction_type
     return LCMScheduler.from_config(config, clip_sample=False, thresholding=False)
 
 

@@ -49,6 +49,7 @@ BASE_METHODS = ("dmd2", "fdistill")
 PARTITIONS = ("balanced", "similarity")
 SCHEDULES = ("proportional", "round_robin", "routed")
 TSM_INPUTS = ("student", "real")
+STUDENT_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 POOLINGS = ("mean", "pooled")
 PARTITION_FILE = "partition.json"
 
@@ -295,6 +296,10 @@ class MSDConfig(FDistillConfig):
             ``"round_robin"``, or ``"routed"`` (every step trains every student on the batch rows its part owns).
         student_block_out_channels: smaller students (e.g. half the teacher's widths), randomly initialised;
             ``None``: students are teacher copies.
+        student_prediction_type: what smaller students predict (``"epsilon"``, ``"sample"``, ``"v_prediction"``;
+            ``None``: the teacher's). A one-step student's ``x0 = (z - sigma eps)/alpha`` at ``t*`` multiplies its
+            epsilon errors by ``sigma/alpha`` (3.4 at ``t* = 500`` of the digits teacher); a random-init student
+            is free to predict ``x0`` directly. Teacher copies keep the teacher's parameterisation.
         tsm_steps: a student's own generator steps of teacher score matching before DM (smaller students).
         tsm_time: timestep range of TSM.
         tsm_inputs: what TSM noises: ``"student"`` (the student's own detached samples) or ``"real"`` (the rows
@@ -311,6 +316,7 @@ class MSDConfig(FDistillConfig):
     partition_file: str | None = None
     schedule: str = "proportional"
     student_block_out_channels: Sequence[int] | None = None
+    student_prediction_type: str | None = None
     tsm_steps: int = 0
     tsm_time: tuple[int, int] = (0, 999)
     tsm_inputs: str = "student"
@@ -342,6 +348,13 @@ class MSDConfig(FDistillConfig):
             if not ch or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in ch):
                 raise ValueError(f"student_block_out_channels must be a list of positive integers, got {ch!r}.")
             self.student_block_out_channels = tuple(ch)
+        if self.student_prediction_type is not None:
+            if self.student_prediction_type not in STUDENT_PREDICTION_TYPES:
+                raise ValueError(f"student_prediction_type must be one of {STUDENT_PREDICTION_TYPES} or None, got "
+                                 f"{self.student_prediction_type!r}.")
+            if self.student_block_out_channels is None:
+                raise ValueError("student_prediction_type needs student_block_out_channels: a teacher-initialised "
+                                 "student keeps the teacher's parameterisation.")
         if self.lora_student or self.lora_fake_score:
             raise ValueError("msd: lora_student / lora_fake_score are not supported (K adapters would share one name).")
 
@@ -411,7 +424,8 @@ class MSD(DistillMethod):
             for k, part in enumerate(parts):
                 small = small_network(net, c.student_block_out_channels, seed=1000 + k)
                 part.student_module = Student(small, first.teacher_denoiser.schedule,
-                                              first.teacher_denoiser.prediction_type, base.student_timesteps)
+                                              c.student_prediction_type or first.teacher_denoiser.prediction_type,
+                                              base.student_timesteps)
                 part._student_params = list(small.parameters())
         weights = self.partition.sizes() if c.schedule == "proportional" else [1] * c.students
         self.order = smooth_round_robin(weights)
@@ -479,7 +493,8 @@ class MSD(DistillMethod):
         from ..pipelines.msd import FastGenMSDPipeline
 
         return FastGenMSDPipeline.from_students(teacher_pipeline, self.student_networks(),
-                                                list(self.config.student_timesteps), self.partition)
+                                                list(self.config.student_timesteps), self.partition,
+                                                prediction_type=self.config.student_prediction_type)
 
     def _part_batch(self, batch: Batch, k: int) -> Batch:
         """``batch`` restricted to part ``k``: class labels redrawn from the part, text rows selected, real rows
@@ -571,7 +586,7 @@ class MSD(DistillMethod):
         """Mean squared difference between the student network's raw output and the guided teacher's, in the
         network's own parameterisation (epsilon for the digits teacher: well conditioned at every t, where
         ``x0`` errors blow up as alpha_t -> 0)."""
-        target = part.fake_denoiser.from_x0(part._teacher_x0(x_t, t, cond, uncond), x_t, t)
+        target = part.student_module.denoiser.from_x0(part._teacher_x0(x_t, t, cond, uncond), x_t, t)
         pred = part.student_module.denoiser(x_t, t, cond)
         return F.mse_loss(pred.float(), target.float())
 
