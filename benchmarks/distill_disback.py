@@ -129,7 +129,7 @@ def plot(record: dict, path: Path) -> None:
     ax.axvline(0, ls=":", color="grey", lw=1)
     ax.text(0, summary["base_final_fid"], " base's final FID", fontsize=7, va="bottom", color="grey")
     ax.set(xlabel="generator updates", ylabel=f"digits FID (n = {cfg['num_validation_samples']} fixed seeds)", yscale="log",
-           title=f"DisBack ({cfg['nodes']} nodes, {cfg['interval']} updates each) vs base, same initial student",
+           title=f"DisBack ({cfg['nodes']} node{'s' if cfg['nodes'] != 1 else ''}, {cfg['interval']} updates each) vs base, same initial student",
            xlim=(-10, None))
     ax.legend(fontsize=7)
     fig.tight_layout()
