@@ -323,7 +323,7 @@ def test_tsm_on_real_rows_regresses_the_teacher_at_noised_data_of_their_own_clas
                    gan_weight_discriminator=0.0).needs_real_data
 
 
-def _msd_trainer(out, max_steps, resume=None, learning_rate=1e-3, **options):
+def _msd_trainer(out, max_steps, resume=None, learning_rate=1e-3, ema_decay=0.9, **options):
     from fastgen.pipelines import FastGenClassPipeline
     from fastgen.training.config import DistillConfig
     from fastgen.training.teacher import load_teacher
@@ -332,7 +332,7 @@ def _msd_trainer(out, max_steps, resume=None, learning_rate=1e-3, **options):
     config = DistillConfig(output_dir=str(out), method="msd", teacher="builtin:digits", train_batch_size=4,
                            max_train_steps=max_steps, critic_steps_per_generator_step=1, checkpointing_steps=3,
                            learning_rate=learning_rate, logging_steps=1, report_to="none", progress=False, mixed_precision="no",
-                           resume_from_checkpoint=resume, ema_decay=0.9,
+                           resume_from_checkpoint=resume, ema_decay=ema_decay,
                            method_options={"students": 3, "gan_weight_generator": 0.0, "gan_weight_discriminator": 0.0,
                                            **options})
     pipe = FastGenClassPipeline(scheduler=DDPMScheduler(), unet=tiny_class_unet())
@@ -389,6 +389,15 @@ def test_resume_names_the_options_that_changed(tmp_path, capsys):
     other._resume()
     assert other.resume_changes(tmp_path / "checkpoint-3") == [("learning_rate", 1e-3, 2e-3)]
     assert "learning_rate: 0.001 -> 0.002" in capsys.readouterr().out
+    # ... and the run goes on with them: the restored schedulers are rebased on this run's rates, the EMA keeps
+    # this run's decay (a restored schedule had silently kept the checkpoint's rate)
+    assert {g: s.get_last_lr() for g, s in other.schedulers.items()} == {g: [2e-3] for g in other.schedulers}
+    other.schedulers["generator"].step()  # and stays there as the schedule moves on
+    assert other.schedulers["generator"].get_last_lr() == [2e-3]
+    assert longer.schedulers["generator"].get_last_lr() == [1e-3] and longer.ema.decay == 0.9
+    slower = _msd_trainer(tmp_path, 4, resume="latest", ema_decay=0.5)
+    slower._resume()
+    assert slower.ema.decay == 0.5 and slower.resume_changes(tmp_path / "checkpoint-3") == [("ema_decay", 0.9, 0.5)]
 
 
 def test_trainer_exports_a_routed_pipeline(tmp_path):

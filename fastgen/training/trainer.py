@@ -287,11 +287,13 @@ class DistillTrainer:
             raise CheckpointError(f"cannot read checkpoint file {str(path / 'trainer_state.pt')!r}: {err}") from None
         self.accelerator.load_state(str(path))
         for g, s in self.schedulers.items():
-            s.load_state_dict(state["schedulers"][g])
+            s.load_state_dict(self._rebased_scheduler_state(g, state["schedulers"][g]))
         if self.ema is not None and "ema" in state:
             ema = self.ema
             for key, value in state["ema"].items():
                 setattr(ema, key, value)
+            # this run's EMA options, not the checkpoint's (a resume that changes them says so: see _resume)
+            ema.decay, ema.update_after_step = self.config.ema_decay, self.config.ema_update_after_step
         self.method.load_trainer_state(state.get("method", {}))
         self.step = int(state["step"])
         if self.step != step:
@@ -315,6 +317,19 @@ class DistillTrainer:
         if changed:
             self._print("resumed with other options than the checkpoint's run (the run goes on with the new ones): "
                         + "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed))
+
+    def _rebased_scheduler_state(self, group: str, saved: dict) -> dict:
+        """A saved learning-rate scheduler state at this run's rate for ``group``: the position in the schedule
+        (steps taken, warm-up) is the checkpoint's, the base rate this run's, so a resume with another learning
+        rate runs at it (identical state when the rate is unchanged)."""
+        lr = self.config.group_learning_rate(group)
+        old = list(saved.get("base_lrs") or [])
+        if not old:
+            return saved
+        out = {**saved, "base_lrs": [lr] * len(old)}
+        if saved.get("_last_lr") is not None:
+            out["_last_lr"] = [value * lr / base for value, base in zip(saved["_last_lr"], old)]
+        return out
 
     def resume_changes(self, path: str | os.PathLike) -> list[tuple[str, Any, Any]]:
         """``(option, checkpoint's value, this run's value)`` for every option that differs from the checkpoint's
