@@ -135,9 +135,10 @@ def heldout_cells(opts: DistillBenchmark, runs: dict[str, str]) -> dict[str, dic
 
 def main(argv=None) -> None:
     opts = parse_options(DistillBenchmark, argv)
-    if opts.keep and not _previous(opts):
+    previous = _previous(opts) if opts.keep else {}
+    if opts.keep and not previous:
         raise ValueError(f"--keep: {opts.out} holds no record of n={opts.n}, teacher_scale={opts.teacher_scale}.")
-    runs = dict(_previous(opts).get("students", {})) if opts.keep else {}
+    runs = dict(previous.get("students", {}))
     folders = {}
     for spec in opts.runs:
         label, sep, folder = spec.partition("=")

@@ -41,6 +41,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..parameterization import PREDICTION_TYPES
 from .f_distill import FDistill, FDistillConfig
 from .method import Batch, DistillMethod
 from .students import Student
@@ -49,7 +50,8 @@ BASE_METHODS = ("dmd2", "fdistill")
 PARTITIONS = ("balanced", "similarity")
 SCHEDULES = ("proportional", "round_robin", "routed")
 TSM_INPUTS = ("student", "real")
-STUDENT_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+# a small student runs on the teacher's noise schedule and LCMScheduler: every parameterisation but flow matching
+STUDENT_PREDICTION_TYPES = tuple(p for p in PREDICTION_TYPES if p != "flow")
 POOLINGS = ("mean", "pooled")
 PARTITION_FILE = "partition.json"
 
