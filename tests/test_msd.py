@@ -354,6 +354,77 @@ def test_resume_continues_the_student_cycle_exactly(tmp_path):
         _msd_trainer(tmp_path / "b", 6, resume="latest", partition="similarity")._resume()
 
 
+def test_shared_critic_is_one_fake_score_and_head_for_all_students_and_resumes_exactly(tmp_path):
+    """shared_critic: every part trains the one fake score and discriminator head (registered and optimised
+    once, so each step updates it once with all rows), it moves in training, and a resumed run saves/loads it
+    to the same weights as an uninterrupted one."""
+    from fastgen.training.checkpoint import network_state_dict
+
+    gan = {"gan_weight_generator": 0.5, "gan_weight_discriminator": 0.5, "schedule": "routed", "shared_critic": True}
+    trainer = _msd_trainer(tmp_path / "a", 4, **gan)
+    m = trainer.method
+    owner = m.parts[0]
+    for part in m.parts[1:]:
+        assert part.fake_network is owner.fake_network and part.fake_score is owner.fake_score
+        assert part.discriminator is owner.discriminator and part.tap is owner.tap
+    groups = m.optimizer_groups()
+    assert len(groups["critic"]) == len(list(owner.fake_network.parameters()))
+    assert len(groups["discriminator"]) == len(list(owner.discriminator.parameters()))
+    assert len(groups["generator"]) == 3 * len(list(owner.student_module.network.parameters()))
+    own = _msd_trainer(tmp_path / "own", 1, **{**gan, "shared_critic": False}).method  # a critic per student
+    size = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731 (parameters() lists a tensor once)
+    assert size(own) - size(m) == 2 * (size(owner.fake_network) + size(owner.discriminator))
+    assert sum(p.numel() for p in m.parameters()) == sum(
+        p.numel() for p in [*groups["generator"], *groups["critic"], *groups["discriminator"]])
+    before = {k: v.clone() for k, v in owner.fake_network.state_dict().items()}
+    trainer.train()
+    assert any(not torch.equal(before[k], v) for k, v in owner.fake_network.state_dict().items())
+    _msd_trainer(tmp_path / "b", 2, **gan).train()
+    _msd_trainer(tmp_path / "b", 4, resume="latest", **gan).train()
+    for net in ("student_ema", "parts"):
+        wa = network_state_dict(tmp_path / "a" / "checkpoint-4" / net)
+        wb = network_state_dict(tmp_path / "b" / "checkpoint-4" / net)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), net
+    with pytest.raises(ValueError, match="shared_critic must be true or false"):
+        MSDConfig(shared_critic="yes")
+
+
+@pytest.mark.parametrize("divergence", ["rkl", "js"])
+def test_routed_shared_critic_step_is_the_base_method_on_the_whole_batch(divergence):
+    """Routed schedule + shared critic: one base-method step on the whole batch whose generator is the router.
+    At init every student is the teacher's copy, so the losses and gradients (the critic's; the students'
+    summed) equal one f-distill/DMD2 method's on the same batch and random draws, and each student's gradient
+    comes from its own rows only (a student with no row in the batch gets none)."""
+    from fastgen.training.f_distill import FDistill
+
+    opts = dict(base_method="fdistill", divergence=divergence, gan_weight_generator=0.5, gan_weight_discriminator=0.5)
+    torch.manual_seed(0)
+    m = MSD(_teacher(), guider=CFG(2.0), students=3, schedule="routed", shared_critic=True, **opts)
+    one = FDistill(m.teacher_denoiser, guider=CFG(2.0), config=m.config.base_config())
+    one.load_state_dict(m.parts[0].state_dict())
+    nets = [part.student_module.network for part in m.parts]
+    batch = lambda: _batch(7, b=5)  # noqa: E731
+    used = set(m.partition.assign(batch().labels).tolist())
+    assert 1 < len(used) < 3
+    for phase in ("critic", "generator"):
+        m.zero_grad(set_to_none=True)
+        one.zero_grad(set_to_none=True)
+        got, want = m(phase, batch()), one(phase, batch())
+        for key in want:
+            assert torch.allclose(got[key], want[key], atol=1e-6, rtol=1e-5), (phase, key)
+        got["loss"].backward()
+        want["loss"].backward()
+        if phase == "critic":
+            for group in ("critic", "discriminator"):
+                for a, b in zip(m.optimizer_groups()[group], one.optimizer_groups()[group], strict=True):
+                    assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4), group
+        else:
+            assert [nets[k].conv_out.weight.grad is not None for k in range(3)] == [k in used for k in range(3)]
+            for name, p in one.student_module.network.named_parameters():
+                total = sum(dict(nets[k].named_parameters())[name].grad for k in sorted(used))
+                assert torch.allclose(total, p.grad, atol=1e-6, rtol=1e-4), name
+
+
 def test_tsm_lr_scale_multiplies_the_generator_rate_during_tsm_only(tmp_path, monkeypatch):
     """The trainer steps the generator at tsm_lr_scale x its scheduled rate while the student is in TSM, and at
     the scheduled rate after (critic untouched); the scheduler's own rate is not compounded."""

@@ -65,9 +65,25 @@ def network_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def _alias_shared(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``save_model`` writes a tensor registered under several names (e.g. one critic shared by MSD's students)
+    once; give the module's other names of that tensor the saved copy."""
+    names: dict[tuple, list[str]] = {}
+    for key, tensor in module.state_dict(keep_vars=True).items():
+        if tensor.numel():
+            names.setdefault((tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)), []).append(key)
+    for group in names.values():
+        saved = next((k for k in group if k in state), None)
+        if saved is not None:
+            for key in group:
+                state.setdefault(key, state[saved])
+    return state
+
+
 def load_network(module: torch.nn.Module, folder: str | os.PathLike) -> None:
-    """Load :func:`save_network`'s folder into ``module`` (strict: every key must match)."""
-    state = network_state_dict(folder)
+    """Load :func:`save_network`'s folder into ``module`` (strict: every key must match; a tensor shared by
+    several names is saved once and loaded into all of them)."""
+    state = _alias_shared(module, network_state_dict(folder))
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:

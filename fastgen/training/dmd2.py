@@ -353,10 +353,11 @@ class DMD2(DistillMethod):
         return F.mse_loss(pred.float(), target[idx].to(device).float())
 
     # ------------------------------------------------------------------ losses
-    def generator_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def generator_loss(self, batch: Batch, student=None) -> dict[str, torch.Tensor]:
+        """DM (+ GAN, + regression) loss of ``student`` (default: this method's own; MSD passes its router)."""
         c, g = self.config, batch.generator
         cond, uncond = self._conditions(batch.labels)
-        x0 = self.student_module(batch.noise, cond, g)
+        x0 = (student or self.student_module)(batch.noise, cond, g)
         t = self._timesteps(c.dm_time, x0.shape[0], g, x0.device)
         x_t = self._noised(x0.detach(), t, g)
         with torch.no_grad():
@@ -379,11 +380,12 @@ class DMD2(DistillMethod):
         out["loss"] = loss
         return out
 
-    def critic_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def critic_loss(self, batch: Batch, student=None) -> dict[str, torch.Tensor]:
+        """Fake-score DSM (+ discriminator) loss on samples of ``student`` (default: this method's own)."""
         c, g = self.config, batch.generator
         cond, _ = self._conditions(batch.labels)
         with torch.no_grad():
-            x0 = self.student_module(batch.noise, cond, g).detach()
+            x0 = (student or self.student_module)(batch.noise, cond, g).detach()
         # Fake score: denoising score matching on detached student samples.
         t = self._timesteps(c.dsm_time, x0.shape[0], g, x0.device)
         x_t = self._noised(x0, t, g)

@@ -8,7 +8,9 @@ The condition space is split into K parts (:class:`Partition`); student ``G_k`` 
 of part ``k`` and a router sends each condition to its student, so generation costs one student's
 forward per image while the K students together hold K times the capacity. Each student has its own
 teacher-initialised fake score and discriminator head (one :class:`~.f_distill.FDistill` per part, with
-``divergence="rkl"`` for DMD2, which is DMD2 bit for bit); the frozen teacher is shared.
+``divergence="rkl"`` for DMD2, which is DMD2 bit for bit), or with ``shared_critic`` all students share one
+(the critic is conditioned on the condition that routes, so one network can be every part's); the frozen
+teacher is shared.
 
 Training is one process cycling through the students: the trainer calls :meth:`MSD.begin_generator_step`
 with each generator step's index and the step's critic and generator updates all go to one student,
@@ -309,6 +311,11 @@ class MSDConfig(FDistillConfig):
             denoiser on the data manifold, as a diffusion model distilled from the teacher; needs ``dataset``).
         tsm_lr_scale: multiplier of the generator's learning rate during TSM (a random-init student trains
             from scratch there; the distillation rate that suits a teacher-initialised student is far too small).
+        shared_critic: one fake score and one discriminator head for all students instead of one per student.
+            The critic is conditioned on the same class or prompt that routes a row, so one conditional fake
+            score of the students' mixture is the K per-part fake scores in one network; it learns from every
+            row of every step (with the routed schedule: the whole batch, where a per-student critic sees ~B/K
+            rows) and keeps one copy of the teacher in memory for the critic instead of K.
         output_dir: the run folder (the trainer passes its own); the partition is saved there.
     """
 
@@ -323,6 +330,7 @@ class MSDConfig(FDistillConfig):
     tsm_time: tuple[int, int] = (0, 999)
     tsm_inputs: str = "student"
     tsm_lr_scale: float = 1.0
+    shared_critic: bool = False
     output_dir: str | None = None
 
     def __post_init__(self):
@@ -345,6 +353,8 @@ class MSDConfig(FDistillConfig):
             raise ValueError(f"tsm_inputs must be one of {TSM_INPUTS}, got {self.tsm_inputs!r}.")
         if isinstance(self.tsm_lr_scale, bool) or not isinstance(self.tsm_lr_scale, (int, float)) or self.tsm_lr_scale <= 0:
             raise ValueError(f"tsm_lr_scale must be a positive number, got {self.tsm_lr_scale!r}.")
+        if not isinstance(self.shared_critic, bool):
+            raise ValueError(f"shared_critic must be true or false, got {self.shared_critic!r}.")
         if self.student_block_out_channels is not None:
             ch = list(self.student_block_out_channels)
             if not ch or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in ch):
@@ -385,6 +395,17 @@ def small_network(teacher_network: torch.nn.Module, block_out_channels: Sequence
                          f"{type(teacher_network).__name__} (check norm_num_groups / attention_head_dim): {err}") from None
 
 
+def _share_critic(part: FDistill, owner: FDistill) -> None:
+    """Make ``part`` use ``owner``'s fake score and discriminator head (``shared_critic``)."""
+    part.fake_network = owner.fake_network
+    part._fake_params = owner._fake_params
+    for name in ("fake_denoiser", "fake_score", "tap"):
+        if name in owner.__dict__:
+            part.__dict__[name] = owner.__dict__[name]
+    if owner.config.use_gan:
+        part.discriminator = owner.discriminator
+
+
 class MSD(DistillMethod):
     """Multi-student distillation (arXiv:2410.23274) over DMD2 / f-distill; see the module docstring.
 
@@ -411,7 +432,11 @@ class MSD(DistillMethod):
             config = MSDConfig(**{**{f.name: getattr(config, f.name) for f in fields(config)}, **options})
         self.config = c = config
         base = c.base_config()
-        parts = [FDistill(teacher, guider, base) for _ in range(c.students)]
+        parts = []
+        for _ in range(c.students):
+            parts.append(FDistill(teacher, guider, base))
+            if c.shared_critic and len(parts) > 1:
+                _share_critic(parts[-1], parts[0])  # the new part's own copies are freed here
         self.parts = torch.nn.ModuleList(parts)
         first = parts[0]
         self.set_teacher(first.teacher)
@@ -481,7 +506,8 @@ class MSD(DistillMethod):
         groups: dict[str, list[torch.nn.Parameter]] = {}
         for part in self.parts:
             for name, params in part.optimizer_groups().items():
-                groups.setdefault(name, []).extend(params)
+                group = groups.setdefault(name, [])
+                group.extend(p for p in params if not any(p is q for q in group))  # a shared critic once
         return groups
 
     def student(self) -> torch.nn.ModuleList:
@@ -551,7 +577,27 @@ class MSD(DistillMethod):
                 out[key] = out.get(key, 0.0) + share * value
         return out
 
+    def _route(self, noise: torch.Tensor, cond: Mapping[str, Any], generator=None) -> torch.Tensor:
+        """The K students as one training generator: each row through its part's student (with gradient),
+        ``x0`` in input order."""
+        key = cond.get("class_labels") if self.partition.kind == "classes" else cond
+        parts = self.partition.assign(key).to(noise.device)
+        pieces, order = [], []
+        for k in parts.unique().tolist():
+            rows = (parts == k).nonzero().reshape(-1)
+            pieces.append(self.parts[k].student_module(noise[rows], _select_rows(cond, rows), generator))
+            order.append(rows)
+        return torch.cat(pieces)[torch.argsort(torch.cat(order))]
+
+    @property
+    def batched(self) -> bool:
+        """Routed schedule with one shared critic: the step is the base method's on the whole batch, its
+        generator the router (one teacher, fake-score and discriminator call per step instead of K)."""
+        return self.routed and self.config.shared_critic
+
     def generator_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        if self.batched and not getattr(self, "in_tsm", False):
+            return {**self.parts[0].generator_loss(batch, student=self._route), "student": torch.tensor(-1.0)}
         if self.routed:
             out = self._share_sum([(share, self._student_loss(k, sub)) for k, share, sub in self._routed_batches(batch)])
             out["student"] = torch.tensor(-1.0)  # every student
@@ -561,6 +607,8 @@ class MSD(DistillMethod):
         return out
 
     def critic_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        if self.batched:
+            return self.parts[0].critic_loss(batch, student=self._route)
         if self.routed:
             return self._share_sum([(share, self.parts[k].critic_loss(sub))
                                     for k, share, sub in self._routed_batches(batch)])
