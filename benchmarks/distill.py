@@ -53,7 +53,12 @@ def read_run(folder: str | os.PathLike) -> list[dict]:
 
 def evaluations(spec: str) -> tuple[str, list[dict]]:
     """``(name, evaluation records)`` of a run folder, or of ``record:<results json>:<label>``: a run kept in an
-    earlier record (``students`` of distill.json, ``runs`` of distill_msd.json)."""
+    earlier record (``students`` of distill.json, ``runs`` of distill_msd.json). ``A+B`` joins sources in step
+    order, e.g. a kept record and the folder of its resumed continuation (a later source wins a shared step)."""
+    if "+" in spec:
+        joined = [evaluations(part) for part in spec.split("+")]
+        rows = {row["step"]: row for _, part in joined for row in part}
+        return "+".join(name for name, _ in joined), [rows[k] for k in sorted(rows)]
     if spec.startswith("record:"):
         path, _, label = spec[len("record:"):].rpartition(":")
         record = json.loads(Path(path).read_text())

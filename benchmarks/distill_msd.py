@@ -41,7 +41,8 @@ class MSDBenchmark:
     """MSD students vs one student: speed side by side, FID from runs."""
 
     runs: list[str] = field(default_factory=list, metadata={
-        "help": "label=run_folder or label=record:<results json>:<label> (evaluations to plot)"})
+        "help": "label=run_folder or label=record:<results json>:<label> (evaluations to plot); A+B joins two "
+                "sources in step order (a kept run and its resumed continuation)"})
     students: int = field(default=4, metadata={"help": "K students of the speed cell"})
     half_channels: list[int] = field(default_factory=lambda: [16, 32, 48], metadata={
         "help": "block_out_channels of the small students (the digits teacher has 32, 64, 96)"})

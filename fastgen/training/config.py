@@ -106,7 +106,9 @@ class DistillConfig:
     max_grad_norm: float = field(default=10.0, metadata={"help": "gradient-norm clipping per network group (0 = off)"})
     mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, no on CPU), no, fp16, bf16"})
     use_ema: bool = field(default=True, metadata={"help": "keep an EMA of the student (exported as the student)"})
-    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay"})
+    ema_decay: float = field(default=0.999, metadata={
+        "help": "EMA decay (diffusers EMAModel caps it at (1+s)/(10+s) after s EMA steps, 0.978 at s = 400: a "
+                "higher decay only acts in longer runs)"})
     ema_update_after_step: int = field(default=0, metadata={"help": "start the EMA after this many generator steps"})
 
     # --- evaluation and logging
