@@ -39,15 +39,9 @@ class UNetRouter(torch.nn.Module):
         return self.networks[0].dtype
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor, return_dict: bool = False):
-        parts = self.partition.assign(class_labels.cpu()).to(sample.device)
         timestep = torch.as_tensor(timestep, device=sample.device).expand(sample.shape[0])
-        out = None
-        for k in parts.unique().tolist():
-            rows = (parts == k).nonzero().reshape(-1)
-            y = self.networks[k](sample[rows], timestep[rows], class_labels=class_labels[rows], return_dict=False)[0]
-            out = sample.new_empty((sample.shape[0], *y.shape[1:]), dtype=y.dtype) if out is None else out
-            out[rows] = y
-        return (out,)
+        return (self.partition.route(class_labels.cpu(), sample.device, lambda k, rows: self.networks[k](
+            sample[rows], timestep[rows], class_labels=class_labels[rows], return_dict=False)[0]),)
 
 
 class FastGenMSDPipeline(FastGenStudentPipeline):
