@@ -29,7 +29,8 @@ KEYS = ("fid", "accuracy", "roughness", "precision", "recall")
 class DistillBenchmark:
     """One-step students of the digits teacher vs the teacher: FID against generator steps."""
 
-    runs: list[str] = field(default_factory=list, metadata={"help": "label=run_folder pairs of fastgen distill runs"})
+    runs: list[str] = field(default_factory=list, metadata={
+        "help": "label=run_folder pairs of fastgen distill runs; label=A+B joins a run and its resumed continuation"})
     n: int = field(default=500, metadata={"help": "samples of the teacher cells (use the runs' num_validation_samples)"})
     teacher_scale: float = field(default=2.0, metadata={"help": "teacher CFG scale (the recipes' guidance_scale)"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads"})
@@ -146,12 +147,14 @@ def main(argv=None) -> None:
     runs = dict(previous.get("students", {}))
     folders = {}
     for spec in opts.runs:
-        label, sep, folder = spec.partition("=")
-        if not sep or not Path(folder, "train_log.jsonl").is_file():
-            raise ValueError(f"runs entries must be label=run_folder with a train_log.jsonl, got {spec!r}.")
-        rows = read_run(folder)
-        folders[label] = folder
-        runs[label] = {"run": Path(folder).name, "best": best(rows) if rows else None,
+        label, sep, source = spec.partition("=")
+        if not sep:
+            raise ValueError(f"runs entries must be label=source (a run folder, or A+B), got {spec!r}.")
+        name, rows = evaluations(source)
+        last = source.split("+")[-1]  # the folder whose exported student is the run's final one
+        if not last.startswith("record:"):
+            folders[label] = last
+        runs[label] = {"run": name, "best": best(rows) if rows else None,
                        "evaluations": rows}  # no machine path in results
     config = {**asdict(opts), "out": portable(opts.out),
               "runs": [f"{label}={Path(run['run']).name}" for label, run in runs.items()]}
