@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     parser.add_argument("--recipe", required=True, help="the recipe the run used (copied into the card)")
     parser.add_argument("--n", type=int, default=2000, help="samples of the evaluation (default 2000)")
     parser.add_argument("--single", default="rkl (DMD2)",
-                        help="label of the one-student row in benchmarks/results/distill.json to show beside it")
+                        help="label of the one-student run in benchmarks/results/distill.json to show beside it (its evaluation "
+                             "at the same generator steps, else its last)")
     parser.add_argument("--half-precision", action="store_true", help="store the students' weights as float16")
     parser.add_argument("--out", default=str(OUT), help=f"asset folder (default {OUT.relative_to(ROOT)})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing asset folder")
@@ -144,9 +145,10 @@ def main(argv=None) -> int:
         bench = json.loads(BENCH.read_text())
         if bench["config"]["n"] == args.n:
             teacher = bench["teacher"]
-            if args.single in bench.get("students", {}):
-                best = bench["students"][args.single]["evaluations"][-1]
-                single = {"label": f"{args.single}, {best['step']} steps", **{k: best[k] for k in KEYS}}
+            if args.single in bench.get("students", {}):  # at the MSD run's generator steps when it has them
+                evals = bench["students"][args.single]["evaluations"]
+                best = next((e for e in evals if e["step"] == summary["step"]), evals[-1])
+                single = {"label": f"{args.single.split(',')[0]}, {best['step']} steps", **{k: best[k] for k in KEYS}}
     strip_machine_paths(staged)
     (staged / "README.md").write_text(card(record, recipe.read_text(), teacher, single))
     (staged / "eval.json").write_text(json.dumps({**record, "single": single}, indent=1) + "\n")
