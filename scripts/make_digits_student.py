@@ -5,8 +5,11 @@ FID, accuracy, roughness, precision/recall on fixed seeds: sample i uses seed i 
 its pipeline folder into the package and writes the model card (recipe, training steps and CPU minutes,
 figures beside the teacher's on the same seeds) and a sample grid.
 
-    fastgen distill --config distill/digits-fdistill-js.yaml --output-dir runs/digits-1step
-    python scripts/make_digits_student.py --run runs/digits-1step --recipe distill/digits-fdistill-js.yaml
+    fastgen distill --config distill/digits-dmd2.yaml --max_train_steps 1200 --output-dir runs/digits-1step
+    python scripts/make_digits_student.py --run runs/digits-1step --recipe distill/digits-dmd2.yaml
+
+(the shipped build; any f-distill recipe works the same way, its divergence and any budget override are read
+from the run and written into the card's command).
 
 The run's exported student (``<run>/student``, the EMA weights at the end of training) is used unless
 ``--step N`` picks a checkpoint's EMA student instead (the run must still hold ``checkpoint-N``).
@@ -61,12 +64,17 @@ def card(record: dict, recipe_text: str, teacher: list[dict]) -> str:
                     f"{cell['precision']:.3f} | {cell['recall']:.3f} |")
     minutes = record["cpu_minutes"]
     minutes_text = f"{minutes:.0f} CPU minutes (1 thread)" if minutes is not None else "CPU minutes not recorded"
+    if record["method"] == "dmd2":
+        how = ("by DMD2 (Yin et al. 2024,\narXiv:2405.14867; the reverse-KL case of f-distill, Xu et al. 2025, "
+               "arXiv:2502.15681) on\nfastgen's trainer")
+    else:
+        how = (f"by f-distill (Xu et al. 2025,\narXiv:2502.15681) with the {record['divergence']} divergence on "
+               "fastgen's DMD2 trainer (Yin et al. 2024,\narXiv:2405.14867)")
+    command = f"fastgen distill --config distill/{record['recipe']}{record['overrides']}"
     return f"""# digits-1step: a one-step distilled student of the built-in digits model
 
 One network evaluation per image, no guidance pass: the built-in `digits` teacher (20 steps of
-classifier-free guidance at scale 2 = 40 evaluations) distilled by f-distill (Xu et al. 2025,
-arXiv:2502.15681) with the {record['divergence']} divergence on fastgen's DMD2 trainer (Yin et al. 2024,
-arXiv:2405.14867). Same architecture and weights format as the teacher (`UNet2DModel`, 16x16, 1 channel);
+classifier-free guidance at scale 2 = 40 evaluations) distilled {how}. Same architecture and weights format as the teacher (`UNet2DModel`, 16x16, 1 channel);
 the student reads pure noise as its input at timestep t* = {', '.join(map(str, record['timesteps']))} and turns
 its epsilon output into the image (`x0 = (z - sigma eps) / alpha`).
 
@@ -100,7 +108,7 @@ pixels (real digits: about 0.093). Hardware: {record['hardware']}.
 
 ## Training
 
-`fastgen distill --config distill/{record['recipe']} --divergence {record['divergence']}` ({record['step']} generator
+`{command}` ({record['step']} generator
 steps, {minutes_text}, evaluations excluded;
 exported: the EMA student at step {record['step']}). The recipe:
 
@@ -143,9 +151,17 @@ def main(argv=None) -> int:
     summary = run_summary(run, args.step)
     import platform
 
+    import yaml
+
+    config = summary["config"]
+    method = config.get("method", "fdistill")
+    overrides = f" --divergence {config.get('divergence', 'js')}" if method == "fdistill" else ""
+    if config.get("max_train_steps") != yaml.safe_load(recipe.read_text()).get("max_train_steps"):
+        overrides += f" --max_train_steps {config['max_train_steps']}"  # e.g. a longer run than the benchmark's
     record = {"student": {k: res[k] for k in ("fid", "accuracy", "roughness", "precision", "recall")},
               "num_samples": args.n, "step": summary["step"], "cpu_minutes": summary["cpu_minutes"],
-              "divergence": summary["config"].get("divergence", "js"), "timesteps": pipe.student_timesteps,
+              "method": method, "divergence": "rkl" if method == "dmd2" else config.get("divergence", "js"),
+              "overrides": overrides, "timesteps": pipe.student_timesteps,
               "recipe": recipe.name, "hardware": f"{platform.machine()} CPU, 1 torch thread"}
     teacher = []
     if BENCH.is_file():
