@@ -151,12 +151,13 @@ def main(argv=None) -> int:
     summary = run_summary(run, args.step)
     import platform
 
-    import yaml
+    from fastgen.cli.command import read_recipe
+    from fastgen.training.config import DistillConfig
 
     config = summary["config"]
     method = config.get("method", "fdistill")
     overrides = f" --divergence {config.get('divergence', 'js')}" if method == "fdistill" else ""
-    if config.get("max_train_steps") != yaml.safe_load(recipe.read_text()).get("max_train_steps"):
+    if config.get("max_train_steps") != read_recipe(recipe, DistillConfig).get("max_train_steps"):
         overrides += f" --max_train_steps {config['max_train_steps']}"  # e.g. a longer run than the benchmark's
     record = {"student": {k: res[k] for k in ("fid", "accuracy", "roughness", "precision", "recall")},
               "num_samples": args.n, "step": summary["step"], "cpu_minutes": summary["cpu_minutes"],

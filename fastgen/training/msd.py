@@ -519,10 +519,12 @@ class MSD(DistillMethod):
     # ------------------------------------------------------------------ contract
     def optimizer_groups(self) -> dict[str, list[torch.nn.Parameter]]:
         groups: dict[str, list[torch.nn.Parameter]] = {}
+        seen: set[int] = set()  # a shared critic's parameters are listed once
         for part in self.parts:
             for name, params in part.optimizer_groups().items():
                 group = groups.setdefault(name, [])
-                group.extend(p for p in params if not any(p is q for q in group))  # a shared critic once
+                group.extend(p for p in params if id(p) not in seen)
+                seen.update(id(p) for p in params)
         return groups
 
     def student(self) -> torch.nn.ModuleList:
