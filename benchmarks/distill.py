@@ -52,10 +52,20 @@ def read_run(folder: str | os.PathLike) -> list[dict]:
     return read_run_log(folder, KEYS)
 
 
+def split_label(spec: str) -> tuple[str | None, str]:
+    """``("LABEL", "source")`` of ``LABEL=source``; ``(None, spec)`` when the spec names no label."""
+    label, sep, source = spec.partition("=")
+    return (label.strip(), source) if sep and label.strip() else (None, spec)
+
+
 def evaluations(spec: str) -> tuple[str, list[dict]]:
     """``(name, evaluation records)`` of a run folder, or of ``record:<results json>:<label>``: a run kept in an
     earlier record (``students`` of distill.json, ``runs`` of distill_msd.json). ``A+B`` joins sources in step
-    order, e.g. a kept record and the folder of its resumed continuation (a later source wins a shared step)."""
+    order, e.g. a kept record and the folder of its resumed continuation (a later source wins a shared step).
+    ``LABEL=source`` names the source ``LABEL`` in the record (default: the folder's name or the record's label)."""
+    label, source = split_label(spec)
+    if label:
+        return label, evaluations(source)[1]
     if "+" in spec:
         joined = [evaluations(part) for part in spec.split("+")]
         rows = {row["step"]: row for _, part in joined for row in part}

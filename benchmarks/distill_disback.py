@@ -13,6 +13,10 @@ benchmarks/results/distill_disback.json and .png.
     fastgen distill --config distill/digits-disback.yaml --output_dir runs/disback --validation_steps 25  # 100 recording + 400 updates
     python benchmarks/distill_disback.py --disback runs/disback --base "record:benchmarks/results/distill.json:rkl (DMD2)"
 
+A far initial student (``distill_disback_t700.json``): both recipes with ``--student_timesteps 700`` (and
+``--validation_steps 25`` for the base), then
+``--disback "DisBack over dmd2, t* 700=runs/db700" --base "dmd2, t* 700=runs/b700" --out .../distill_disback_t700.json``.
+
 (The earlier record, GAN weight 3e-3 and DM t in [20, 980] for both runs, base "rkl, earlier recipe", is kept as
 benchmarks/results/distill_disback_earlier_recipe.json.)
 """
@@ -26,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill import evaluations, read_run  # noqa: E402  (the one reader of run evaluations)
+from distill import evaluations, read_run, split_label  # noqa: E402  (the one reader of run evaluations)
 
 from fastgen.benchmarking import parse_options, portable, pyplot, write_json  # noqa: E402
 
@@ -37,9 +41,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 class DisBackBenchmark:
     """DisBack vs its base method: FID against generator updates."""
 
-    disback: str = field(default="", metadata={"help": "the DisBack run folder (fastgen distill --method disback)"})
+    disback: str = field(default="", metadata={
+        "help": "the DisBack run folder (fastgen distill --method disback); LABEL=folder names it in the record"})
     base: str = field(default="record:" + str(RESULTS / "distill.json") + ":rkl (DMD2)", metadata={
-        "help": "the base run folder, or record:<results json>:<label> (evaluations of an earlier record)"})
+        "help": "the base run folder, or record:<results json>:<label> (evaluations of an earlier record); "
+                "LABEL=source names it in the record"})
     out: str = field(default=str(RESULTS / "distill_disback.json"), metadata={"help": "results JSON (PNG beside it)"})
     note: str = field(default="", metadata={"help": "free text kept in the record (e.g. how the run was evaluated)"})
 
@@ -93,14 +99,15 @@ def compare(disback: list[dict], base: list[dict]) -> dict:
 
 def main(argv=None) -> None:
     opts = parse_options(DisBackBenchmark, argv)
-    if not opts.disback or not Path(opts.disback, "train_log.jsonl").is_file():
+    disback_label, folder = split_label(opts.disback)
+    if not folder or not Path(folder, "train_log.jsonl").is_file():
         raise ValueError(f"disback: pass a DisBack run folder with a train_log.jsonl, got {opts.disback!r}.")
-    shift, disback_options = recording_steps(opts.disback)
-    disback = [{**r, "updates": r["step"] - shift} for r in read_run(opts.disback)]
+    shift, disback_options = recording_steps(folder)
+    disback = [{**r, "updates": r["step"] - shift} for r in read_run(folder)]
     base_name, base = evaluations(opts.base)
     base = [{**r, "updates": r["step"]} for r in base]
     summary = compare(disback, base)
-    record = {"config": {**asdict(opts), "disback": Path(opts.disback).name, "base": base_name,
+    record = {"config": {**asdict(opts), "disback": disback_label or Path(folder).name, "base": base_name,
                          "out": portable(opts.out), **disback_options, "recording_steps": shift},
               "hardware": f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread, shared with other jobs",
               "summary": summary, "disback": disback, "base": base}

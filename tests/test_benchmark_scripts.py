@@ -33,3 +33,5 @@ def test_distill_benchmarks_join_a_kept_record_and_its_continuation(tmp_path, mo
     name, rows = evaluations(f"record:{tmp_path / 'old.json'}:routed+record:{tmp_path / 'new.json'}:more")
     assert name == "old.json:routed+new.json:more"
     assert [(r["step"], r["fid"]) for r in rows] == [(100, 3.0), (200, 1.9), (300, 1.5)]
+    labelled, same = evaluations(f"kept and continued=record:{tmp_path / 'old.json'}:routed+record:{tmp_path / 'new.json'}:more")
+    assert labelled == "kept and continued" and same == rows
