@@ -20,24 +20,18 @@ import shutil
 import sys
 from pathlib import Path
 
-from fastgen.benchmarking import replace_folder, strip_machine_paths
+from fastgen.benchmarking import CARD_KEYS as KEYS, card_figures, publish_asset, teacher_cells
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "fastgen" / "assets" / "digits-msd4"
 BENCH = ROOT / "benchmarks" / "results" / "distill.json"
-KEYS = ("fid", "accuracy", "roughness", "precision", "recall")
 
 
 def card(record: dict, recipe_text: str, teacher: list[dict], single: dict | None) -> str:
-    s = record["student"]
-    row = "| {name} | {nfe:g} | {fid:.2f} | {acc:.2f}% | {roughness:.3f} | {precision:.3f} | {recall:.3f} |"
-    rows = [row.format(name=f"{record['students']} routed students (this model)", nfe=1, acc=100 * s["accuracy"], **s)]
+    rows = [(f"{record['students']} routed students (this model)", 1, record["student"])]
     if single is not None:
-        rows.append(row.format(name=f"one student, same recipe ({single['label']})", nfe=1,
-                               acc=100 * single["accuracy"], **{k: single[k] for k in KEYS if k != "accuracy"}))
-    for cell in teacher:
-        rows.append(row.format(name=f"teacher, {cell['teacher']} (CFG {cell['guidance_scale']:g})", nfe=cell["nfe"],
-                               acc=100 * cell["accuracy"], **{k: cell[k] for k in KEYS if k != "accuracy"}))
+        rows.append((f"one student, same recipe ({single['label']})", 1, single))
+    rows += [(f"teacher, {cell['teacher']} (CFG {cell['guidance_scale']:g})", cell["nfe"], cell) for cell in teacher]
     parts = "; ".join(f"student {k}: digits {', '.join(map(str, classes))}"
                       for k, classes in enumerate(record["parts"]))
     minutes = record["cpu_minutes"]
@@ -67,15 +61,7 @@ pipe.route([0, 5, 9, 3])                                  # the student of each 
 fastgen sample --model builtin:digits-msd4
 ```
 
-## Figures
-
-{record['num_samples']:,} samples, sample i from seed i with digit i % 10, the same seeds for every row;
-digits FID against the 1,000-image training split; roughness = mean absolute difference of neighbouring
-pixels (real digits: about 0.093). Hardware: {record['hardware']}.
-
-| model | NFE / image | FID | accuracy | roughness | precision | recall |
-|---|---|---|---|---|---|---|
-{chr(10).join(rows)}
+{card_figures(record, rows)}
 
 ## Training
 
@@ -113,7 +99,6 @@ def main(argv=None) -> int:
         raise SystemExit(f"{src} is not a pipeline folder; did the run finish?")
     import torch
 
-    from fastgen.generate import sample_grid
     from fastgen.metrics import evaluate_pipeline
     from fastgen.pipelines.msd import FastGenMSDPipeline
     from fastgen.training.trainer import run_summary
@@ -140,20 +125,14 @@ def main(argv=None) -> int:
               "timesteps": pipe.student_timesteps, "recipe": recipe.name, "method_options": summary["config"].get("method_options"),
               "hardware": f"{platform.machine()} CPU, 1 torch thread"}
     record["block_out_channels"] = [list(c) for c in record["block_out_channels"]]
-    teacher, single = [], None
-    if BENCH.is_file():
-        bench = json.loads(BENCH.read_text())
-        if bench["config"]["n"] == args.n:
-            teacher = bench["teacher"]
-            if args.single in bench.get("students", {}):  # at the MSD run's generator steps when it has them
-                evals = bench["students"][args.single]["evaluations"]
-                best = next((e for e in evals if e["step"] == summary["step"]), evals[-1])
-                single = {"label": f"{args.single.split(',')[0]}, {best['step']} steps", **{k: best[k] for k in KEYS}}
-    strip_machine_paths(staged)
-    (staged / "README.md").write_text(card(record, recipe.read_text(), teacher, single))
-    (staged / "eval.json").write_text(json.dumps({**record, "single": single}, indent=1) + "\n")
-    sample_grid(model=str(staged), count=4, output=str(staged / "samples_grid.png"), progress=False)
-    replace_folder(staged, out)
+    teacher, single = teacher_cells(BENCH, args.n), None
+    if teacher:
+        students = json.loads(BENCH.read_text()).get("students", {})
+        if args.single in students:  # at the MSD run's generator steps when it has them
+            evals = students[args.single]["evaluations"]
+            best = next((e for e in evals if e["step"] == summary["step"]), evals[-1])
+            single = {"label": f"{args.single.split(',')[0]}, {best['step']} steps", **{k: best[k] for k in KEYS}}
+    publish_asset(staged, out, card(record, recipe.read_text(), teacher, single), {**record, "single": single})
     shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps(record, indent=1))
     return 0

@@ -22,7 +22,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from fastgen.benchmarking import replace_folder, strip_machine_paths
+from fastgen.benchmarking import CARD_KEYS, card_figures, publish_asset, teacher_cells
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "fastgen" / "assets" / "digits-1step"
@@ -55,13 +55,8 @@ def student_folder(run: Path, step: int | None, scratch: Path) -> Path:
 
 
 def card(record: dict, recipe_text: str, teacher: list[dict]) -> str:
-    s = record["student"]
-    rows = [f"| one-step student (this model) | 1 | {s['fid']:.2f} | {100 * s['accuracy']:.2f}% | "
-            f"{s['roughness']:.3f} | {s['precision']:.3f} | {s['recall']:.3f} |"]
-    for cell in teacher:
-        rows.append(f"| teacher, {cell['teacher']} (CFG {cell['guidance_scale']:g}) | {cell['nfe']:g} | "
-                    f"{cell['fid']:.2f} | {100 * cell['accuracy']:.2f}% | {cell['roughness']:.3f} | "
-                    f"{cell['precision']:.3f} | {cell['recall']:.3f} |")
+    rows = [("one-step student (this model)", 1, record["student"])]
+    rows += [(f"teacher, {cell['teacher']} (CFG {cell['guidance_scale']:g})", cell["nfe"], cell) for cell in teacher]
     minutes = record["cpu_minutes"]
     minutes_text = f"{minutes:.0f} CPU minutes (1 thread)" if minutes is not None else "CPU minutes not recorded"
     if record["method"] == "dmd2":
@@ -96,15 +91,7 @@ Stock diffusers: `UNet2DModel.from_pretrained(<this folder>, subfolder="unet")` 
 `LCMScheduler.from_pretrained(<this folder>, subfolder="scheduler")` and
 `scheduler.set_timesteps(timesteps={record['timesteps']})` (see `fastgen/pipelines/student.py`).
 
-## Figures
-
-{record['num_samples']:,} samples, sample i from seed i with digit i % 10, the same seeds for every row;
-digits FID against the 1,000-image training split; roughness = mean absolute difference of neighbouring
-pixels (real digits: about 0.093). Hardware: {record['hardware']}.
-
-| model | NFE / image | FID | accuracy | roughness | precision | recall |
-|---|---|---|---|---|---|---|
-{chr(10).join(rows)}
+{card_figures(record, rows)}
 
 ## Training
 
@@ -137,7 +124,6 @@ def main(argv=None) -> int:
         raise SystemExit(f"{out} exists; pass --overwrite to replace it.")
     import torch
 
-    from fastgen.generate import sample_grid
     from fastgen.metrics import evaluate_pipeline
     from fastgen.pipelines.student import FastGenStudentPipeline
     from fastgen.training.trainer import run_summary
@@ -159,23 +145,14 @@ def main(argv=None) -> int:
     overrides = f" --divergence {config.get('divergence', 'js')}" if method == "fdistill" else ""
     if config.get("max_train_steps") != read_recipe(recipe, DistillConfig).get("max_train_steps"):
         overrides += f" --max_train_steps {config['max_train_steps']}"  # e.g. a longer run than the benchmark's
-    record = {"student": {k: res[k] for k in ("fid", "accuracy", "roughness", "precision", "recall")},
+    record = {"student": {k: res[k] for k in CARD_KEYS},
               "num_samples": args.n, "step": summary["step"], "cpu_minutes": summary["cpu_minutes"],
               "method": method, "divergence": "rkl" if method == "dmd2" else config.get("divergence", "js"),
               "overrides": overrides, "timesteps": pipe.student_timesteps,
               "recipe": recipe.name, "hardware": f"{platform.machine()} CPU, 1 torch thread"}
-    teacher = []
-    if BENCH.is_file():
-        bench = json.loads(BENCH.read_text())
-        if bench["config"]["n"] == args.n:
-            teacher = bench["teacher"]
     staged = scratch / out.name
     shutil.copytree(src, staged)
-    strip_machine_paths(staged)
-    (staged / "README.md").write_text(card(record, recipe.read_text(), teacher))
-    (staged / "eval.json").write_text(json.dumps(record, indent=1) + "\n")
-    sample_grid(model=str(staged), count=4, output=str(staged / "samples_grid.png"), progress=False)
-    replace_folder(staged, out)
+    publish_asset(staged, out, card(record, recipe.read_text(), teacher_cells(BENCH, args.n)), record)
     shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps(record, indent=1))
     return 0

@@ -35,3 +35,20 @@ def test_distill_benchmarks_join_a_kept_record_and_its_continuation(tmp_path, mo
     assert [(r["step"], r["fid"]) for r in rows] == [(100, 3.0), (200, 1.9), (300, 1.5)]
     labelled, same = evaluations(f"kept and continued=record:{tmp_path / 'old.json'}:routed+record:{tmp_path / 'new.json'}:more")
     assert labelled == "kept and continued" and same == rows
+
+
+def test_card_figures_and_teacher_cells(tmp_path):
+    """The model cards' figures table (one row per model, accuracy in percent) and the teacher's cells, taken
+    only from a record measured on the card's sample count."""
+    import json
+
+    from fastgen.benchmarking import card_figures, teacher_cells
+
+    cell = {"fid": 0.9614, "accuracy": 0.9975, "roughness": 0.10372, "precision": 0.9015, "recall": 0.7}
+    text = card_figures({"num_samples": 2000, "hardware": "x"}, [("student", 1, cell), ("teacher", 40.0, cell)])
+    assert text.startswith("## Figures\n\n2,000 samples")
+    assert text.splitlines()[-2:] == ["| student | 1 | 0.96 | 99.75% | 0.104 | 0.901 | 0.700 |",
+                                      "| teacher | 40 | 0.96 | 99.75% | 0.104 | 0.901 | 0.700 |"]
+    (tmp_path / "d.json").write_text(json.dumps({"config": {"n": 2000}, "teacher": [cell]}))
+    assert teacher_cells(tmp_path / "d.json", 2000) == [cell]
+    assert teacher_cells(tmp_path / "d.json", 500) == [] and teacher_cells(tmp_path / "none.json", 2000) == []
