@@ -101,7 +101,9 @@ def check_model_folder(path) -> dict:
     if "_class_name" not in index:
         raise ValueError(f"model: {index_file} is not a valid diffusers model index (no '_class_name').")
     for name, spec in index.items():
-        if name.startswith("_") or not (isinstance(spec, list) and len(spec) == 2 and spec[0] is not None):
+        # a component is ["library", "ClassName"]; other entries are pipeline options (e.g. a 2-step
+        # student's "student_timesteps": [500, 250], which is also a list of two)
+        if name.startswith("_") or not (isinstance(spec, list) and len(spec) == 2 and all(isinstance(x, str) for x in spec)):
             continue
         folder = path / name
         if not folder.is_dir():

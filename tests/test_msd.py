@@ -523,6 +523,92 @@ def test_x0_predicting_small_students_train_export_and_reload_in_their_parameter
         MSDConfig(student_block_out_channels=[8, 16], student_prediction_type="x0")
 
 
+def _one_step_source(folder, timesteps=(500,), seed=7):
+    """A tiny one-step student pipeline folder (what fastgen distill exports) to regress."""
+    from fastgen.pipelines import FastGenClassPipeline
+    from fastgen.pipelines.student import FastGenStudentPipeline
+
+    torch.manual_seed(seed)
+    teacher = FastGenClassPipeline(scheduler=DDPMScheduler(), unet=tiny_class_unet())
+    FastGenStudentPipeline.from_teacher(teacher, tiny_class_unet(), list(timesteps)).save_pretrained(folder)
+    return str(folder)
+
+
+def test_compress_regresses_a_one_step_student_before_dm_without_critic_updates(tmp_path, monkeypatch):
+    """compress_from: for compress_steps of their own steps the small students regress the frozen one-step
+    generator's x0 on the same noise and classes (generator rate x compress_lr_scale, no critic update), the
+    loss falls, and then DM starts with the critic training again; the source is neither trained nor saved."""
+    import json
+
+    from fastgen.pipelines.student import FastGenStudentPipeline
+
+    src = _one_step_source(tmp_path / "src")
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append([g["lr"] for g in self.param_groups])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    trainer = _msd_trainer(tmp_path / "run", 12, students=2, schedule="routed", student_block_out_channels=[8, 16],
+                           student_prediction_type="sample", compress_from=src, compress_steps=10,
+                           compress_lr_scale=10.0)
+    m = trainer.method
+    source = m.__dict__["compress_source"]
+    assert not any(p.requires_grad for p in source.network.parameters())
+    assert all(id(p) not in {id(q) for group in m.optimizer_groups().values() for q in group}
+               for p in source.network.parameters())
+    # the loss is the x0 MSE against the source on the same noise and classes
+    m.begin_generator_step(0)
+    assert m.in_compress and not m.in_tsm and not m.trains_critic
+    batch = _batch(3)
+    part = m.parts[0]
+    with torch.no_grad():
+        want = torch.nn.functional.mse_loss(part.student_module(batch.noise, {"class_labels": batch.labels}),
+                                            FastGenStudentPipeline.from_pretrained(src)(
+                                                class_labels=batch.labels.tolist(), latents=batch.noise,
+                                                output_type="latent").images)
+        assert float(m.compress_loss(part, batch)) == pytest.approx(float(want), rel=1e-5)
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    compress = [r["generator/compress"] for r in rows if "generator/compress" in r]
+    assert len(compress) == 10 and max(compress[-3:]) < 0.6 * compress[0], compress
+    assert "generator/dm" in rows[-1] and "generator/compress" not in rows[-1]
+    # 10 generator-only updates at 10 x 1e-3, then two critic + generator pairs at the scheduled rate
+    assert [lrs[0] for lrs in seen] == pytest.approx([1e-2] * 10 + [1e-3] * 4), seen
+    m.begin_generator_step(10)
+    assert not m.in_compress and m.trains_critic
+    assert not list((tmp_path / "run" / "checkpoint-12").glob("*compress*"))
+
+
+def test_compress_options_fail_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="compress_from and compress_steps go together"):
+        MSDConfig(compress_steps=5)
+    with pytest.raises(ValueError, match="compress_from and compress_steps go together"):
+        MSDConfig(compress_from="builtin:digits-1step")
+    with pytest.raises(ValueError, match="compress_steps must be a non-negative integer"):
+        MSDConfig(compress_from="builtin:digits-1step", compress_steps=-1)
+    with pytest.raises(ValueError, match="compress_lr_scale must be a positive number"):
+        MSDConfig(compress_from="builtin:digits-1step", compress_steps=1, compress_lr_scale=0)
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        MSDConfig(compress_from=str(tmp_path / "missing"), compress_steps=1)
+    with pytest.raises(ValueError, match="one-step student pipeline"):
+        MSDConfig(compress_from="builtin:digits", compress_steps=1)  # a teacher, not a student
+    two = _one_step_source(tmp_path / "two", timesteps=(500, 100))
+    with pytest.raises(ValueError, match="one-step student pipeline"):
+        MSDConfig(compress_from=two, compress_steps=1)
+    assert MSDConfig(compress_from="builtin:digits-1step", compress_steps=1).compress_steps == 1
+    # the stages follow each other: regression, then TSM, then DM
+    m = MSD(_teacher(), guider=CFG(2.0), students=2, schedule="routed", student_block_out_channels=[8, 16],
+            compress_from=_one_step_source(tmp_path / "one"), compress_steps=3, tsm_steps=2)
+    stages = []
+    for step in range(6):
+        m.begin_generator_step(step)
+        stages.append("compress" if m.in_compress else "tsm" if m.in_tsm else "dm")
+    assert stages == ["compress"] * 3 + ["tsm"] * 2 + ["dm"]
+
+
 def test_msd_options():
     with pytest.raises(ValueError, match="students"):
         MSDConfig(students=0)

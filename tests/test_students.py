@@ -89,8 +89,13 @@ def test_student_pipeline_save_reload_both_routes_and_nfe(timesteps, tmp_path):
     x0 = Student(net, den.schedule, "epsilon", timesteps).sample(z, {"class_labels": torch.tensor([0, 3, 7])}, gens)
     assert torch.allclose(out.images, (x0 / 2 + 0.5).clamp(0, 1), atol=1e-6)
     pipe.save_pretrained(tmp_path / "student")
+    from fastgen.builtin import load_pipeline
+
+    # the third route is fastgen sample --model FOLDER's (its folder check once took a 2-step student's
+    # "student_timesteps": [999, 499] for a ["library", "Class"] component and refused the folder)
     for loader in (lambda p: FastGenStudentPipeline.from_pretrained(p),
-                   lambda p: DiffusionPipeline.from_pretrained(p, trust_remote_code=True)):
+                   lambda p: DiffusionPipeline.from_pretrained(p, trust_remote_code=True),
+                   lambda p: load_pipeline(str(p))):
         again = loader(tmp_path / "student")
         assert type(again) is FastGenStudentPipeline
         assert again.student_timesteps == timesteps and again.nfe == len(timesteps)

@@ -141,6 +141,12 @@ class DistillMethod(torch.nn.Module, abc.ABC):
         """Called with the generator-step index before each generator step (DisBack's node schedule, MSD's
         active student); default nothing. Must depend on ``step`` only, so a resumed run does the same."""
 
+    @property
+    def trains_critic(self) -> bool:
+        """Whether this generator step's critic updates run (MSD's regression stage: not); default always.
+        Must depend on the step only (set in :meth:`begin_generator_step`)."""
+        return True
+
     def learning_rate_scale(self, group: str) -> float:
         """Multiplier of optimiser group ``group``'s scheduled learning rate for the current generator step (MSD's
         TSM stage); default 1. Must depend on the step only (set in :meth:`begin_generator_step`)."""

@@ -31,6 +31,12 @@ Smaller students (``student_block_out_channels``, e.g. half width) start from ra
 first trained by teacher score matching (TSM, ``tsm_steps`` of their own generator steps): a diffusion
 loss whose target is the guided teacher's ``x0`` at noised student samples, i.e. the teacher's score is
 distilled, not the data. Then DM (+ the GAN term: the paper's ADM) as for same-size students.
+
+Not in the paper: ``compress_from`` names a trained one-step student (``builtin:digits-1step`` or a student
+pipeline folder) that smaller students first regress, ``compress_steps`` of their own steps, before TSM and DM:
+each student learns that generator's map from (noise, class) to image on its part, in ``x0``, on fresh noise
+every step (DMD's regression term, arXiv:2311.18828 section 3.3, with a one-step generator in place of the
+teacher's ODE, so the pairs cost one evaluation each and never repeat). The critic does not train then.
 """
 from __future__ import annotations
 
@@ -322,6 +328,12 @@ class MSDConfig(FDistillConfig):
             denoiser on the data manifold, as a diffusion model distilled from the teacher; needs ``dataset``).
         tsm_lr_scale: multiplier of the generator's learning rate during TSM (a random-init student trains
             from scratch there; the distillation rate that suits a teacher-initialised student is far too small).
+        compress_from: a trained one-step student (``builtin:<name>`` or a ``FastGenStudentPipeline`` folder)
+            that the students first regress (``x0`` MSE on fresh noise and the part's classes; see the module
+            docstring); needs ``compress_steps``.
+        compress_steps: a student's own generator steps of that regression, before TSM and DM (the critic and
+            discriminator do not train in them).
+        compress_lr_scale: multiplier of the generator's learning rate during the regression.
         shared_critic: one fake score and one discriminator head for all students instead of one per student.
             The critic is conditioned on the same class or prompt that routes a row, so one conditional fake
             score of the students' mixture is the K per-part fake scores in one network; it learns from every
@@ -345,6 +357,9 @@ class MSDConfig(FDistillConfig):
     tsm_time: tuple[int, int] = (0, 999)
     tsm_inputs: str = "student"
     tsm_lr_scale: float = 1.0
+    compress_from: str | None = None
+    compress_steps: int = 0
+    compress_lr_scale: float = 1.0
     shared_critic: bool = False
     output_dir: str | None = None
 
@@ -368,6 +383,17 @@ class MSDConfig(FDistillConfig):
             raise ValueError(f"tsm_inputs must be one of {TSM_INPUTS}, got {self.tsm_inputs!r}.")
         if isinstance(self.tsm_lr_scale, bool) or not isinstance(self.tsm_lr_scale, (int, float)) or self.tsm_lr_scale <= 0:
             raise ValueError(f"tsm_lr_scale must be a positive number, got {self.tsm_lr_scale!r}.")
+        if isinstance(self.compress_steps, bool) or not isinstance(self.compress_steps, int) or self.compress_steps < 0:
+            raise ValueError(f"compress_steps must be a non-negative integer, got {self.compress_steps!r}.")
+        if (self.compress_steps > 0) != (self.compress_from is not None):
+            raise ValueError(f"compress_from and compress_steps go together (a one-step student to regress and the "
+                             f"steps to do it), got compress_from={self.compress_from!r}, "
+                             f"compress_steps={self.compress_steps!r}.")
+        if self.compress_from is not None:
+            check_student_source(self.compress_from)
+        if (isinstance(self.compress_lr_scale, bool) or not isinstance(self.compress_lr_scale, (int, float))
+                or self.compress_lr_scale <= 0):
+            raise ValueError(f"compress_lr_scale must be a positive number, got {self.compress_lr_scale!r}.")
         if not isinstance(self.shared_critic, bool):
             raise ValueError(f"shared_critic must be true or false, got {self.shared_critic!r}.")
         if self.student_block_out_channels is not None:
@@ -390,6 +416,34 @@ class MSDConfig(FDistillConfig):
         from dataclasses import fields
 
         return FDistillConfig(**{f.name: getattr(self, f.name) for f in fields(FDistillConfig)})
+
+
+def check_student_source(spec: str) -> None:
+    """``compress_from`` before anything loads: a built-in name or a folder whose pipeline is a one-step student."""
+    from ..builtin import builtin_path, check_model_folder
+
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"compress_from must be 'builtin:<name>' or a student pipeline folder, got {spec!r}.")
+    folder = builtin_path(spec.split(":", 1)[1]) if spec.startswith("builtin:") else Path(spec)
+    index = check_model_folder(folder)
+    name = index.get("_class_name")
+    name = name[1] if isinstance(name, list) else str(name)
+    timesteps = index.get("student_timesteps")
+    if "Student" not in name or not isinstance(timesteps, list) or len(timesteps) != 1:
+        raise ValueError(f"compress_from must be a one-step student pipeline (FastGenStudentPipeline with one "
+                         f"timestep, as fastgen distill exports), got {spec!r}: {name}, timesteps {timesteps!r}.")
+
+
+def load_student_source(spec: str) -> Student:
+    """The frozen one-step generator of ``compress_from`` as a :class:`~.students.Student`."""
+    from ..builtin import load_pipeline
+    from ..denoiser import Denoiser
+
+    check_student_source(spec)
+    pipe = load_pipeline(spec)
+    net = pipe.network.float().eval().requires_grad_(False)
+    den = Denoiser.from_scheduler(net, pipe.scheduler)
+    return Student(net, den.schedule, den.prediction_type, pipe.student_timesteps)
 
 
 def small_network(teacher_network: torch.nn.Module, block_out_channels: Sequence[int], seed: int) -> torch.nn.Module:
@@ -469,6 +523,8 @@ class MSD(DistillMethod):
                                               c.student_prediction_type or first.teacher_denoiser.prediction_type,
                                               base.student_timesteps)
                 part._student_params = list(small.parameters())
+        if c.compress_from is not None:  # frozen, not a submodule: neither trained nor checkpointed
+            self.__dict__["compress_source"] = load_student_source(c.compress_from)
         weights = self.partition.sizes() if c.schedule == "proportional" else [1] * c.students
         self.order = smooth_round_robin(weights)
         self.begin_generator_step(0)
@@ -509,12 +565,28 @@ class MSD(DistillMethod):
 
     def begin_generator_step(self, step: int) -> None:
         """Trainer hook: activate the student of generator step ``step`` (and its TSM or DM phase)."""
+        c = self.config
         self.active = self.student_at(step)
-        self.in_tsm = self.own_steps(self.active or 0, step) < self.config.tsm_steps  # routed: active None
+        own = self.own_steps(self.active or 0, step)  # routed: active None, every student has had `step`
+        self.in_compress = own < c.compress_steps
+        self.in_tsm = not self.in_compress and own < c.compress_steps + c.tsm_steps
+
+    @property
+    def trains_critic(self) -> bool:
+        """No critic or discriminator update while the step's student(s) regress ``compress_from``."""
+        return not getattr(self, "in_compress", False)
 
     def learning_rate_scale(self, group: str) -> float:
-        """``tsm_lr_scale`` for the generator while the step's student(s) are in TSM, else 1."""
-        return float(self.config.tsm_lr_scale) if group == "generator" and getattr(self, "in_tsm", False) else 1.0
+        """``compress_lr_scale`` / ``tsm_lr_scale`` for the generator in those stages, else 1."""
+        if group != "generator":
+            return 1.0
+        if getattr(self, "in_compress", False):
+            return float(self.config.compress_lr_scale)
+        return float(self.config.tsm_lr_scale) if getattr(self, "in_tsm", False) else 1.0
+
+    @property
+    def _pretraining(self) -> bool:
+        return getattr(self, "in_compress", False) or getattr(self, "in_tsm", False)
 
     # ------------------------------------------------------------------ contract
     def optimizer_groups(self) -> dict[str, list[torch.nn.Parameter]]:
@@ -580,6 +652,9 @@ class MSD(DistillMethod):
 
     def _student_loss(self, k: int, batch: Batch) -> dict[str, torch.Tensor]:
         part = self.parts[k]
+        if getattr(self, "in_compress", False):
+            loss = self.compress_loss(part, batch)
+            return {"loss": loss, "compress": loss.detach()}
         if getattr(self, "in_tsm", False):
             loss = self.tsm_loss(part, batch)
             return {"loss": loss, "tsm": loss.detach()}
@@ -607,7 +682,7 @@ class MSD(DistillMethod):
         return self.routed and self.config.shared_critic
 
     def generator_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        if self.batched and not getattr(self, "in_tsm", False):
+        if self.batched and not self._pretraining:
             return {**self.parts[0].generator_loss(batch, student=self._route), "student": torch.tensor(-1.0)}
         if self.routed:
             out = self._share_sum([(share, self._student_loss(k, sub)) for k, share, sub in self._routed_batches(batch)])
@@ -624,6 +699,18 @@ class MSD(DistillMethod):
             return self._share_sum([(share, self.parts[k].critic_loss(sub))
                                     for k, share, sub in self._routed_batches(batch)])
         return self.parts[self.active].critic_loss(self._part_batch(batch, self.active))
+
+    def compress_loss(self, part: FDistill, batch: Batch) -> torch.Tensor:
+        """Regression on ``compress_from``: mean squared ``x0`` difference between the student and the frozen
+        one-step generator on the same noise and conditions (the batch's, drawn from the student's part)."""
+        source = self.__dict__["compress_source"]
+        if source.network.device != batch.noise.device:
+            source.network.to(batch.noise.device)
+        cond, _ = part._conditions(batch.labels)
+        with torch.no_grad():
+            target = source.sample(batch.noise, cond, batch.generator)
+        pred = part.student_module(batch.noise, cond, batch.generator)
+        return F.mse_loss(pred.float(), target.float())
 
     def tsm_loss(self, part: FDistill, batch: Batch) -> torch.Tensor:
         """Teacher score matching: the student network as a denoiser regresses the guided teacher at noised

@@ -565,7 +565,7 @@ class DistillTrainer:
             # 0. the method's step hook (DisBack's node schedule, MSD's active student; default nothing)
             self.method.begin_generator_step(self.step)
             # 1. critic
-            if self.critic_groups:
+            if self.critic_groups and self.method.trains_critic:
                 for k in range(cfg.critic_steps_per_generator_step):
                     self._update("critic", self.critic_groups, k, stats)
             # 2. generator
