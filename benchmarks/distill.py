@@ -125,8 +125,8 @@ HELDOUT = "builtin:digits:heldout"
 def heldout_cells(opts: DistillBenchmark, runs: dict[str, str]) -> dict[str, dict]:
     """FID against the held-out split: the GAN term trains on the split the main FID's reference comes from,
     so a student could beat its teacher there by copying those images; this is the check that it does not."""
+    from fastgen.builtin import load_pipeline  # a student or routed students (MSD), by the folder's class
     from fastgen.metrics import evaluate_pipeline
-    from fastgen.pipelines.student import FastGenStudentPipeline
 
     cached = _previous(opts).get("heldout", {}).get("models", {})
     out = {label: cell for label, cell in cached.items() if opts.keep and label not in runs}
@@ -142,8 +142,7 @@ def heldout_cells(opts: DistillBenchmark, runs: dict[str, str]) -> dict[str, dic
         student = Path(folder, "student")
         if not (student / "model_index.json").is_file():
             continue
-        res = evaluate_pipeline(FastGenStudentPipeline.from_pretrained(student), opts.n, seed=0, progress=False,
-                                reference=HELDOUT)
+        res = evaluate_pipeline(load_pipeline(str(student)), opts.n, seed=0, progress=False, reference=HELDOUT)
         out[label] = {"nfe": res.nfe, **{k: getattr(res, k) for k in KEYS}}
         print(label, out[label], flush=True)
     return {"reference": HELDOUT, "note": "the exported (final EMA) student of each run", "models": out}
