@@ -425,9 +425,8 @@ def test_routed_shared_critic_step_is_the_base_method_on_the_whole_batch(diverge
                 assert torch.allclose(total, p.grad, atol=1e-6, rtol=1e-4), name
 
 
-def test_tsm_lr_scale_multiplies_the_generator_rate_during_tsm_only(tmp_path, monkeypatch):
-    """The trainer steps the generator at tsm_lr_scale x its scheduled rate while the student is in TSM, and at
-    the scheduled rate after (critic untouched); the scheduler's own rate is not compounded."""
+def _optimizer_rates(monkeypatch) -> list[list[float]]:
+    """The learning rates of every AdamW step from now on (one list of group rates per step), in order."""
     seen = []
     real_step = torch.optim.AdamW.step
 
@@ -436,6 +435,13 @@ def test_tsm_lr_scale_multiplies_the_generator_rate_during_tsm_only(tmp_path, mo
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    return seen
+
+
+def test_tsm_lr_scale_multiplies_the_generator_rate_during_tsm_only(tmp_path, monkeypatch):
+    """The trainer steps the generator at tsm_lr_scale x its scheduled rate while the student is in TSM, and at
+    the scheduled rate after (critic untouched); the scheduler's own rate is not compounded."""
+    seen = _optimizer_rates(monkeypatch)
     trainer = _msd_trainer(tmp_path, 4, students=2, schedule="round_robin", student_block_out_channels=[8, 16],
                            tsm_steps=1, tsm_lr_scale=30.0)
     trainer.train()
@@ -543,14 +549,7 @@ def test_compress_regresses_a_one_step_student_before_dm_without_critic_updates(
     from fastgen.pipelines.student import FastGenStudentPipeline
 
     src = _one_step_source(tmp_path / "src")
-    seen = []
-    real_step = torch.optim.AdamW.step
-
-    def spy(self, *args, **kwargs):
-        seen.append([g["lr"] for g in self.param_groups])
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    seen = _optimizer_rates(monkeypatch)
     trainer = _msd_trainer(tmp_path / "run", 12, students=2, schedule="routed", student_block_out_channels=[8, 16],
                            student_prediction_type="sample", compress_from=src, compress_steps=10,
                            compress_lr_scale=10.0)
