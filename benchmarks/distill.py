@@ -71,7 +71,8 @@ def evaluations(spec: str) -> tuple[str, list[dict]]:
         rows = {row["step"]: row for _, part in joined for row in part}
         return "+".join(name for name, _ in joined), [rows[k] for k in sorted(rows)]
     if spec.startswith("record:"):
-        path, _, label = spec[len("record:"):].rpartition(":")
+        path, sep, label = spec[len("record:"):].partition(".json:")  # a label may hold ':' (builtin:...)
+        path += ".json" if sep else ""
         record = json.loads(Path(path).read_text())
         runs = {**record.get("runs", {}), **record.get("students", {})}
         if label not in runs:

@@ -35,6 +35,9 @@ def test_distill_benchmarks_join_a_kept_record_and_its_continuation(tmp_path, mo
     assert [(r["step"], r["fid"]) for r in rows] == [(100, 3.0), (200, 1.9), (300, 1.5)]
     labelled, same = evaluations(f"kept and continued=record:{tmp_path / 'old.json'}:routed+record:{tmp_path / 'new.json'}:more")
     assert labelled == "kept and continued" and same == rows
+    (tmp_path / "colon.json").write_text(json.dumps({"runs": {"from builtin:digits-1step": {"evaluations": [
+        {"step": 100, "fid": 1.0}]}}}))  # a label may hold ':'
+    assert evaluations(f"record:{tmp_path / 'colon.json'}:from builtin:digits-1step")[1] == [{"step": 100, "fid": 1.0}]
 
 
 def test_card_figures_and_teacher_cells(tmp_path):
