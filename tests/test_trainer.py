@@ -348,3 +348,17 @@ def test_run_summary_reads_the_exported_step_and_the_newest_checkpoint(tmp_path)
     summary = run_summary(tmp_path)
     assert summary == {"step": 200, "cpu_minutes": 3.0, "config": {"divergence": "kl"}}
     assert run_summary(tmp_path, step=100)["cpu_minutes"] == 2.0
+
+
+
+def test_run_log_minutes_of_a_run_warm_started_from_another_folders_checkpoint(tmp_path):
+    """A run resumed from a checkpoint copied out of another run starts its log at that checkpoint's step: its
+    first window counts the steps it ran (``steps_in_window``), not every step before it."""
+    from fastgen.training import read_run_log
+
+    lines = [{"step": 1010, "seconds_per_step": 1.5, "cpu_seconds_per_step": 1.2, "steps_in_window": 10},
+             {"step": 1020, "seconds_per_step": 1.5, "cpu_seconds_per_step": 1.2, "steps_in_window": 10},
+             {"step": 1020, "eval/fid": 2.0}]
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert read_run_log(tmp_path) == [{"step": 1020, "wall_minutes": 0.5, "cpu_minutes": 0.4, "fid": 2.0,
+                                       "accuracy": None, "roughness": None, "precision": None, "recall": None}]

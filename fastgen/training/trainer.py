@@ -585,6 +585,7 @@ class DistillTrainer:
                     values[f"lr/{g}"] = self.schedulers[g].get_last_lr()[0]
                 values["seconds_per_step"] = (now - last_log) / count  # wall clock, training only
                 values["cpu_seconds_per_step"] = (time.process_time() - last_cpu) / count  # all threads
+                values["steps_in_window"] = count  # after a resume the first window is shorter than its step
                 self._log({"step": self.step, **values})
                 if acc.log_with:
                     acc.log(values, step=self.step)
@@ -673,7 +674,9 @@ def read_run_log(folder: str | os.PathLike, keys: tuple[str, ...] = ("fid", "acc
     for line in path.read_text().splitlines():
         record = json.loads(line)
         if "seconds_per_step" in record:  # one record per logging window, seconds averaged over it
-            n = record["step"] - last_step
+            # the window's own length when logged: a run warm-started from another folder's checkpoint
+            # begins its log at that checkpoint's step, and its first window is not all the steps before it
+            n = record.get("steps_in_window", record["step"] - last_step)
             wall += record["seconds_per_step"] * n / 60
             cpu += record.get("cpu_seconds_per_step", math.nan) * n / 60
             last_step = record["step"]
