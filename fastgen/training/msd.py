@@ -435,11 +435,11 @@ def check_student_source(spec: str) -> None:
 
 
 def load_student_source(spec: str) -> Student:
-    """The frozen one-step generator of ``compress_from`` as a :class:`~.students.Student`."""
+    """The frozen one-step generator of ``compress_from`` (checked by :class:`MSDConfig`) as a
+    :class:`~.students.Student`."""
     from ..builtin import load_pipeline
     from ..denoiser import Denoiser
 
-    check_student_source(spec)
     pipe = load_pipeline(spec)
     net = pipe.network.float().eval().requires_grad_(False)
     den = Denoiser.from_scheduler(net, pipe.scheduler)
