@@ -581,6 +581,39 @@ def test_compress_regresses_a_one_step_student_before_dm_without_critic_updates(
     assert not list((tmp_path / "run" / "checkpoint-12").glob("*compress*"))
 
 
+def test_critic_warmup_trains_only_the_critic_between_regression_and_dm(tmp_path, monkeypatch):
+    """critic_warmup_steps: after the regression, the students' own steps in which the fake scores train and the
+    generator does not (no generator optimiser step, its schedule still advances), then DM with both."""
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append((id(self), self.param_groups[0]["lr"]))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    trainer = _msd_trainer(tmp_path / "run", 9, students=2, schedule="routed", student_block_out_channels=[8, 16],
+                           student_prediction_type="sample", compress_from=_one_step_source(tmp_path / "src"),
+                           compress_steps=4, compress_lr_scale=10.0, critic_warmup_steps=3)
+    trainer.train()
+    name = {id(trainer.optimizers[g].optimizer): g for g in trainer.optimizers}
+    got = [(name[i], lr) for i, lr in seen]
+    want = ([("generator", 1e-2)] * 4 + [("critic", 1e-3)] * 3
+            + [("critic", 1e-3), ("generator", 1e-3)] * 2)
+    assert [g for g, _ in got] == [g for g, _ in want], got
+    assert [lr for _, lr in got] == pytest.approx([lr for _, lr in want]), got
+    assert trainer.schedulers["generator"].last_epoch == 9  # 4 + 3 + 2: the warm-up advanced it
+    m = trainer.method
+    stages = []
+    for step in range(9):
+        m.begin_generator_step(step)
+        stages.append("compress" if m.in_compress else "warmup" if not m.trains_generator else "dm")
+        assert m.trains_critic == (stages[-1] != "compress")
+    assert stages == ["compress"] * 4 + ["warmup"] * 3 + ["dm"] * 2
+    with pytest.raises(ValueError, match="critic_warmup_steps must be a non-negative integer"):
+        MSDConfig(critic_warmup_steps=-1)
+
+
 def test_compress_options_fail_before_loading(tmp_path):
     with pytest.raises(ValueError, match="compress_from and compress_steps go together"):
         MSDConfig(compress_steps=5)

@@ -147,6 +147,13 @@ class DistillMethod(torch.nn.Module, abc.ABC):
         Must depend on the step only (set in :meth:`begin_generator_step`)."""
         return True
 
+    @property
+    def trains_generator(self) -> bool:
+        """Whether this generator step's generator update runs (MSD's critic warm-up: not; the generator's
+        schedule still advances); default always. Must depend on the step only (set in
+        :meth:`begin_generator_step`)."""
+        return True
+
     def learning_rate_scale(self, group: str) -> float:
         """Multiplier of optimiser group ``group``'s scheduled learning rate for the current generator step (MSD's
         TSM stage); default 1. Must depend on the step only (set in :meth:`begin_generator_step`)."""

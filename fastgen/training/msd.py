@@ -37,6 +37,8 @@ pipeline folder) that smaller students first regress, ``compress_steps`` of thei
 each student learns that generator's map from (noise, class) to image on its part, in ``x0``, on fresh noise
 every step (DMD's regression term, arXiv:2311.18828 section 3.3, with a one-step generator in place of the
 teacher's ODE, so the pairs cost one evaluation each and never repeat). The critic does not train then.
+``critic_warmup_steps`` then train only the critic (fake score and discriminator head) before DM begins, so the
+first DM gradients come from a fake score of the student's distribution rather than the teacher's.
 """
 from __future__ import annotations
 
@@ -334,6 +336,11 @@ class MSDConfig(FDistillConfig):
         compress_steps: a student's own generator steps of that regression, before TSM and DM (the critic and
             discriminator do not train in them).
         compress_lr_scale: multiplier of the generator's learning rate during the regression.
+        critic_warmup_steps: a student's own generator steps, after the regression and TSM and before DM, in which
+            only its fake score and discriminator train (the generator stands still; its schedule advances). Both
+            start from the teacher, far from a student that was not: the first DM gradients of an untrained
+            critic undo what the regression built (digits, half width: FID 1.62 -> 2.67 in 100 DM steps without
+            it; 1.62 -> 1.41 in 50 after 100 warm-up steps).
         shared_critic: one fake score and one discriminator head for all students instead of one per student.
             The critic is conditioned on the same class or prompt that routes a row, so one conditional fake
             score of the students' mixture is the K per-part fake scores in one network; it learns from every
@@ -360,6 +367,7 @@ class MSDConfig(FDistillConfig):
     compress_from: str | None = None
     compress_steps: int = 0
     compress_lr_scale: float = 1.0
+    critic_warmup_steps: int = 0
     shared_critic: bool = False
     output_dir: str | None = None
 
@@ -394,6 +402,9 @@ class MSDConfig(FDistillConfig):
         if (isinstance(self.compress_lr_scale, bool) or not isinstance(self.compress_lr_scale, (int, float))
                 or self.compress_lr_scale <= 0):
             raise ValueError(f"compress_lr_scale must be a positive number, got {self.compress_lr_scale!r}.")
+        if (isinstance(self.critic_warmup_steps, bool) or not isinstance(self.critic_warmup_steps, int)
+                or self.critic_warmup_steps < 0):
+            raise ValueError(f"critic_warmup_steps must be a non-negative integer, got {self.critic_warmup_steps!r}.")
         if not isinstance(self.shared_critic, bool):
             raise ValueError(f"shared_critic must be true or false, got {self.shared_critic!r}.")
         if self.student_block_out_channels is not None:
@@ -570,11 +581,18 @@ class MSD(DistillMethod):
         own = self.own_steps(self.active or 0, step)  # routed: active None, every student has had `step`
         self.in_compress = own < c.compress_steps
         self.in_tsm = not self.in_compress and own < c.compress_steps + c.tsm_steps
+        pre = c.compress_steps + c.tsm_steps
+        self.in_critic_warmup = pre <= own < pre + c.critic_warmup_steps
 
     @property
     def trains_critic(self) -> bool:
         """No critic or discriminator update while the step's student(s) regress ``compress_from``."""
         return not getattr(self, "in_compress", False)
+
+    @property
+    def trains_generator(self) -> bool:
+        """No generator update in the step's student's critic warm-up (``critic_warmup_steps``)."""
+        return not getattr(self, "in_critic_warmup", False)
 
     def learning_rate_scale(self, group: str) -> float:
         """``compress_lr_scale`` / ``tsm_lr_scale`` for the generator in those stages, else 1."""

@@ -568,8 +568,11 @@ class DistillTrainer:
             if self.critic_groups and self.method.trains_critic:
                 for k in range(cfg.critic_steps_per_generator_step):
                     self._update("critic", self.critic_groups, k, stats)
-            # 2. generator
-            self._update("generator", [GENERATOR_GROUP], 0, stats)
+            # 2. generator (a step without one, e.g. MSD's critic warm-up, still advances its schedule)
+            if self.method.trains_generator:
+                self._update("generator", [GENERATOR_GROUP], 0, stats)
+            else:
+                self.schedulers[GENERATOR_GROUP].step()
             # 3. EMA
             if self.ema is not None:
                 self.ema.step(self.params[GENERATOR_GROUP])
