@@ -10,6 +10,9 @@ seeds), ``eval.json`` and a sample grid.
 
     fastgen distill --config distill/digits-msd4.yaml --output-dir runs/digits-msd4
     python scripts/make_digits_msd.py --run runs/digits-msd4 --recipe distill/digits-msd4.yaml
+
+A run made of several recipes (the second and later resuming the first's output folder) lists them in order:
+``--recipe distill/digits-msd4-compress.yaml distill/digits-msd4-compress-dm.yaml``.
 """
 from __future__ import annotations
 
@@ -27,16 +30,29 @@ OUT = ROOT / "fastgen" / "assets" / "digits-msd4"
 BENCH = ROOT / "benchmarks" / "results" / "distill.json"
 
 
-def card(record: dict, recipe_text: str, teacher: list[dict], single: dict | None) -> str:
+def card(record: dict, recipe_texts: list[str], teacher: list[dict], single: dict | None) -> str:
     rows = [(f"{record['students']} routed students (this model)", 1, record["student"])]
     if single is not None:
-        rows.append((f"one student, same recipe ({single['label']})", 1, single))
+        rows.append((f"one teacher-size student ({single['label']})", 1, single))
     rows += [(f"teacher, {cell['teacher']} (CFG {cell['guidance_scale']:g})", cell["nfe"], cell) for cell in teacher]
     parts = "; ".join(f"student {k}: digits {', '.join(map(str, classes))}"
                       for k, classes in enumerate(record["parts"]))
     minutes = record["cpu_minutes"]
     minutes_text = f"{minutes:.0f} CPU minutes (1 thread)" if minutes is not None else "CPU minutes not recorded"
-    width = ("the teacher's architecture (block_out_channels " + ", ".join(map(str, record["block_out_channels"])) + ")")
+    own, teacher_width = record["block_out_channels"], record["teacher_block_out_channels"]
+    if own == [teacher_width]:
+        width = "the teacher's architecture (block_out_channels " + ", ".join(map(str, teacher_width)) + ")"
+    else:
+        width = ("a smaller UNet (block_out_channels " + "; ".join(", ".join(map(str, c)) for c in own)
+                 + " against the teacher's " + ", ".join(map(str, teacher_width)) + ")")
+    readout = ("the network's output is x0" if record["prediction_type"] == "sample"
+               else "`x0 = (z - sigma eps) / alpha`" if record["prediction_type"] == "epsilon"
+               else f"the network predicts {record['prediction_type']}")
+    recipes = record["recipes"]
+    commands = "\n".join(f"fastgen distill --config distill/{name} --output-dir <run folder>"
+                          + (" --resume-from-checkpoint latest" if i else "") for i, name in enumerate(recipes))
+    yaml_blocks = "\n\n".join(f"`distill/{name}`:\n\n```yaml\n{text.strip()}\n```"
+                                for name, text in zip(recipes, recipe_texts))
     return f"""# digits-msd4: {record['students']} routed one-step students of the built-in digits model (MSD)
 
 Multi-student distillation (Song et al. 2024, arXiv:2410.23274) of the built-in `digits` teacher (20 steps of
@@ -44,7 +60,7 @@ classifier-free guidance at scale 2 = 40 evaluations) on fastgen's DMD2 trainer 
 arXiv:2405.14867): the ten digits are split among {record['students']} students ({parts}); a router sends each
 requested digit to its student, so every image costs one network evaluation of one student. Each student is
 {width}, read at timestep t* = {', '.join(map(str, record['timesteps']))}
-(`x0 = (z - sigma eps) / alpha`). Weights stored as {record['weights_dtype']}.
+({readout}). Weights stored as {record['weights_dtype']}.
 
 ![samples](samples_grid.png)
 
@@ -65,22 +81,25 @@ fastgen sample --model builtin:digits-msd4
 
 ## Training
 
-`fastgen distill --config distill/{record['recipe']}` ({record['step']} generator steps of all students together,
-{minutes_text}, evaluations excluded; exported: the EMA students at step {record['step']}). The recipe:
-
-```yaml
-{recipe_text.strip()}
+```bash
+{commands}
 ```
 
-Rebuild: run the command above with `--output-dir <run folder>`, then
-`python scripts/make_digits_msd.py --run <run folder> --recipe distill/{record['recipe']} --overwrite`.
+{record['step']} generator steps of all students together, {minutes_text}, evaluations excluded; exported: the
+EMA students at step {record['step']}. {"The recipes, run in this order (the second resumes the first's run folder):" if len(recipes) > 1 else "The recipe:"}
+
+{yaml_blocks}
+
+Rebuild: run the command{"s" if len(recipes) > 1 else ""} above, then
+`python scripts/make_digits_msd.py --run <run folder> --recipe {" ".join("distill/" + r for r in recipes)} --overwrite`.
 """
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="a finished fastgen distill --method msd output_dir")
-    parser.add_argument("--recipe", required=True, help="the recipe the run used (copied into the card)")
+    parser.add_argument("--recipe", required=True, nargs="+",
+                        help="the recipe(s) the run used, in order (copied into the card)")
     parser.add_argument("--n", type=int, default=2000, help="samples of the evaluation (default 2000)")
     parser.add_argument("--single", default="rkl (DMD2)",
                         help="label of the one-student run in benchmarks/results/distill.json to show beside it (its evaluation "
@@ -89,9 +108,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(OUT), help=f"asset folder (default {OUT.relative_to(ROOT)})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing asset folder")
     args = parser.parse_args(argv)
-    run, recipe, out = Path(args.run), Path(args.recipe), Path(args.out)
-    if not recipe.is_file():
-        raise SystemExit(f"recipe {recipe} not found.")
+    run, recipes, out = Path(args.run), [Path(r) for r in args.recipe], Path(args.out)
+    for recipe in recipes:
+        if not recipe.is_file():
+            raise SystemExit(f"recipe {recipe} not found.")
     if out.exists() and not args.overwrite:
         raise SystemExit(f"{out} exists; pass --overwrite to replace it.")
     src = run / "student"
@@ -99,6 +119,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"{src} is not a pipeline folder; did the run finish?")
     import torch
 
+    import fastgen
     from fastgen.metrics import evaluate_pipeline
     from fastgen.pipelines.msd import FastGenMSDPipeline
     from fastgen.training.trainer import run_summary
@@ -122,9 +143,11 @@ def main(argv=None) -> int:
               "parts": [pipe.partition.classes_of(k) for k in range(pipe.partition.num_parts)],
               "block_out_channels": sorted({tuple(n.config.block_out_channels) for n in pipe.students}),
               "weights_dtype": "float16" if args.half_precision else "float32",
-              "timesteps": pipe.student_timesteps, "recipe": recipe.name, "method_options": summary["config"].get("method_options"),
+              "timesteps": pipe.student_timesteps, "recipes": [r.name for r in recipes],
+              "prediction_type": pipe.scheduler.config.prediction_type, "method_options": summary["config"].get("method_options"),
               "hardware": f"{platform.machine()} CPU, 1 torch thread"}
     record["block_out_channels"] = [list(c) for c in record["block_out_channels"]]
+    record["teacher_block_out_channels"] = list(fastgen.load_builtin("digits").unet.config.block_out_channels)
     teacher, single = teacher_cells(BENCH, args.n), None
     if teacher:
         students = json.loads(BENCH.read_text()).get("students", {})
@@ -132,7 +155,7 @@ def main(argv=None) -> int:
             evals = students[args.single]["evaluations"]
             best = next((e for e in evals if e["step"] == summary["step"]), evals[-1])
             single = {"label": f"{args.single.split(',')[0]}, {best['step']} steps", **{k: best[k] for k in KEYS}}
-    publish_asset(staged, out, card(record, recipe.read_text(), teacher, single), {**record, "single": single})
+    publish_asset(staged, out, card(record, [r.read_text() for r in recipes], teacher, single), {**record, "single": single})
     shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps(record, indent=1))
     return 0
