@@ -68,7 +68,9 @@ def evaluations(spec: str) -> tuple[str, list[dict]]:
         return label, evaluations(source)[1]
     if "+" in spec:
         joined = [evaluations(part) for part in spec.split("+")]
-        rows = {row["step"]: row for _, part in joined for row in part}
+        rows: dict[int, dict] = {}
+        for _, part in joined:
+            rows.update({row["step"]: row for row in _continue_minutes(part, [rows[k] for k in sorted(rows)])})
         return "+".join(name for name, _ in joined), [rows[k] for k in sorted(rows)]
     if spec.startswith("record:"):
         path, sep, label = spec[len("record:"):].partition(".json:")  # a label may hold ':' (builtin:...)
@@ -81,6 +83,27 @@ def evaluations(spec: str) -> tuple[str, list[dict]]:
     if not Path(spec, "train_log.jsonl").is_file():
         raise ValueError(f"{spec!r} is neither a run folder with a train_log.jsonl nor record:<json>:<label>.")
     return Path(spec).name, read_run(spec)
+
+
+def _continue_minutes(part: list[dict], before: list[dict]) -> list[dict]:
+    """``part``'s rows with their minutes counted on from ``before``'s: a run warm-started from another folder's
+    checkpoint logs its minutes from zero; they continue from the earlier source's last evaluation before the
+    continuation's first (a resume in the same folder already counts on, and is left as it is)."""
+    if not part or not before:
+        return part
+    first = min(part, key=lambda r: r["step"])
+    earlier = [r for r in before if r["step"] < first["step"]]
+    if not earlier:
+        return part
+    base = earlier[-1]
+    out = [dict(r) for r in part]
+    for key in ("wall_minutes", "cpu_minutes"):
+        if base.get(key) is None or first.get(key) is None or first[key] >= base[key]:
+            continue  # nothing to add to, or already counted on
+        for r in out:
+            if r.get(key) is not None:
+                r[key] = round(r[key] + base[key], 2)
+    return out
 
 
 def best(rows: list[dict]) -> dict:

@@ -35,6 +35,19 @@ def test_distill_benchmarks_join_a_kept_record_and_its_continuation(tmp_path, mo
     assert [(r["step"], r["fid"]) for r in rows] == [(100, 3.0), (200, 1.9), (300, 1.5)]
     labelled, same = evaluations(f"kept and continued=record:{tmp_path / 'old.json'}:routed+record:{tmp_path / 'new.json'}:more")
     assert labelled == "kept and continued" and same == rows
+    # a continuation warm-started from another folder logs its minutes from zero: they count on from the
+    # earlier source's last evaluation before it; a resume in the same folder already counts on
+    (tmp_path / "warm.json").write_text(json.dumps({"runs": {
+        "first": {"evaluations": [{"step": 100, "fid": 3.0, "cpu_minutes": 5.0, "wall_minutes": 6.0},
+                                  {"step": 200, "fid": 2.0, "cpu_minutes": 10.0, "wall_minutes": 12.0}]},
+        "warm": {"evaluations": [{"step": 300, "fid": 1.5, "cpu_minutes": 4.0, "wall_minutes": None}]},
+        "same": {"evaluations": [{"step": 300, "fid": 1.5, "cpu_minutes": 14.0, "wall_minutes": 16.0}]}}}))
+    warm = tmp_path / "warm.json"
+    _, rows = evaluations(f"record:{warm}:first+record:{warm}:warm")
+    assert [(r["step"], r["cpu_minutes"], r["wall_minutes"]) for r in rows] == [(100, 5.0, 6.0), (200, 10.0, 12.0),
+                                                                                (300, 14.0, None)]
+    _, rows = evaluations(f"record:{warm}:first+record:{warm}:same")
+    assert rows[-1]["cpu_minutes"] == 14.0 and rows[-1]["wall_minutes"] == 16.0
     (tmp_path / "colon.json").write_text(json.dumps({"runs": {"from builtin:digits-1step": {"evaluations": [
         {"step": 100, "fid": 1.0}]}}}))  # a label may hold ':'
     assert evaluations(f"record:{tmp_path / 'colon.json'}:from builtin:digits-1step")[1] == [{"step": 100, "fid": 1.0}]

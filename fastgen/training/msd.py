@@ -338,9 +338,11 @@ class MSDConfig(FDistillConfig):
         compress_lr_scale: multiplier of the generator's learning rate during the regression.
         critic_warmup_steps: a student's own generator steps, after the regression and TSM and before DM, in which
             only its fake score and discriminator train (the generator stands still; its schedule advances). Both
-            start from the teacher, far from a student that was not. (Digits, one half-width student after the
-            regression: at the recipe's generator rate 3e-5, DM took FID 1.62 to 2.67 in 100 steps even after
-            100 warm-up steps; at 3e-6 after them, to 1.16 in 500: the rate is what mattered there.)
+            start from the teacher, far from a student that was not. Measured on digits (one half-width student
+            after the regression, ``distill/digits-1step-half.yaml``), it buys little: after 100 warm-up steps,
+            DM at 3e-6 reaches FID 1.75/1.35/1.25 after 100/400/500 DM steps, without them 2.00/1.48/1.36, but at
+            equal generator steps the two runs are level (1.35 vs 1.36 at step 1,500). The generator rate is
+            what mattered: at 3e-5, DM took FID 1.62 to 2.67 in 100 steps even after 100 warm-up steps.
         shared_critic: one fake score and one discriminator head for all students instead of one per student.
             The critic is conditioned on the same class or prompt that routes a row, so one conditional fake
             score of the students' mixture is the K per-part fake scores in one network; it learns from every
