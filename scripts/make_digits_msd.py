@@ -48,6 +48,11 @@ def card(record: dict, recipe_texts: list[str], teacher: list[dict], single: dic
     readout = ("the network's output is x0" if record["prediction_type"] == "sample"
                else "`x0 = (z - sigma eps) / alpha`" if record["prediction_type"] == "epsilon"
                else f"the network predicts {record['prediction_type']}")
+    options = json.loads(record["method_options"]) if isinstance(record.get("method_options"), str) else {}
+    source = options.get("compress_from")
+    compressed = (f" The students first regress the one-step student `{source}` (`compress_from`: x0 MSE on its map "
+                  f"from noise and class to image), then train by DM + GAN; the minutes below do not count that "
+                  f"source's own training.") if source else ""
     recipes = record["recipes"]
     commands = "\n".join(f"fastgen distill --config distill/{name} --output-dir <run folder>"
                           + (" --resume-from-checkpoint latest" if i else "") for i, name in enumerate(recipes))
@@ -60,7 +65,7 @@ classifier-free guidance at scale 2 = 40 evaluations) on fastgen's DMD2 trainer 
 arXiv:2405.14867): the ten digits are split among {record['students']} students ({parts}); a router sends each
 requested digit to its student, so every image costs one network evaluation of one student. Each student is
 {width}, read at timestep t* = {', '.join(map(str, record['timesteps']))}
-({readout}). Weights stored as {record['weights_dtype']}.
+({readout}). Weights stored as {record['weights_dtype']}.{compressed}
 
 ![samples](samples_grid.png)
 
