@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     parser.add_argument("--recipe", required=True, nargs="+",
                         help="the recipe(s) the run used, in order (copied into the card)")
     parser.add_argument("--n", type=int, default=2000, help="samples of the evaluation (default 2000)")
-    parser.add_argument("--single", default="rkl (DMD2)",
+    parser.add_argument("--single", default="rkl (DMD2), 1200 steps",
                         help="label of the one-student run in benchmarks/results/distill.json to show beside it (its evaluation "
                              "at the same generator steps, else its last)")
     parser.add_argument("--half-precision", action="store_true", help="store the students' weights as float16")
