@@ -425,13 +425,13 @@ def test_routed_shared_critic_step_is_the_base_method_on_the_whole_batch(diverge
                 assert torch.allclose(total, p.grad, atol=1e-6, rtol=1e-4), name
 
 
-def _optimizer_rates(monkeypatch) -> list[list[float]]:
-    """The learning rates of every AdamW step from now on (one list of group rates per step), in order."""
+def _optimizer_steps(monkeypatch) -> list[tuple[int, float]]:
+    """Every AdamW step from now on, in order: ``(id of the optimiser, learning rate of its first group)``."""
     seen = []
     real_step = torch.optim.AdamW.step
 
     def spy(self, *args, **kwargs):
-        seen.append([g["lr"] for g in self.param_groups])
+        seen.append((id(self), self.param_groups[0]["lr"]))
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", spy)
@@ -441,13 +441,13 @@ def _optimizer_rates(monkeypatch) -> list[list[float]]:
 def test_tsm_lr_scale_multiplies_the_generator_rate_during_tsm_only(tmp_path, monkeypatch):
     """The trainer steps the generator at tsm_lr_scale x its scheduled rate while the student is in TSM, and at
     the scheduled rate after (critic untouched); the scheduler's own rate is not compounded."""
-    seen = _optimizer_rates(monkeypatch)
+    seen = _optimizer_steps(monkeypatch)
     trainer = _msd_trainer(tmp_path, 4, students=2, schedule="round_robin", student_block_out_channels=[8, 16],
                            tsm_steps=1, tsm_lr_scale=30.0)
     trainer.train()
     # per generator step: one critic update (no GAN head here), then the generator update
-    gen = [lrs[0] for i, lrs in enumerate(seen) if i % 2 == 1]
-    critic = [lrs[0] for i, lrs in enumerate(seen) if i % 2 == 0]
+    gen = [lr for i, (_, lr) in enumerate(seen) if i % 2 == 1]
+    critic = [lr for i, (_, lr) in enumerate(seen) if i % 2 == 0]
     assert gen == pytest.approx([3e-2, 3e-2, 1e-3, 1e-3]), gen  # students 0, 1 in TSM (1 own step each), then DM
     assert critic == pytest.approx([1e-3] * 4), critic
     with pytest.raises(ValueError, match="tsm_lr_scale must be a positive number"):
@@ -549,7 +549,7 @@ def test_compress_regresses_a_one_step_student_before_dm_without_critic_updates(
     from fastgen.pipelines.student import FastGenStudentPipeline
 
     src = _one_step_source(tmp_path / "src")
-    seen = _optimizer_rates(monkeypatch)
+    seen = _optimizer_steps(monkeypatch)
     trainer = _msd_trainer(tmp_path / "run", 12, students=2, schedule="routed", student_block_out_channels=[8, 16],
                            student_prediction_type="sample", compress_from=src, compress_steps=10,
                            compress_lr_scale=10.0)
@@ -575,7 +575,7 @@ def test_compress_regresses_a_one_step_student_before_dm_without_critic_updates(
     assert len(compress) == 10 and max(compress[-3:]) < 0.6 * compress[0], compress
     assert "generator/dm" in rows[-1] and "generator/compress" not in rows[-1]
     # 10 generator-only updates at 10 x 1e-3, then two critic + generator pairs at the scheduled rate
-    assert [lrs[0] for lrs in seen] == pytest.approx([1e-2] * 10 + [1e-3] * 4), seen
+    assert [lr for _, lr in seen] == pytest.approx([1e-2] * 10 + [1e-3] * 4), seen
     m.begin_generator_step(10)
     assert not m.in_compress and m.trains_critic
     assert not list((tmp_path / "run" / "checkpoint-12").glob("*compress*"))
@@ -584,14 +584,7 @@ def test_compress_regresses_a_one_step_student_before_dm_without_critic_updates(
 def test_critic_warmup_trains_only_the_critic_between_regression_and_dm(tmp_path, monkeypatch):
     """critic_warmup_steps: after the regression, the students' own steps in which the fake scores train and the
     generator does not (no generator optimiser step, its schedule still advances), then DM with both."""
-    seen = []
-    real_step = torch.optim.AdamW.step
-
-    def spy(self, *args, **kwargs):
-        seen.append((id(self), self.param_groups[0]["lr"]))
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    seen = _optimizer_steps(monkeypatch)
     trainer = _msd_trainer(tmp_path / "run", 9, students=2, schedule="routed", student_block_out_channels=[8, 16],
                            student_prediction_type="sample", compress_from=_one_step_source(tmp_path / "src"),
                            compress_steps=4, compress_lr_scale=10.0, critic_warmup_steps=3)

@@ -350,7 +350,6 @@ def test_run_summary_reads_the_exported_step_and_the_newest_checkpoint(tmp_path)
     assert run_summary(tmp_path, step=100)["cpu_minutes"] == 2.0
 
 
-
 def test_run_log_minutes_of_a_run_warm_started_from_another_folders_checkpoint(tmp_path):
     """A run resumed from a checkpoint copied out of another run starts its log at that checkpoint's step: its
     first window counts the steps it ran (``steps_in_window``), not every step before it."""

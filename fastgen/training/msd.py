@@ -581,9 +581,9 @@ class MSD(DistillMethod):
         c = self.config
         self.active = self.student_at(step)
         own = self.own_steps(self.active or 0, step)  # routed: active None, every student has had `step`
+        pre = c.compress_steps + c.tsm_steps  # own steps before the critic warm-up and DM
         self.in_compress = own < c.compress_steps
-        self.in_tsm = not self.in_compress and own < c.compress_steps + c.tsm_steps
-        pre = c.compress_steps + c.tsm_steps
+        self.in_tsm = not self.in_compress and own < pre
         self.in_critic_warmup = pre <= own < pre + c.critic_warmup_steps
 
     @property
