@@ -48,13 +48,14 @@ def _checksum(tensors) -> float:
 
 
 def _run(method, steps, start=0):
-    """A minimal trainer: the hook, one critic and one generator AdamW update per step; checksums per step."""
+    """A minimal trainer: the hook, one critic and (when the method trains it) one generator AdamW update per
+    step; checksums per step."""
     opts = {k: torch.optim.AdamW(v, lr=1e-3) for k, v in method.optimizer_groups().items()}
     trace = []
     for step in range(start, steps):
         method.begin_generator_step(step)
         trace.append((step, method.node, _checksum(method.real_score_parameters())))
-        for phase in ("critic", "generator"):
+        for phase in ("critic", "generator")[:2 if method.trains_generator else 1]:
             out = method(phase, _batch(2 * step + (phase == "generator")))
             out["loss"].backward()
             for k, o in opts.items():
@@ -151,6 +152,11 @@ def test_resume_mid_path_continues_at_the_same_node(tmp_path):
     a = _trainer(tmp_path / "a", 12)
     a.train()
     assert a.method.visited == [2, 1, 0]
+    # stage 1 has no generator update: neither the generator's optimiser nor the EMA counts its 6 steps, so the
+    # EMA's decay warm-up starts with stage 2 as the base method's does
+    assert a.ema.optimization_step == 12 - NODES * RECORD
+    gen_params = a.params["generator"]
+    assert all(a.optimizers["generator"].optimizer.state[p]["step"] == 12 - NODES * RECORD for p in gen_params)
     b1 = _trainer(tmp_path / "b", 9)
     b1.train()
     assert b1.method.node == 1 and b1.method.visited == [2, 1]
@@ -165,6 +171,7 @@ def test_resume_mid_path_continues_at_the_same_node(tmp_path):
     wa = network_state_dict(tmp_path / "a" / "checkpoint-12" / "student_ema")
     wb = network_state_dict(tmp_path / "b" / "checkpoint-12" / "student_ema")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert b2.ema.optimization_step == a.ema.optimization_step
     log = [line for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 12
 

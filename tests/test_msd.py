@@ -596,6 +596,7 @@ def test_critic_warmup_trains_only_the_critic_between_regression_and_dm(tmp_path
     assert [g for g, _ in got] == [g for g, _ in want], got
     assert [lr for _, lr in got] == pytest.approx([lr for _, lr in want]), got
     assert trainer.schedulers["generator"].last_epoch == 9  # 4 + 3 + 2: the warm-up advanced it
+    assert trainer.ema.optimization_step == 4 + 2  # the EMA counts generator updates only
     m = trainer.method
     stages = []
     for step in range(9):

@@ -118,9 +118,6 @@ class DisBack(FDistill):
             raise ValueError("node_dir: DisBack stores its nodes in a folder; pass output_dir (the run folder) or node_dir.")
         self.node_dir = Path(c.node_dir) if c.node_dir is not None else Path(c.output_dir) / NODE_FOLDER
         self.storage = "lora" if c.lora_fake_score else "full"
-        # The generator group's anchor: stage-1 generator losses touch only this scalar, so DDP sees a used
-        # parameter while the student's weights get no gradient (AdamW skips them: no weight decay either).
-        self.idle_anchor = torch.nn.Parameter(torch.zeros(1))
         if self.storage == "full":
             self.node_network = copy.deepcopy(self.fake_network).requires_grad_(False).eval()
             node_den = Denoiser(self.node_network, self.teacher_denoiser.schedule, self.teacher_denoiser.prediction_type)
@@ -144,18 +141,19 @@ class DisBack(FDistill):
         return self
 
     # ------------------------------------------------------------------ contract
-    def optimizer_groups(self) -> dict[str, list[torch.nn.Parameter]]:
-        groups = super().optimizer_groups()
-        groups["generator"] = groups["generator"] + [self.idle_anchor]
-        return groups
-
     @property
     def stage(self) -> int:
         return 1 if self.node is None else 2
 
+    @property
+    def trains_generator(self) -> bool:
+        """Stage 1 has no generator update: G_0 stays frozen while the path is recorded, and neither its
+        optimiser nor the student's EMA counts those steps (stage 2 starts them as the base method would)."""
+        return self.stage == 2
+
     def generator_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        if self.stage == 1:  # G_0 stays frozen while the degradation path is recorded
-            return {"loss": self.idle_anchor.sum() * 0.0, "stage": torch.tensor(1.0)}
+        if self.stage == 1:
+            raise RuntimeError("DisBack has no generator loss in stage 1 (the trainer skips the generator update).")
         out = super().generator_loss(batch)
         out.update(stage=torch.tensor(2.0), node=torch.tensor(float(self.node)))
         return out

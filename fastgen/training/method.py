@@ -149,9 +149,9 @@ class DistillMethod(torch.nn.Module, abc.ABC):
 
     @property
     def trains_generator(self) -> bool:
-        """Whether this generator step's generator update runs (MSD's critic warm-up: not; the generator's
-        schedule still advances); default always. Must depend on the step only (set in
-        :meth:`begin_generator_step`)."""
+        """Whether this generator step's generator update runs (MSD's critic warm-up, DisBack's recording
+        stage: not; the generator's schedule still advances, its EMA does not step); default always. Must
+        depend on the step only (set in :meth:`begin_generator_step`)."""
         return True
 
     def learning_rate_scale(self, group: str) -> float:

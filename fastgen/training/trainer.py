@@ -34,6 +34,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
@@ -568,13 +569,18 @@ class DistillTrainer:
             if self.critic_groups and self.method.trains_critic:
                 for k in range(cfg.critic_steps_per_generator_step):
                     self._update("critic", self.critic_groups, k, stats)
-            # 2. generator (a step without one, e.g. MSD's critic warm-up, still advances its schedule)
-            if self.method.trains_generator:
+            # 2. generator (a step without one, e.g. MSD's critic warm-up or DisBack's recording stage, still
+            #    advances its schedule)
+            trains_generator = self.method.trains_generator
+            if trains_generator:
                 self._update("generator", [GENERATOR_GROUP], 0, stats)
             else:
-                self.schedulers[GENERATOR_GROUP].step()
-            # 3. EMA
-            if self.ema is not None:
+                with warnings.catch_warnings():  # the schedule counts steps: advancing it before any update is meant
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                    self.schedulers[GENERATOR_GROUP].step()
+            # 3. EMA: it follows the generator's updates only, so its decay warm-up ((1 + n) / (10 + n)) counts
+            #    updates, not steps in which the generator stood still
+            if self.ema is not None and trains_generator:
                 self.ema.step(self.params[GENERATOR_GROUP])
             self.step += 1
             count += 1
