@@ -2,16 +2,20 @@
 
 Tells which FID differences in ``benchmarks/results/solvers.json`` are larger than the noise of a
 2,000-sample estimate (same solver, same labels, different initial noise). Each seed set is scored by
-:func:`fastgen.metrics.evaluate_pipeline`; finished sets are kept and skipped on re-runs.
+:func:`fastgen.metrics.evaluate_pipeline`; finished sets are kept and skipped on re-runs. With ``--model`` it
+scores a distilled student (a pipeline folder or ``builtin:NAME``, its own steps) instead of the teacher, so
+two students can be compared on the same disjoint seed sets.
 
     python benchmarks/fid_noise.py --solver unipc --nfe 6 --samples 2000 --sets 4
+    python benchmarks/fid_noise.py --model runs/digits-2step/student --sets 4 \
+        --out benchmarks/results/distill_fid_noise_2step.json
 """
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
 
-from fastgen.benchmarking import Results, builtin_pipeline, parse_options
+from fastgen.benchmarking import Results, builtin_pipeline, parse_options, portable
 from fastgen.metrics import evaluate_pipeline
 
 FIRST_SEED = 100_000  # disjoint from the benchmark's seeds (0...) and the search's (10,000...)
@@ -27,25 +31,44 @@ class FidNoise:
     sets: int = field(default=4, metadata={"help": "disjoint seed sets (>= 2 for a standard deviation)"})
     scale: float = 3.0
     batch_size: int = 500
+    model: str = field(default="", metadata={
+        "help": "a student pipeline folder or builtin:NAME instead of the teacher (it runs its own steps: "
+                "solver, nfe and scale are not used)"})
     out: str = "benchmarks/results/solvers_fid_noise.json"
 
 
 def main(argv=None) -> None:
     opts = parse_options(FidNoise, argv)
-    pipe = builtin_pipeline("digits", threads=1)
-    config = {"solver": f"{opts.solver}@{opts.nfe}, CFG {opts.scale}", "samples": opts.samples,
-              "seeds": f"set k: {FIRST_SEED} + k * samples ...", "hardware": "CPU, x86-64, 1 torch thread"}
-    results = Results(opts.out, config, resume_on=("solver", "samples"))
+    if opts.model:
+        import torch
+
+        from fastgen.builtin import load_pipeline
+
+        torch.set_num_threads(1)
+        pipe = load_pipeline(opts.model)
+        pipe.set_progress_bar_config(disable=True)
+        what = {"model": opts.model if opts.model.startswith("builtin:") else portable(opts.model)}
+        sampling = {}
+    else:
+        pipe = builtin_pipeline("digits", threads=1)
+        what = {"solver": f"{opts.solver}@{opts.nfe}, CFG {opts.scale}"}
+        sampling = dict(num_inference_steps=opts.nfe, solver=opts.solver, guidance_scale=opts.scale)
+    config = {**what, "samples": opts.samples, "seeds": f"set k: {FIRST_SEED} + k * samples ...",
+              "hardware": "CPU, x86-64, 1 torch thread"}
+    results = Results(opts.out, config, resume_on=(*what, "samples"))
 
     def measure(k: int) -> dict:
         res = evaluate_pipeline(pipe, opts.samples, seed=FIRST_SEED + k * opts.samples, batch_size=opts.batch_size,
-                                knn_metrics=False, progress=False, num_inference_steps=opts.nfe, solver=opts.solver,
-                                guidance_scale=opts.scale)
-        return {"fid": res.fid, "seconds": round(res.wall_seconds, 1)}
+                                knn_metrics=False, progress=False, **sampling)
+        return {"fid": res.fid, "roughness": res.roughness, "accuracy": res.accuracy,
+                "seconds": round(res.wall_seconds, 1)}
 
     def summary(data: dict) -> None:
         values = [c["fid"] for c in data["cells"]]
         data.update(mean=statistics.mean(values), std=statistics.stdev(values) if len(values) > 1 else None)
+        grain = [c["roughness"] for c in data["cells"] if c.get("roughness") is not None]
+        if grain:
+            data.update(roughness_mean=statistics.mean(grain))
 
     results.run(range(opts.sets), key=lambda k: {"set": k}, measure=measure, after=summary)
 

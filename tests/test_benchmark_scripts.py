@@ -68,3 +68,25 @@ def test_card_figures_and_teacher_cells(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps({"config": {"n": 2000}, "teacher": [cell]}))
     assert teacher_cells(tmp_path / "d.json", 2000) == [cell]
     assert teacher_cells(tmp_path / "d.json", 500) == [] and teacher_cells(tmp_path / "none.json", 2000) == []
+
+
+def test_fid_noise_scores_a_student_on_disjoint_seed_sets(tmp_path):
+    """--model: a distilled student on the disjoint seed sets (its own steps); sets differ, the summary is their
+    mean, and a re-run keeps the finished sets."""
+    import json
+    import statistics
+
+    fid_noise = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "fid_noise.py"),
+                               run_name="benchmark_under_test")
+    out = tmp_path / "noise.json"
+    argv = ["--model", "builtin:digits-1step", "--samples", "40", "--sets", "2", "--batch_size", "40", "--out", str(out)]
+    fid_noise["main"](argv)
+    data = json.loads(out.read_text())
+    assert data["config"]["model"] == "builtin:digits-1step" and "solver" not in data["config"]
+    fids = [c["fid"] for c in data["cells"]]
+    assert len(fids) == 2 and fids[0] != fids[1]  # disjoint seeds, not the same samples twice
+    assert data["mean"] == pytest.approx(statistics.mean(fids))
+    assert data["roughness_mean"] == pytest.approx(statistics.mean(c["roughness"] for c in data["cells"]))
+    fid_noise["main"](argv[:-4] + ["--sets", "3", "--out", str(out)])
+    again = json.loads(out.read_text())
+    assert [c["fid"] for c in again["cells"][:2]] == fids and len(again["cells"]) == 3
