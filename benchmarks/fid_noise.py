@@ -34,6 +34,7 @@ class FidNoise:
     model: str = field(default="", metadata={
         "help": "a student pipeline folder or builtin:NAME instead of the teacher (it runs its own steps: "
                 "solver, nfe and scale are not used)"})
+    label: str = field(default="", metadata={"help": "what the record calls --model (default: its folder's name)"})
     out: str = "benchmarks/results/solvers_fid_noise.json"
 
 
@@ -47,7 +48,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(1)
         pipe = load_pipeline(opts.model)
         pipe.set_progress_bar_config(disable=True)
-        what = {"model": opts.model if opts.model.startswith("builtin:") else portable(opts.model)}
+        what = {"model": opts.label or (opts.model if opts.model.startswith("builtin:") else portable(opts.model))}
         sampling = {}
     else:
         pipe = builtin_pipeline("digits", threads=1)
