@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,16 +59,21 @@ def split_label(spec: str) -> tuple[str | None, str]:
     return (label.strip(), source) if sep and label.strip() else (None, spec)
 
 
+_JOIN = re.compile(r"(?<! )\+(?! )")  # A+B; not the " + " of a label such as "regression + DM"
+
+
 def evaluations(spec: str) -> tuple[str, list[dict]]:
     """``(name, evaluation records)`` of a run folder, or of ``record:<results json>:<label>``: a run kept in an
     earlier record (``students`` of distill.json, ``runs`` of distill_msd.json). ``A+B`` joins sources in step
-    order, e.g. a kept record and the folder of its resumed continuation (a later source wins a shared step).
+    order, e.g. a kept record and the folder of its resumed continuation (a later source wins a shared step); the
+    joining ``+`` has no space beside it, so a record label may hold " + ".
     ``LABEL=source`` names the source ``LABEL`` in the record (default: the folder's name or the record's label)."""
     label, source = split_label(spec)
     if label:
         return label, evaluations(source)[1]
-    if "+" in spec:
-        joined = [evaluations(part) for part in spec.split("+")]
+    parts = _JOIN.split(spec)
+    if len(parts) > 1:
+        joined = [evaluations(part) for part in parts]
         rows: dict[int, dict] = {}
         for _, part in joined:
             rows.update({row["step"]: row for row in _continue_minutes(part, [rows[k] for k in sorted(rows)])})

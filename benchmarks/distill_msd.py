@@ -110,9 +110,10 @@ def main(argv=None) -> None:
 def plot(record: dict, path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for label, run in record["runs"].items():
-        rows = run["evaluations"]
-        axes[0].plot([r["step"] for r in rows], [r["fid"] for r in rows], marker="o", label=label)
+    for i, (label, run) in enumerate(record["runs"].items()):
+        rows = run["evaluations"]  # tab20: one colour per run (tab10 repeats past ten)
+        axes[0].plot([r["step"] for r in rows], [r["fid"] for r in rows], marker="o", ms=4, color=plt.cm.tab20(i % 20),
+                     label=label)
     axes[0].set(xlabel="total generator steps (all students)", ylabel="digits FID", yscale="log",
                 title="K routed students vs one student")
     if record["runs"]:

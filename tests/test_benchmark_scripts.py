@@ -51,6 +51,11 @@ def test_distill_benchmarks_join_a_kept_record_and_its_continuation(tmp_path, mo
     (tmp_path / "colon.json").write_text(json.dumps({"runs": {"from builtin:digits-1step": {"evaluations": [
         {"step": 100, "fid": 1.0}]}}}))  # a label may hold ':'
     assert evaluations(f"record:{tmp_path / 'colon.json'}:from builtin:digits-1step")[1] == [{"step": 100, "fid": 1.0}]
+    (tmp_path / "plus.json").write_text(json.dumps({"runs": {"regression + DM": {"evaluations": [
+        {"step": 100, "fid": 1.0}]}}}))  # ... and ' + ' (only a '+' without spaces joins)
+    assert evaluations(f"record:{tmp_path / 'plus.json'}:regression + DM")[1] == [{"step": 100, "fid": 1.0}]
+    _, rows = evaluations(f"record:{tmp_path / 'plus.json'}:regression + DM+record:{tmp_path / 'new.json'}:more")
+    assert [r["step"] for r in rows] == [100, 200, 300]
 
 
 def test_card_figures_and_teacher_cells(tmp_path):
