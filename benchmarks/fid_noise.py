@@ -40,18 +40,11 @@ class FidNoise:
 
 def main(argv=None) -> None:
     opts = parse_options(FidNoise, argv)
+    pipe = builtin_pipeline(opts.model or "digits", threads=1)
     if opts.model:
-        import torch
-
-        from fastgen.builtin import load_pipeline
-
-        torch.set_num_threads(1)
-        pipe = load_pipeline(opts.model)
-        pipe.set_progress_bar_config(disable=True)
         what = {"model": opts.label or (opts.model if opts.model.startswith("builtin:") else portable(opts.model))}
         sampling = {}
     else:
-        pipe = builtin_pipeline("digits", threads=1)
         what = {"solver": f"{opts.solver}@{opts.nfe}, CFG {opts.scale}"}
         sampling = dict(num_inference_steps=opts.nfe, solver=opts.solver, guidance_scale=opts.scale)
     config = {**what, "samples": opts.samples, "seeds": f"set k: {FIRST_SEED} + k * samples ...",

@@ -207,13 +207,15 @@ class Results:
 
 
 def builtin_pipeline(name: str = "digits", threads: int = 1):
-    """A built-in pipeline for benchmarking: ``threads`` torch CPU threads, no progress bars."""
+    """A pipeline for benchmarking: ``threads`` torch CPU threads, no progress bars. ``name``: a built-in asset
+    (``"digits"``) or what :func:`fastgen.builtin.load_pipeline` takes (``"builtin:NAME"``, a pipeline folder,
+    e.g. a distilled student's)."""
     import torch
 
-    from .builtin import load_builtin
+    from .builtin import load_builtin, load_pipeline
 
     torch.set_num_threads(threads)
-    pipe = load_builtin(name)
+    pipe = load_pipeline(name) if name.startswith("builtin:") or Path(name).is_dir() else load_builtin(name)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
