@@ -9,6 +9,7 @@ two students can be compared on the same disjoint seed sets.
     python benchmarks/fid_noise.py --solver unipc --nfe 6 --samples 2000 --sets 4
     python benchmarks/fid_noise.py --model runs/digits-2step/student --sets 4 \
         --out benchmarks/results/distill_fid_noise_2step.json
+    python benchmarks/fid_noise.py --model runs/digits-2step/student --timesteps 500 --label "its first step" ...
 """
 from __future__ import annotations
 
@@ -35,15 +36,34 @@ class FidNoise:
         "help": "a student pipeline folder or builtin:NAME instead of the teacher (it runs its own steps: "
                 "solver, nfe and scale are not used)"})
     label: str = field(default="", metadata={"help": "what the record calls --model (default: its folder's name)"})
+    timesteps: str = field(default="", metadata={
+        "help": "with --model: another descending step list for the same student weights, comma-separated "
+                "(e.g. 500 = a two-step student's first step alone; default: the student's own list)"})
     out: str = "benchmarks/results/solvers_fid_noise.json"
+
+
+def _timesteps(opts: FidNoise) -> list[int]:
+    """``--timesteps`` as a list of ints (empty: the student's own), checked before any model is loaded."""
+    if not opts.timesteps:
+        return []
+    if not opts.model:
+        raise SystemExit("--timesteps applies to a student (--model); the teacher's steps are --solver and --nfe.")
+    try:
+        return [int(t) for t in opts.timesteps.split(",")]
+    except ValueError:
+        raise SystemExit(f"--timesteps must be comma-separated integers (e.g. 500,20), got {opts.timesteps!r}.")
 
 
 def main(argv=None) -> None:
     opts = parse_options(FidNoise, argv)
+    timesteps = _timesteps(opts)
     pipe = builtin_pipeline(opts.model or "digits", threads=1)
     if opts.model:
         what = {"model": opts.label or (opts.model if opts.model.startswith("builtin:") else portable(opts.model))}
         sampling = {}
+        if timesteps:
+            what["timesteps"] = timesteps
+            sampling = {"timesteps": timesteps}
     else:
         what = {"solver": f"{opts.solver}@{opts.nfe}, CFG {opts.scale}"}
         sampling = dict(num_inference_steps=opts.nfe, solver=opts.solver, guidance_scale=opts.scale)

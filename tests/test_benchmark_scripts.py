@@ -95,3 +95,22 @@ def test_fid_noise_scores_a_student_on_disjoint_seed_sets(tmp_path):
     fid_noise["main"](argv[:-4] + ["--sets", "3", "--out", str(out)])
     again = json.loads(out.read_text())
     assert [c["fid"] for c in again["cells"][:2]] == fids and len(again["cells"]) == 3
+
+
+def test_fid_noise_runs_a_student_on_another_step_list(tmp_path):
+    """--timesteps: the same student weights on another step list; its own list reproduces the plain run's
+    cells, another list gives other samples, and bad values stop before a model is loaded."""
+    import json
+
+    fid_noise = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "fid_noise.py"),
+                               run_name="benchmark_under_test")
+    base = ["--model", "builtin:digits-1step", "--samples", "40", "--sets", "1", "--batch_size", "40"]
+    for name, extra in (("own", []), ("same", ["--timesteps", "500"]), ("two", ["--timesteps", "500,20"])):
+        fid_noise["main"](base + extra + ["--out", str(tmp_path / f"{name}.json")])
+    cell = {n: json.loads((tmp_path / f"{n}.json").read_text())["cells"][0] for n in ("own", "same", "two")}
+    assert cell["same"]["fid"] == cell["own"]["fid"]
+    assert cell["two"]["fid"] != cell["own"]["fid"] and cell["two"]["roughness"] < cell["own"]["roughness"]
+    assert json.loads((tmp_path / "two.json").read_text())["config"]["timesteps"] == [500, 20]
+    for bad in (["--timesteps", "500"], base[:2] + ["--timesteps", "500;20"]):
+        with pytest.raises(SystemExit, match="--timesteps"):
+            fid_noise["main"](bad + ["--out", str(tmp_path / "bad.json")])
