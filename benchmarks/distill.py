@@ -4,7 +4,8 @@ Collects the in-training evaluations of ``fastgen distill`` runs (their ``train_
 accuracy, roughness, precision/recall of the EMA student on the run's fixed seeds, sample i: seed i, digit
 i % 10) and scores the teacher on the same seeds and sample count with the same evaluator: 20 CFG steps
 (40 NFE), the shortest shipped S³ schedule (4 steps, 8 NFE) and DPM-Solver++ at 2 and 1 steps (4 and 2 NFE). Writes
-benchmarks/results/distill.json and .png (FID and roughness against generator steps and wall minutes).
+benchmarks/results/distill.json and .png (FID and roughness against generator steps and wall minutes; with
+``--headline`` the PNG shows those runs and distill_all.png every run).
 
     fastgen distill --config distill/digits-fdistill-js.yaml --output-dir runs/js
     fastgen distill --config distill/digits-fdistill-js.yaml --divergence rkl --output-dir runs/rkl
@@ -13,6 +14,7 @@ benchmarks/results/distill.json and .png (FID and roughness against generator st
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -41,6 +43,9 @@ class DistillBenchmark:
     keep: bool = field(default=False, metadata={
         "help": "keep the students (and their held-out cells) already in --out, adding or replacing --runs: "
                 "earlier runs whose folders are gone stay in the record"})
+    headline: list[str] = field(default_factory=list, metadata={
+        "help": "labels of the runs the main figure shows (the rest go to <out>_all.png with them); default: the "
+                "kept record's headline with --keep, else every run"})
     heldout: bool = field(default=True, metadata={
         "help": "also score the 40-NFE teacher and each run's exported student against the held-out digits "
                 "(297 images neither the teacher nor the GAN term saw), on the same seeds"})
@@ -195,7 +200,11 @@ def main(argv=None) -> None:
             folders[label] = last
         runs[label] = {"run": name, "best": best(rows) if rows else None,
                        "evaluations": rows}  # no machine path in results
-    config = {**asdict(opts), "out": portable(opts.out),
+    headline = opts.headline or previous.get("config", {}).get("headline", [])
+    missing = [label for label in headline if label not in runs]
+    if missing:
+        raise ValueError(f"--headline names runs that are not in the record: {missing}; its runs: {list(runs)}.")
+    config = {**asdict(opts), "out": portable(opts.out), "headline": headline,
               "runs": [f"{label}={Path(run['run']).name}" for label, run in runs.items()]}
     record = {"config": config, "hardware": f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread "
               "per job, shared with other jobs (wall minutes are noisy)",
@@ -203,17 +212,23 @@ def main(argv=None) -> None:
     if opts.heldout:
         record["heldout"] = heldout_cells(opts, folders)
     out = write_json(opts.out, record)
-    plot(record, out.with_suffix(".png"))
+    plot(record, out.with_suffix(".png"), headline)
+    if headline:
+        plot(record, out.with_name(f"{out.stem}_all.png"))
 
 
-def plot(record: dict, path: Path) -> None:
+def plot(record: dict, path: Path, labels: list[str] | None = None) -> None:
+    """FID (vs steps and vs minutes), grain and recall of the students ``labels`` (default: all) in one figure."""
     plt = pyplot()
+    students = {label: record["students"][label] for label in (labels or record["students"])}
     fig, axes = plt.subplots(1, 4, figsize=(19, 6.2))
-    minutes = "cpu_minutes" if all(r.get("cpu_minutes") is not None for run in record["students"].values()
+    minutes = "cpu_minutes" if all(r.get("cpu_minutes") is not None for run in students.values()
                                    for r in run["evaluations"]) else "wall_minutes"
-    for i, (label, run) in enumerate(record["students"].items()):
+    for i, (label, run) in enumerate(students.items()):
         rows = run["evaluations"]
-        style = dict(marker="o" if i < 20 else "s", ms=3, color=plt.cm.tab20(i % 20),  # past 20: square markers
+        colour = plt.cm.tab20(i % 20) if len(students) > 18 else (  # distinct hues first, paired shades past 18
+            plt.cm.tab10(i) if i < 10 else "black" if i == 10 else plt.cm.Dark2(i - 11))
+        style = dict(marker="o" if i < 20 else "s", ms=3, color=colour,  # past 20: square markers
                      ls="--" if "earlier" in label else "-")
         for ax, x, y in ((axes[0], "step", "fid"), (axes[1], minutes, "fid"), (axes[2], "step", "roughness"),
                          (axes[3], "step", "recall")):
@@ -230,9 +245,13 @@ def plot(record: dict, path: Path) -> None:
                 ylim=(0.085, 0.12))  # the 1-step solver's 0.26 would flatten every student's curve
     axes[3].set(xlabel="generator steps", ylabel="recall", title="mode coverage")
     handles, labels = axes[0].get_legend_handles_labels()  # one legend for the four panels, below them
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
-    fig.suptitle(f"Students of the digits teacher (n = {record['config']['n']} fixed seeds)", fontsize=9)
-    fig.subplots_adjust(left=0.04, right=0.99, top=0.9, bottom=0.34, wspace=0.25)
+    ncol = 4 if len(students) > 12 else 2
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7 if ncol == 4 else 8, frameon=False)
+    shown = "" if len(students) == len(record["students"]) else f", {len(students)} of {len(record['students'])} runs"
+    fig.suptitle(f"Students of the digits teacher (n = {record['config']['n']} fixed seeds{shown})", fontsize=9)
+    legend_rows = math.ceil(len(students) / ncol)
+    fig.subplots_adjust(left=0.04, right=0.99, top=0.9, bottom=0.34 if ncol == 4 else 0.12 + 0.025 * legend_rows,
+                        wspace=0.25)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

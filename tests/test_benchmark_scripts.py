@@ -114,3 +114,33 @@ def test_fid_noise_runs_a_student_on_another_step_list(tmp_path):
     for bad in (["--timesteps", "500"], base[:2] + ["--timesteps", "500;20"]):
         with pytest.raises(SystemExit, match="--timesteps"):
             fid_noise["main"](bad + ["--out", str(tmp_path / "bad.json")])
+
+
+def test_distill_benchmark_headline_figure(tmp_path, monkeypatch):
+    """--headline: the main PNG shows the named runs, <out>_all.png every run; a --keep re-run keeps the record's
+    headline; a label the record lacks is refused before the teacher is scored."""
+    import json
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import distill
+
+    row = {"step": 100, "fid": 2.0, "roughness": 0.1, "recall": 0.5, "cpu_minutes": 1.0}
+    cell = {"teacher": "20 steps CFG", "nfe": 40, "fid": 2.5, "roughness": 0.096, "recall": 0.7}
+    out = tmp_path / "d.json"
+    out.write_text(json.dumps({"config": {"n": 10, "teacher_scale": 2.0}, "teacher": [cell], "students": {
+        name: {"run": name, "best": row, "evaluations": [row, {**row, "step": 200}]} for name in ("a", "b", "c")}}))
+    shown = []
+    monkeypatch.setattr(distill, "plot", lambda record, path, labels=None: shown.append((path.name, labels)))
+    argv = ["--keep", "--n", "10", "--no_heldout", "--out", str(out)]
+    distill.main(argv + ["--headline", "c", "a"])
+    assert shown == [("d.png", ["c", "a"]), ("d_all.png", None)]
+    assert json.loads(out.read_text())["config"]["headline"] == ["c", "a"]
+    shown.clear()
+    distill.main(argv)  # kept
+    assert shown == [("d.png", ["c", "a"]), ("d_all.png", None)]
+    monkeypatch.setattr(distill, "teacher_cells", lambda *a: pytest.fail("teacher scored before the check"))
+    with pytest.raises(ValueError, match="--headline names runs that are not in the record: \\['z'\\]"):
+        distill.main(argv + ["--headline", "a", "z"])
+    monkeypatch.undo()
+    distill.plot(json.loads(out.read_text()), tmp_path / "p.png", ["a"])  # the real figure, two of three runs
+    assert (tmp_path / "p.png").stat().st_size > 0
