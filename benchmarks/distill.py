@@ -217,10 +217,11 @@ def main(argv=None) -> None:
         plot(record, out.with_name(f"{out.stem}_all.png"))
 
 
-def plot(record: dict, path: Path, labels: list[str] | None = None) -> None:
-    """FID (vs steps and vs minutes), grain and recall of the students ``labels`` (default: all) in one figure."""
+def plot(record: dict, path: Path, runs: list[str] | None = None) -> None:
+    """FID (vs steps and vs minutes), grain and recall of the students ``runs`` (labels; default: all) in one
+    figure."""
     plt = pyplot()
-    students = {label: record["students"][label] for label in (labels or record["students"])}
+    students = {label: record["students"][label] for label in (runs or record["students"])}
     fig, axes = plt.subplots(1, 4, figsize=(19, 6.2))
     minutes = "cpu_minutes" if all(r.get("cpu_minutes") is not None for run in students.values()
                                    for r in run["evaluations"]) else "wall_minutes"

@@ -130,7 +130,7 @@ def test_distill_benchmark_headline_figure(tmp_path, monkeypatch):
     out.write_text(json.dumps({"config": {"n": 10, "teacher_scale": 2.0}, "teacher": [cell], "students": {
         name: {"run": name, "best": row, "evaluations": [row, {**row, "step": 200}]} for name in ("a", "b", "c")}}))
     shown = []
-    monkeypatch.setattr(distill, "plot", lambda record, path, labels=None: shown.append((path.name, labels)))
+    monkeypatch.setattr(distill, "plot", lambda record, path, runs=None: shown.append((path.name, runs)))
     argv = ["--keep", "--n", "10", "--no_heldout", "--out", str(out)]
     distill.main(argv + ["--headline", "c", "a"])
     assert shown == [("d.png", ["c", "a"]), ("d_all.png", None)]
