@@ -21,7 +21,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fastgen.benchmarking import builtin_pipeline, parse_options, portable, pyplot, write_json
+from fastgen.benchmarking import builtin_pipeline, curve_colour, parse_options, portable, pyplot, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEDULES = Path(__file__).resolve().parent.parent / "fastgen" / "assets" / "digits-schedules"
@@ -227,9 +227,7 @@ def plot(record: dict, path: Path, runs: list[str] | None = None) -> None:
                                    for r in run["evaluations"]) else "wall_minutes"
     for i, (label, run) in enumerate(students.items()):
         rows = run["evaluations"]
-        colour = plt.cm.tab20(i % 20) if len(students) > 18 else (  # distinct hues first, paired shades past 18
-            plt.cm.tab10(i) if i < 10 else "black" if i == 10 else plt.cm.Dark2(i - 11))
-        style = dict(marker="o" if i < 20 else "s", ms=3, color=colour,  # past 20: square markers
+        style = dict(marker="o" if i < 20 else "s", ms=3, color=curve_colour(plt, i, len(students)),  # past 20: squares
                      ls="--" if "earlier" in label else "-")
         for ax, x, y in ((axes[0], "step", "fid"), (axes[1], minutes, "fid"), (axes[2], "step", "roughness"),
                          (axes[3], "step", "recall")):

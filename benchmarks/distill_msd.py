@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill import evaluations  # noqa: E402  (run folders and earlier records, one reader)
 
-from fastgen.benchmarking import builtin_pipeline, parse_options, portable, pyplot, write_json  # noqa: E402
+from fastgen.benchmarking import builtin_pipeline, curve_colour, parse_options, portable, pyplot, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -111,9 +111,9 @@ def plot(record: dict, path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for i, (label, run) in enumerate(record["runs"].items()):
-        rows = run["evaluations"]  # tab20: one colour per run (tab10 repeats past ten)
-        axes[0].plot([r["step"] for r in rows], [r["fid"] for r in rows], marker="o", ms=4, color=plt.cm.tab20(i % 20),
-                     label=label)
+        rows = run["evaluations"]
+        axes[0].plot([r["step"] for r in rows], [r["fid"] for r in rows], marker="o", ms=4,
+                     color=curve_colour(plt, i, len(record["runs"])), label=label)
     axes[0].set(xlabel="total generator steps (all students)", ylabel="digits FID", yscale="log",
                 title="K routed students vs one student")
     if record["runs"]:

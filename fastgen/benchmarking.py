@@ -143,6 +143,14 @@ def pyplot():
     return plt
 
 
+def curve_colour(plt, i: int, count: int):
+    """Colour of curve ``i`` of ``count`` in one plot: distinct hues up to 18 curves (tab10, black, Dark2), then
+    tab20's paired shades (two similar shades per hue) so that every curve still has its own colour."""
+    if count > 18:
+        return plt.cm.tab20(i % 20)
+    return plt.cm.tab10(i) if i < 10 else "black" if i == 10 else plt.cm.Dark2(i - 11)
+
+
 class Results:
     """A benchmark's JSON file: ``{"config": ..., "cells": [...], **extra}``, resumable.
 
