@@ -144,3 +144,15 @@ def test_distill_benchmark_headline_figure(tmp_path, monkeypatch):
     monkeypatch.undo()
     distill.plot(json.loads(out.read_text()), tmp_path / "p.png", ["a"])  # the real figure, two of three runs
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_curve_colours_are_distinct():
+    """Every curve of a plot gets its own colour: distinct hues up to 18 curves, tab20 beyond."""
+    from matplotlib.colors import to_rgba
+
+    from fastgen.benchmarking import curve_colour, pyplot
+
+    plt = pyplot()
+    for count in (3, 11, 18, 20):
+        colours = {to_rgba(curve_colour(plt, i, count)) for i in range(count)}
+        assert len(colours) == count
