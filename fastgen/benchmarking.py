@@ -223,7 +223,8 @@ def builtin_pipeline(name: str = "digits", threads: int = 1):
     from .builtin import load_builtin, load_pipeline
 
     torch.set_num_threads(threads)
-    pipe = load_pipeline(name) if name.startswith("builtin:") or Path(name).is_dir() else load_builtin(name)
+    folder = "/" in name or os.sep in name or Path(name).is_dir()  # a mistyped folder: load_pipeline names it
+    pipe = load_pipeline(name) if name.startswith("builtin:") or folder else load_builtin(name)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

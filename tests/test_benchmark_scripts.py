@@ -156,3 +156,13 @@ def test_curve_colours_are_distinct():
     for count in (3, 11, 18, 20):
         colours = {to_rgba(curve_colour(plt, i, count)) for i in range(count)}
         assert len(colours) == count
+
+
+def test_benchmark_pipeline_errors_name_what_was_meant(tmp_path):
+    """builtin_pipeline: a missing folder is reported as a folder, an unknown bare name as a built-in name."""
+    from fastgen.benchmarking import builtin_pipeline
+
+    with pytest.raises(FileNotFoundError, match="nosuch"):
+        builtin_pipeline(str(tmp_path / "nosuch" / "student"))
+    with pytest.raises(ValueError, match="builtin name must be one of"):
+        builtin_pipeline("digitz")
