@@ -10,6 +10,7 @@ two students can be compared on the same disjoint seed sets.
     python benchmarks/fid_noise.py --model runs/digits-2step/student --sets 4 \
         --out benchmarks/results/distill_fid_noise_2step.json
     python benchmarks/fid_noise.py --model runs/digits-2step/student --timesteps 500 --label "its first step" ...
+    python benchmarks/fid_noise.py --model runs/digits-2step/student --renoise ddim ...   # deterministic chain
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 from fastgen.benchmarking import Results, builtin_pipeline, parse_options, portable
 from fastgen.metrics import evaluate_pipeline
+from fastgen.training.config import RENOISE_MODES
 
 FIRST_SEED = 100_000  # disjoint from the benchmark's seeds (0...) and the search's (10,000...)
 
@@ -39,6 +41,8 @@ class FidNoise:
     timesteps: str = field(default="", metadata={
         "help": "with --model: another descending step list for the same student weights, comma-separated "
                 "(e.g. 500 = a two-step student's first step alone; default: the student's own list)"})
+    renoise: str = field(default="", metadata={
+        "help": "with --model: fresh or ddim instead of the student's own re-noising between steps"})
     out: str = "benchmarks/results/solvers_fid_noise.json"
 
 
@@ -57,6 +61,9 @@ def _timesteps(opts: FidNoise) -> list[int]:
 def main(argv=None) -> None:
     opts = parse_options(FidNoise, argv)
     timesteps = _timesteps(opts)
+    if opts.renoise and (not opts.model or opts.renoise not in RENOISE_MODES):
+        raise SystemExit(f"--renoise applies to a student (--model) and must be one of {RENOISE_MODES}, "
+                         f"got {opts.renoise!r}.")
     pipe = builtin_pipeline(opts.model or "digits", threads=1)
     if opts.model:
         what = {"model": opts.label or (opts.model if opts.model.startswith("builtin:") else portable(opts.model))}
@@ -64,6 +71,9 @@ def main(argv=None) -> None:
         if timesteps:
             what["timesteps"] = timesteps
             sampling = {"timesteps": timesteps}
+        if opts.renoise:
+            what["renoise"] = opts.renoise
+            sampling["renoise"] = opts.renoise
     else:
         what = {"solver": f"{opts.solver}@{opts.nfe}, CFG {opts.scale}"}
         sampling = dict(num_inference_steps=opts.nfe, solver=opts.solver, guidance_scale=opts.scale)

@@ -105,14 +105,19 @@ def test_fid_noise_runs_a_student_on_another_step_list(tmp_path):
     fid_noise = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "fid_noise.py"),
                                run_name="benchmark_under_test")
     base = ["--model", "builtin:digits-1step", "--samples", "40", "--sets", "1", "--batch_size", "40"]
-    for name, extra in (("own", []), ("same", ["--timesteps", "500"]), ("two", ["--timesteps", "500,20"])):
+    runs = (("own", []), ("same", ["--timesteps", "500"]), ("two", ["--timesteps", "500,20"]),
+            ("ddim", ["--timesteps", "500,20", "--renoise", "ddim"]))
+    for name, extra in runs:
         fid_noise["main"](base + extra + ["--out", str(tmp_path / f"{name}.json")])
-    cell = {n: json.loads((tmp_path / f"{n}.json").read_text())["cells"][0] for n in ("own", "same", "two")}
+    cell = {n: json.loads((tmp_path / f"{n}.json").read_text())["cells"][0] for n, _ in runs}
     assert cell["same"]["fid"] == cell["own"]["fid"]
     assert cell["two"]["fid"] != cell["own"]["fid"] and cell["two"]["roughness"] < cell["own"]["roughness"]
+    assert cell["ddim"]["fid"] not in (cell["two"]["fid"], cell["own"]["fid"])
     assert json.loads((tmp_path / "two.json").read_text())["config"]["timesteps"] == [500, 20]
-    for bad in (["--timesteps", "500"], base[:2] + ["--timesteps", "500;20"]):
-        with pytest.raises(SystemExit, match="--timesteps"):
+    assert json.loads((tmp_path / "ddim.json").read_text())["config"]["renoise"] == "ddim"
+    for bad, flag in ((["--timesteps", "500"], "--timesteps"), (base[:2] + ["--timesteps", "500;20"], "--timesteps"),
+                      (base[:2] + ["--renoise", "sde"], "--renoise"), (["--renoise", "ddim"], "--renoise")):
+        with pytest.raises(SystemExit, match=flag):
             fid_noise["main"](bad + ["--out", str(tmp_path / "bad.json")])
 
 

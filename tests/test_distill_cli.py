@@ -68,6 +68,7 @@ BAD_INPUTS = [
     (["--critic_steps_per_generator_step", "0"], "critic_steps_per_generator_step:"),
     (["--student_timesteps", "1200"], "student_timesteps: [1200] do not fit the teacher"),
     (["--student_timesteps", "300", "700"], "student_timesteps:"),
+    (["--student_renoise", "ode"], "student_renoise: accepted: fresh, ddim"),
     (["--method_options", '{"gan_weigth_generator": 1}'], "method_options: dmd2 does not accept ['gan_weigth_generator']"),
     (["--method", "fdistill", "--method_options", '{"gan_weight_discriminator": 0, "gan_weight_generator": 0}'],
      "needs the discriminator's density ratio"),
@@ -134,6 +135,30 @@ def test_digits_recipe_end_to_end_with_resume_and_student_pipeline(tmp_path, cap
     assert [r["step"] for r in rows] == [r["step"] for r in evals] == [2] and rows[0]["fid"] == evals[0]["eval/fid"]
     assert rows[0]["cpu_minutes"] is not None and 0 < rows[0]["cpu_minutes"] <= rows[0]["wall_minutes"] * 2 + 1
     assert "ratio" not in " ".join(pipe.unet.state_dict())  # no trainer state leaked into the student
+
+
+def test_two_step_ddim_recipe_trains_and_exports_a_ddim_student(tmp_path, capsys):
+    """The two-step recipe with --student_renoise ddim: the resume from a one-step checkpoint reports the
+    changed options, and the exported folder runs the deterministic chain (TCDScheduler, student_renoise)."""
+    out = tmp_path / "run"
+    args = ["--config", str(REPO / "distill" / "digits-dmd2-2step.yaml"), "--output_dir", str(out),
+            "--train_batch_size", "4", "--critic_steps_per_generator_step", "1", "--checkpointing_steps", "1",
+            "--validation_steps", "100", "--num_validation_samples", "10", "--progress", "false", "--json"]
+    assert main([*args, "--max_train_steps", "1", "--student_timesteps", "500"]) == 0
+    record = out / "checkpoint-1" / "trainer_state.json"  # as written before student_renoise existed
+    state = json.loads(record.read_text())
+    assert state["config"].pop("student_renoise") == "fresh"
+    record.write_text(json.dumps(state))
+    from fastgen.training.checkpoint import write_marker
+    write_marker(out / "checkpoint-1", 1)
+    assert main([*args, "--max_train_steps", "2", "--student_renoise", "ddim", "--resume_from_checkpoint", "latest"]) == 0
+    printed = "".join(capsys.readouterr())
+    assert "student_timesteps: [500] -> [500, 20]" in printed and "student_renoise: 'fresh' -> 'ddim'" in printed, printed
+    from diffusers import TCDScheduler
+    from fastgen.pipelines.student import FastGenStudentPipeline
+    pipe = FastGenStudentPipeline.from_pretrained(out / "student")
+    assert pipe.student_timesteps == [500, 20] and pipe.student_renoise == "ddim"
+    assert isinstance(pipe.scheduler, TCDScheduler)
 
 
 def _tiny_text_run(tmp_path, recipe: str, pipe, capsys):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline, LCMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler, DiffusionPipeline, LCMScheduler, StableDiffusionPipeline, TCDScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from fastgen.denoiser import Denoiser
@@ -13,10 +13,10 @@ from fastgen.training.students import Student, check_student_timesteps, split_co
 from tiny import tiny_class_unet, tiny_sd
 
 
-def _student(timesteps):
+def _student(timesteps, renoise="fresh"):
     unet = tiny_class_unet()
     den = Denoiser.from_scheduler(unet, DDPMScheduler())
-    return Student(unet, den.schedule, "epsilon", timesteps), den
+    return Student(unet, den.schedule, "epsilon", timesteps, renoise=renoise), den
 
 
 def test_one_step_student_is_the_teacher_x0_at_t_star():
@@ -56,6 +56,31 @@ def test_few_step_backward_simulation_runs_the_students_own_chain():
     assert student.network.conv_in.weight.grad is not None
 
 
+def test_ddim_renoise_chain_reuses_each_steps_noise_estimate():
+    """renoise="ddim": the next input is alpha' x0 + sigma' eps_hat with eps_hat the network's own noise
+    prediction (DDIM, eta = 0), so the chain is a function of the initial noise alone, and the training
+    forward at the last step is the sample."""
+    student, den = _student([999, 600, 300], renoise="ddim")
+    z, cond = torch.randn(2, 1, 8, 8), {"class_labels": torch.tensor([1, 2])}
+    x = z
+    for i, t in enumerate([999, 600, 300]):
+        eps = den(x, torch.full((2,), t), cond)
+        a, s = den.alpha_sigma(t, like=x)
+        x0 = (x - s * eps) / a
+        if i < 2:
+            a2, s2 = den.alpha_sigma([999, 600, 300][i + 1], like=x)
+            x = a2 * x0 + s2 * eps
+    out = student(z, cond, torch.Generator().manual_seed(5), step=2)
+    assert torch.allclose(out, x0, atol=1e-4) and out.requires_grad
+    for seed in (0, 1):  # no noise is drawn after the first input
+        assert torch.allclose(student.sample(z, cond, torch.Generator().manual_seed(seed)), x0.detach(), atol=1e-4)
+    fresh, _ = _student([999, 600, 300])
+    fresh.load_state_dict(student.state_dict())
+    assert (fresh.sample(z, cond, torch.Generator().manual_seed(5)) - x0).abs().max() > 1e-2
+    with pytest.raises(ValueError, match=r"renoise must be one of \('fresh', 'ddim'\)"):
+        _student([700], renoise="ode")
+
+
 def test_student_timestep_and_label_errors():
     with pytest.raises(ValueError, match="strictly decreasing"):
         check_student_timesteps([300, 600])
@@ -69,10 +94,10 @@ def test_student_timestep_and_label_errors():
     assert torch.equal(uncond["class_labels"], torch.tensor([10, 10]))
 
 
-def _student_pipe(timesteps):
+def _student_pipe(timesteps, renoise="fresh"):
     unet = tiny_class_unet()
     teacher = type("T", (), {"unet": unet, "scheduler": DDPMScheduler(), "vae": None, "config": {"id2label": None}})()
-    return FastGenStudentPipeline.from_teacher(teacher, unet, timesteps)
+    return FastGenStudentPipeline.from_teacher(teacher, unet, timesteps, renoise)
 
 
 @pytest.mark.parametrize("timesteps", [[700], [999, 499]])
@@ -196,3 +221,45 @@ def test_builtin_one_step_student_reproduces_its_card():
     res = evaluate_pipeline(pipe, 200, progress=False)
     assert res.nfe == 1 and res.accuracy == pytest.approx(0.995)
     assert res.fid == pytest.approx(2.1950, abs=0.01) and res.roughness == pytest.approx(0.10322, abs=1e-4)
+
+
+@pytest.mark.parametrize("timesteps", [[700], [500, 20], [999, 749, 499, 249]])
+def test_stock_tcd_scheduler_route_matches_a_ddim_student(timesteps, tmp_path):
+    """A renoise="ddim" student's folder holds a TCDScheduler; the documented loop (eta=0, x0 read from the
+    last output) gives the pipeline's images; the mode survives save/reload and can be overridden per call."""
+    pipe = _student_pipe(timesteps, "ddim")
+    assert isinstance(pipe.scheduler, TCDScheduler) and pipe.student_renoise == "ddim"
+    labels = torch.tensor([2, 5])
+    ours = pipe(class_labels=labels, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    scheduler = TCDScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(timesteps=pipe.config.student_timesteps)
+    x = randn_tensor((2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    for i, t in enumerate(scheduler.timesteps):
+        eps = pipe.unet(x, t, class_labels=labels).sample
+        if i + 1 < len(scheduler.timesteps):
+            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+    a = scheduler.alphas_cumprod[t]
+    assert torch.allclose((((x - (1 - a).sqrt() * eps) / a.sqrt()) / 2 + 0.5).clamp(0, 1), ours, atol=2e-5)
+    fresh = pipe(class_labels=labels, generator=torch.Generator().manual_seed(0), output_type="pt", renoise="fresh")
+    assert torch.equal(fresh.images, ours) == (len(timesteps) == 1)
+    with pytest.raises(ValueError, match="renoise must be one of"):
+        pipe(class_labels=labels, renoise="sde")
+    pipe.save_pretrained(tmp_path / "s")
+    again = FastGenStudentPipeline.from_pretrained(tmp_path / "s")
+    assert again.student_renoise == "ddim" and isinstance(again.scheduler, TCDScheduler)
+    assert torch.equal(again(class_labels=labels, generator=torch.Generator().manual_seed(0), output_type="pt").images,
+                       ours)
+
+
+def test_student_folders_saved_before_renoise_existed_are_fresh(tmp_path):
+    import json
+
+    pipe = _student_pipe([500, 20])
+    pipe.save_pretrained(tmp_path / "s")
+    index = json.loads((tmp_path / "s" / "model_index.json").read_text())
+    assert index.pop("student_renoise") == "fresh"
+    (tmp_path / "s" / "model_index.json").write_text(json.dumps(index))
+    again = FastGenStudentPipeline.from_pretrained(tmp_path / "s")
+    assert again.student_renoise == "fresh"
+    out = again(class_labels=[1, 2], seed=3, output_type="pt").images
+    assert torch.equal(out, pipe(class_labels=[1, 2], seed=3, output_type="pt").images)

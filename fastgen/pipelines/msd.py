@@ -53,11 +53,11 @@ class FastGenMSDPipeline(FastGenStudentPipeline):
 
     def __init__(self, scheduler, unet=None, transformer=None, vae=None, id2label: dict | None = None,
                  student_timesteps: Sequence[int] | None = None, partition: dict | None = None,
-                 unet_1=None, unet_2=None, unet_3=None, unet_4=None, unet_5=None, unet_6=None, unet_7=None):
+                 student_renoise: str = "fresh", unet_1=None, unet_2=None, unet_3=None, unet_4=None, unet_5=None, unet_6=None, unet_7=None):
         if transformer is not None:
             raise ValueError("FastGenMSDPipeline holds UNet2DModel students (unet, unet_1, ...), not a transformer.")
         super().__init__(scheduler=scheduler, unet=unet, vae=vae, id2label=id2label,
-                         student_timesteps=student_timesteps)
+                         student_timesteps=student_timesteps, student_renoise=student_renoise)
         extra = dict(zip(EXTRA, (unet_1, unet_2, unet_3, unet_4, unet_5, unet_6, unet_7)))
         self.register_modules(**extra)
         from ..training.msd import Partition
@@ -79,14 +79,15 @@ class FastGenMSDPipeline(FastGenStudentPipeline):
 
     @classmethod
     def from_students(cls, teacher_pipeline, networks: Sequence[torch.nn.Module], student_timesteps: Sequence[int],
-                      partition, prediction_type: str | None = None) -> "FastGenMSDPipeline":
+                      partition, prediction_type: str | None = None, student_renoise: str = "fresh"
+                      ) -> "FastGenMSDPipeline":
         """The routed pipeline of trained ``networks`` (student k serves part k) with the teacher's scheduler/VAE
         (in ``prediction_type`` when the students predict another quantity than the teacher)."""
         if not 1 <= len(networks) <= MAX_STUDENTS:
             raise ValueError(f"FastGenMSDPipeline holds 1 to {MAX_STUDENTS} students, got {len(networks)}.")
         nets = {("unet" if k == 0 else f"unet_{k}"): net for k, net in enumerate(networks)}
-        return cls(scheduler=student_scheduler(teacher_pipeline.scheduler, prediction_type),
-                   vae=getattr(teacher_pipeline, "vae", None),
+        return cls(scheduler=student_scheduler(teacher_pipeline.scheduler, prediction_type, student_renoise),
+                   vae=getattr(teacher_pipeline, "vae", None), student_renoise=student_renoise,
                    id2label=teacher_pipeline.config.get("id2label"), student_timesteps=list(student_timesteps),
                    partition=partition.to_dict() if hasattr(partition, "to_dict") else partition, **nets)
 

@@ -2,7 +2,8 @@
 
 A student (DMD2/f-distill, :mod:`fastgen.training`) is the teacher's architecture run at its own fixed
 timestep list (``student_timesteps``, stored in ``model_index.json``): each step predicts ``x0``; between
-steps ``x0`` is re-noised to the next timestep with fresh noise. One step = one network evaluation, no
+steps ``x0`` is re-noised to the next timestep with fresh noise (``student_renoise: "fresh"``, DMD2) or with
+the step's own noise estimate (``"ddim"``, a deterministic chain). One step = one network evaluation, no
 CFG pass, so ``.nfe == len(student_timesteps)``.
 
 Saved folders reload with ``FastGenStudentPipeline.from_pretrained(folder)`` and with
@@ -28,65 +29,90 @@ prediction, about 5e-9 x_t at ``t = 700``: equal to fp32 rounding.) An SD/SDXL s
 standard SD folder runs the same way in ``StableDiffusionPipeline``/``StableDiffusionXLPipeline`` with
 ``scheduler=LCMScheduler.from_config(pipe.scheduler.config)``, ``timesteps=student_timesteps`` and
 ``guidance_scale=1.0``.
+
+A ``student_renoise: "ddim"`` student's folder holds a ``TCDScheduler`` instead: with ``eta=0.0`` (TCD's
+gamma; its default is 0.3) its step re-noises ``x0`` with the step's own noise estimate, which is the
+student's chain. Its last step continues to ``t = 0`` (``x0`` plus ``sqrt(1 - alpha_bar_0)`` of the noise
+estimate, 1% on the digits schedule) and returns no ``x0``, so read ``x0`` from the last output::
+
+    scheduler = TCDScheduler.from_pretrained(folder, subfolder="scheduler")
+    scheduler.set_timesteps(timesteps=student_timesteps)
+    for i, t in enumerate(scheduler.timesteps):
+        eps = unet(x, t, class_labels=labels).sample
+        if i + 1 < len(scheduler.timesteps):
+            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+    a = scheduler.alphas_cumprod[t]
+    images = (((x - (1 - a).sqrt() * eps) / a.sqrt()) / 2 + 0.5).clamp(0, 1)
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
-from diffusers import LCMScheduler
+from diffusers import LCMScheduler, TCDScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..denoiser import Denoiser
-from ..training.config import DEFAULT_ONE_STEP_TIMESTEP
+from ..training.config import DEFAULT_ONE_STEP_TIMESTEP, RENOISE_MODES
 from .class_conditional import FastGenClassPipeline
 from .common import FastGenPipelineOutput
 
 DEFAULT_STUDENT_TIMESTEPS = (DEFAULT_ONE_STEP_TIMESTEP,)
 
 
-def student_scheduler(teacher_scheduler, prediction_type: str | None = None) -> LCMScheduler:
-    """An ``LCMScheduler`` on the teacher's training schedule (no clipping, no thresholding), in the teacher's
-    parameterisation or in ``prediction_type`` (students trained from scratch may predict another quantity)."""
+def student_scheduler(teacher_scheduler, prediction_type: str | None = None, renoise: str = "fresh"):
+    """The scheduler whose chain is the student's, on the teacher's training schedule (no clipping, no
+    thresholding): ``LCMScheduler`` (``renoise="fresh"``) or ``TCDScheduler`` (``"ddim"``, run with
+    ``eta=0``), in the teacher's parameterisation or in ``prediction_type`` (students trained from scratch
+    may predict another quantity)."""
     import inspect
 
-    accepted = set(inspect.signature(LCMScheduler.__init__).parameters)  # no warnings about a solver's own keys
+    if renoise not in RENOISE_MODES:
+        raise ValueError(f"renoise must be one of {RENOISE_MODES}, got {renoise!r}.")
+    cls = TCDScheduler if renoise == "ddim" else LCMScheduler
+    accepted = set(inspect.signature(cls.__init__).parameters)  # no warnings about a solver's own keys
     config = {k: v for k, v in teacher_scheduler.config.items() if k in accepted}
     if prediction_type is not None:
         config["prediction_type"] = prediction_type
-    return LCMScheduler.from_config(config, clip_sample=False, thresholding=False)
+    return cls.from_config(config, clip_sample=False, thresholding=False)
 
 
 class FastGenStudentPipeline(FastGenClassPipeline):
     """A distilled class-conditional student: ``pipe(class_labels=[...])`` runs ``student_timesteps``.
 
     Components as :class:`~fastgen.pipelines.FastGenClassPipeline` (``unet`` or ``transformer``, optional
-    ``vae``, ``scheduler``); config entry ``student_timesteps`` (descending list of ints).
+    ``vae``, ``scheduler``); config entries ``student_timesteps`` (descending list of ints) and
+    ``student_renoise`` (``"fresh"`` or ``"ddim"``; folders without it are ``"fresh"``).
     """
 
     _fastgen_entry = "fastgen_student_pipeline"
 
     def __init__(self, scheduler, unet=None, transformer=None, vae=None, id2label: dict | None = None,
-                 student_timesteps: Sequence[int] | None = None):
+                 student_timesteps: Sequence[int] | None = None, student_renoise: str = "fresh"):
         super().__init__(scheduler=scheduler, unet=unet, transformer=transformer, vae=vae, id2label=id2label)
-        from ..training.students import check_student_timesteps
+        from ..training.students import check_renoise, check_student_timesteps
 
         ts = check_student_timesteps(list(student_timesteps or DEFAULT_STUDENT_TIMESTEPS),
                                      int(scheduler.config.get("num_train_timesteps", 1000)))
-        self.register_to_config(student_timesteps=ts)
+        self.register_to_config(student_timesteps=ts, student_renoise=check_renoise(student_renoise, "student_renoise"))
 
     @classmethod
-    def from_teacher(cls, teacher_pipeline, network: torch.nn.Module, student_timesteps: Sequence[int]
-                     ) -> "FastGenStudentPipeline":
+    def from_teacher(cls, teacher_pipeline, network: torch.nn.Module, student_timesteps: Sequence[int],
+                     student_renoise: str = "fresh") -> "FastGenStudentPipeline":
         """The student pipeline of a trained ``network`` (teacher architecture) and the teacher's parts."""
         key = "unet" if getattr(teacher_pipeline, "unet", None) is not None else "transformer"
-        return cls(scheduler=student_scheduler(teacher_pipeline.scheduler), vae=getattr(teacher_pipeline, "vae", None),
-                   id2label=teacher_pipeline.config.get("id2label"), student_timesteps=list(student_timesteps),
-                   **{key: network})
+        return cls(scheduler=student_scheduler(teacher_pipeline.scheduler, renoise=student_renoise),
+                   vae=getattr(teacher_pipeline, "vae", None), id2label=teacher_pipeline.config.get("id2label"),
+                   student_timesteps=list(student_timesteps), student_renoise=student_renoise, **{key: network})
 
     @property
     def student_timesteps(self) -> list[int]:
         return list(self.config.student_timesteps)
+
+    @property
+    def student_renoise(self) -> str:
+        """``"fresh"`` or ``"ddim"``: how ``x0`` is re-noised between steps (:class:`~fastgen.training.students.Student`)."""
+        return self.config.get("student_renoise", "fresh")
 
     @property
     def nfe(self) -> int:
@@ -96,7 +122,7 @@ class FastGenStudentPipeline(FastGenClassPipeline):
     @torch.no_grad()
     def __call__(self, class_labels=None, num_inference_steps: int | None = None, timesteps: Sequence[int] | None = None,
                  guidance_scale: float = 1.0, generator=None, seed=None, latents: torch.Tensor | None = None,
-                 output_type: str = "pil", return_dict: bool = True, **kwargs):
+                 output_type: str = "pil", return_dict: bool = True, renoise: str | None = None, **kwargs):
         """Generate with the student's own step list.
 
         Args:
@@ -105,15 +131,17 @@ class FastGenStudentPipeline(FastGenClassPipeline):
             timesteps: another descending timestep list for the same weights (default: the student's).
             guidance_scale: must be 1 (a student runs without CFG).
             generator, seed, latents, output_type, return_dict: as :class:`FastGenClassPipeline`.
+            renoise: ``"fresh"`` or ``"ddim"`` instead of the student's own ``student_renoise``.
 
         Returns:
             :class:`~fastgen.pipelines.FastGenPipelineOutput`, ``nfe`` = number of student steps.
         """
-        from ..training.students import Student, check_student_timesteps
+        from ..training.students import Student, check_renoise, check_student_timesteps
 
         if kwargs:
             raise TypeError(f"FastGenStudentPipeline got unsupported arguments {sorted(kwargs)}; it accepts "
-                            f"class_labels, timesteps, generator, seed, latents, output_type, return_dict.")
+                            f"class_labels, timesteps, renoise, generator, seed, latents, output_type, return_dict.")
+        renoise = check_renoise(self.student_renoise if renoise is None else renoise)
         if guidance_scale != 1.0:
             raise ValueError(f"guidance_scale must be 1.0 for a distilled student (no CFG pass), got {guidance_scale!r}.")
         ts = check_student_timesteps(list(timesteps) if timesteps is not None else self.student_timesteps,
@@ -134,7 +162,7 @@ class FastGenStudentPipeline(FastGenClassPipeline):
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
         den = Denoiser.from_scheduler(net, self.scheduler)
-        student = Student(net, den.schedule, den.prediction_type, ts)
+        student = Student(net, den.schedule, den.prediction_type, ts, renoise=renoise)
         x0 = student.sample(latents.to(self._execution_device, net.dtype), {"class_labels": labels}, generator)
         images = self._decode(x0, output_type)
         self.maybe_free_model_hooks()

@@ -31,6 +31,9 @@ from typing import Any
 # 3.5x at 500, where the untrained student already scores FID 22 against 50 at 700 (500 fixed seeds).
 # DMD2's SDXL student likewise runs at t = 399; SD-1.5 DMD students use 999.
 DEFAULT_ONE_STEP_TIMESTEP = 500
+# How a few-step student makes its next input from x0 (fastgen.training.students.Student): fresh noise (DMD2,
+# LCMScheduler) or the step's own noise estimate (DDIM, eta = 0).
+RENOISE_MODES = ("fresh", "ddim")
 
 METHODS = {
     "dmd2": "fastgen.training.dmd2:DMD2",
@@ -70,6 +73,9 @@ class DistillConfig:
     apg_momentum: float = field(default=0.0, metadata={"help": "APG momentum (0 = off; no run state in training)"})
     student_timesteps: list[int] = field(default_factory=lambda: [DEFAULT_ONE_STEP_TIMESTEP], metadata={
         "help": "student timesteps t*: one value = one-step student, several (descending) = few-step student"})
+    student_renoise: str = field(default="fresh", metadata={
+        "help": "few-step students: the next step's input is x0 re-noised with fresh noise (fresh: DMD2, "
+                "LCMScheduler) or with the step's own noise estimate (ddim: DDIM eta=0, a deterministic chain)"})
     dataset: str = field(default="auto", metadata={
         "help": "real data for the GAN term: auto (the teacher's training split for builtin:digits), none, "
                 "builtin:digits, a folder of images, or a .safetensors file/folder of latents"})
@@ -172,7 +178,8 @@ class DistillConfig:
         unknown = sorted(set(options) - names)
         if unknown:
             raise ValueError(f"method_options: {self.method} does not accept {unknown}; accepted: {sorted(names)}.")
-        shared = {name: getattr(self, name) for name in ("student_timesteps", "divergence", "output_dir") if name in names}
+        shared = {name: getattr(self, name) for name in ("student_timesteps", "student_renoise", "divergence", "output_dir")
+                  if name in names}
         kwargs = {**shared, **options}
         for key, value in kwargs.items():  # YAML/JSON lists -> the tuples the method configs use
             if isinstance(value, list) and key.endswith("_time"):
@@ -249,6 +256,8 @@ class DistillConfig:
                 or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.student_timesteps)
                 or list(self.student_timesteps) != sorted(set(self.student_timesteps), reverse=True)):
             bad("student_timesteps", "must be a non-empty list of distinct non-negative integers in descending order")
+        if self.student_renoise not in RENOISE_MODES:
+            bad("student_renoise", f"accepted: {', '.join(RENOISE_MODES)}")
         self.method_config()  # unknown or bad method options fail here, before any model loads
         if not isinstance(num_processes, int) or num_processes < 1:
             raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}.")

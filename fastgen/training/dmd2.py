@@ -34,7 +34,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..denoiser import Denoiser, GuidedDenoiser
 from .discriminator import DiscriminatorHead, FeatureTap, default_feature_blocks
 from .method import Batch, DistillMethod
-from .students import DEFAULT_ONE_STEP_TIMESTEP, Student, null_class_label, split_conditions
+from .students import DEFAULT_ONE_STEP_TIMESTEP, Student, check_renoise, null_class_label, split_conditions
 
 GAN_FEATURE_SOURCES = ("teacher", "fake_score")
 FAKE_SCORE_LOSSES = ("model", "x0")
@@ -77,6 +77,8 @@ class DMD2Config:
 
     Args:
         student_timesteps: the student's step list (``[500]``: one step at ``t* = 500``).
+        student_renoise: a few-step student's re-noising between steps: ``"fresh"`` (DMD2) or ``"ddim"``
+            (the step's own noise estimate; :class:`~.students.Student`).
         dm_time, dsm_time, gan_time: inclusive timestep ranges of the DM loss, the fake score's DSM
             loss and the GAN (both generator and discriminator terms).
         gan_weight_generator: weight of the generator's GAN term (0: no GAN term for the student).
@@ -101,6 +103,7 @@ class DMD2Config:
     """
 
     student_timesteps: Sequence[int] = (DEFAULT_ONE_STEP_TIMESTEP,)
+    student_renoise: str = "fresh"
     dm_time: tuple[int, int] = (20, 980)
     dsm_time: tuple[int, int] = (0, 999)
     gan_time: tuple[int, int] = (0, 999)
@@ -124,6 +127,7 @@ class DMD2Config:
     regression_seed: int = 1_000_003
 
     def __post_init__(self):
+        check_renoise(self.student_renoise, "student_renoise")
         for name in ("dm_time", "dsm_time", "gan_time"):
             setattr(self, name, _check_time_range(name, tuple(getattr(self, name))))
         for name in ("regression_pairs", "regression_steps"):
@@ -215,10 +219,11 @@ class DMD2(DistillMethod):
         # Student: a copy of the teacher, or adapter "student" on the teacher's network.
         if config.lora_student:
             lora.add_lora(network, "student", **lora_kwargs)
-            self.student_module = Student(network, schedule, prediction_type, config.student_timesteps, adapter="student")
+            self.student_module = Student(network, schedule, prediction_type, config.student_timesteps, adapter="student",
+                                          renoise=config.student_renoise)
         else:
             self.student_module = Student(_trainable_copy(network), schedule, prediction_type,
-                                          config.student_timesteps)
+                                          config.student_timesteps, renoise=config.student_renoise)
         # Fake score: a copy of the teacher, or adapter "fake_score" on the same network.
         if config.lora_fake_score:
             self._fake_params = lora.add_lora(network, "fake_score", **lora_kwargs)

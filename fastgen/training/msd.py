@@ -456,7 +456,7 @@ def load_student_source(spec: str) -> Student:
     pipe = load_pipeline(spec)
     net = pipe.network.float().eval().requires_grad_(False)
     den = Denoiser.from_scheduler(net, pipe.scheduler)
-    return Student(net, den.schedule, den.prediction_type, pipe.student_timesteps)
+    return Student(net, den.schedule, den.prediction_type, pipe.student_timesteps, renoise=pipe.student_renoise)
 
 
 def small_network(teacher_network: torch.nn.Module, block_out_channels: Sequence[int], seed: int) -> torch.nn.Module:
@@ -534,7 +534,7 @@ class MSD(DistillMethod):
                 small = small_network(net, c.student_block_out_channels, seed=1000 + k)
                 part.student_module = Student(small, first.teacher_denoiser.schedule,
                                               c.student_prediction_type or first.teacher_denoiser.prediction_type,
-                                              base.student_timesteps)
+                                              base.student_timesteps, renoise=base.student_renoise)
                 part._student_params = list(small.parameters())
         if c.compress_from is not None:  # frozen, not a submodule: neither trained nor checkpointed
             self.__dict__["compress_source"] = load_student_source(c.compress_from)
@@ -631,7 +631,8 @@ class MSD(DistillMethod):
 
         return FastGenMSDPipeline.from_students(teacher_pipeline, self.student_networks(),
                                                 list(self.config.student_timesteps), self.partition,
-                                                prediction_type=self.config.student_prediction_type)
+                                                prediction_type=self.config.student_prediction_type,
+                                                student_renoise=self.config.student_renoise)
 
     def _part_batch(self, batch: Batch, k: int) -> Batch:
         """``batch`` restricted to part ``k``: class labels redrawn from the part, text rows selected, real rows

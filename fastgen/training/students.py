@@ -7,6 +7,12 @@ predicts ``x0`` and re-noises it to the next timestep with fresh noise (the ``LC
 training feeds it inputs by *backward simulation*: the student's own chain, without gradients, up to a
 randomly chosen step, so training and inference see the same inputs.
 
+``renoise="ddim"`` re-noises instead with the step's own noise estimate ``eps = (x_t - alpha_t x0) / sigma_t``
+(DDIM with eta = 0, Song et al. 2021, arXiv:2010.02502, eq. 12): the chain is then a deterministic map of
+the initial noise, as a one-step student is, and each later step refines the previous ``x0`` along the
+direction its input came from instead of on an unrelated noise draw. (Stock diffusers route:
+``TCDScheduler`` with ``gamma=0``; see :mod:`fastgen.pipelines.student`.)
+
 The default ``t*`` (:data:`~fastgen.training.config.DEFAULT_ONE_STEP_TIMESTEP`, 500) and why: see its
 comment in :mod:`fastgen.training.config`.
 """
@@ -19,7 +25,14 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..denoiser import Denoiser
 
-from .config import DEFAULT_ONE_STEP_TIMESTEP  # re-exported; defined (and explained) in .config
+from .config import DEFAULT_ONE_STEP_TIMESTEP, RENOISE_MODES  # re-exported; defined (and explained) in .config
+
+
+def check_renoise(value: str, argument: str = "renoise") -> str:
+    """Validate a student's re-noising mode (one of :data:`RENOISE_MODES`)."""
+    if value not in RENOISE_MODES:
+        raise ValueError(f"{argument} must be one of {RENOISE_MODES}, got {value!r}.")
+    return value
 
 
 def check_student_timesteps(timesteps: Sequence[int], num_train_timesteps: int = 1000) -> list[int]:
@@ -71,14 +84,18 @@ class Student(torch.nn.Module):
         prediction_type: the teacher's parameterisation; the output is converted to ``x0``.
         timesteps: the student's step list, e.g. ``[700]`` (one step) or ``[999, 749, 499, 249]``.
         adapter: with a LoRA student, the name of its adapter (activated around every forward).
+        renoise: how a few-step student's next input is made from ``x0``: ``"fresh"`` (fresh Gaussian noise,
+            DMD2 and ``LCMScheduler``) or ``"ddim"`` (the step's own noise estimate; deterministic chain).
     """
 
     def __init__(self, network: torch.nn.Module, schedule, prediction_type: str = "epsilon",
-                 timesteps: Sequence[int] = (DEFAULT_ONE_STEP_TIMESTEP,), adapter: str | None = None):
+                 timesteps: Sequence[int] = (DEFAULT_ONE_STEP_TIMESTEP,), adapter: str | None = None,
+                 renoise: str = "fresh"):
         super().__init__()
         self.network = network
         self.timesteps = check_student_timesteps(list(timesteps), schedule.num_train_timesteps)
         self.adapter = adapter
+        self.renoise_mode = check_renoise(renoise)
         # Not a submodule: the denoiser only refers to ``network`` (registered once, above).
         self.__dict__["denoiser"] = Denoiser(network, schedule, prediction_type)
 
@@ -96,9 +113,19 @@ class Student(torch.nn.Module):
         with use_adapter(self.network, self.adapter):
             return self.denoiser.predict(x, t, cond)[0]
 
-    def renoise(self, x0: torch.Tensor, step: int, generator) -> torch.Tensor:
-        """The input of step ``step``: ``alpha x0 + sigma eps`` with fresh noise (LCMScheduler's chain)."""
-        noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    def renoise(self, x0: torch.Tensor, step: int, generator, x: torch.Tensor | None = None) -> torch.Tensor:
+        """The input of step ``step``: ``alpha x0 + sigma eps``.
+
+        ``eps`` is fresh noise (``renoise="fresh"``, LCMScheduler's chain) or, with ``renoise="ddim"``, the
+        previous step's noise estimate ``(x - alpha' x0) / sigma'`` from its input ``x`` (required then).
+        """
+        if self.renoise_mode == "ddim":
+            if x is None or step < 1:
+                raise ValueError("renoise='ddim' needs the previous step's input x (and step >= 1).")
+            a_prev, s_prev = self.denoiser.alpha_sigma(self.timesteps[step - 1], like=x0)
+            noise = (x - a_prev * x0) / s_prev
+        else:
+            noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         a, s = self.denoiser.alpha_sigma(self.timesteps[step], like=x0)
         return a * x0 + s * noise
 
@@ -115,7 +142,7 @@ class Student(torch.nn.Module):
         if step > 0:
             with torch.no_grad():
                 for i in range(step):
-                    x = self.renoise(self.denoise(x, i, cond), i + 1, generator)
+                    x = self.renoise(self.denoise(x, i, cond), i + 1, generator, x)
         return self.denoise(x, step, cond)
 
     @torch.no_grad()
@@ -125,5 +152,5 @@ class Student(torch.nn.Module):
         for i in range(self.num_steps):
             x0 = self.denoise(x, i, cond)
             if i + 1 < self.num_steps:
-                x = self.renoise(x0, i + 1, generator)
+                x = self.renoise(x0, i + 1, generator, x)
         return x0

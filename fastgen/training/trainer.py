@@ -29,6 +29,7 @@ phase the other groups' parameters have ``requires_grad`` off, so no gradient le
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -337,6 +338,10 @@ class DistillTrainer:
         run, except budget and bookkeeping (:data:`RESUME_FREE_OPTIONS`): a warm start on purpose, or a mistake."""
         record = Path(path) / "trainer_state.json"
         saved = json.loads(record.read_text()).get("config") or {} if record.is_file() else {}
+        if saved:  # an option added after the checkpoint was written ran at its default
+            for f in dataclasses.fields(self.config):
+                if f.name not in saved and f.default is not dataclasses.MISSING:
+                    saved[f.name] = json.loads(json.dumps(f.default, default=str))
         now = json.loads(json.dumps(self.config.to_dict(), default=str))  # the same round trip as the saved one
         return [(k, saved[k], now[k]) for k in sorted(saved.keys() & now.keys())
                 if k not in RESUME_FREE_OPTIONS and saved[k] != now[k]]
@@ -645,9 +650,10 @@ class DistillTrainer:
                 elif network_fn is not None and pipe is not None and hasattr(pipe, "num_classes"):
                     from ..pipelines.student import FastGenStudentPipeline
 
-                    timesteps = list(getattr(getattr(self.method, "config", None), "student_timesteps",
-                                             self.config.student_timesteps))
-                    student_pipe = FastGenStudentPipeline.from_teacher(pipe, network_fn(), timesteps)
+                    method_config = getattr(self.method, "config", None)
+                    timesteps = list(getattr(method_config, "student_timesteps", self.config.student_timesteps))
+                    renoise = getattr(method_config, "student_renoise", self.config.student_renoise)
+                    student_pipe = FastGenStudentPipeline.from_teacher(pipe, network_fn(), timesteps, renoise)
                     student_pipe.save_pretrained(tmp)
                 elif network_fn is not None:
                     save_network(network_fn(), tmp)
