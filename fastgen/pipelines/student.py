@@ -43,6 +43,9 @@ estimate, 1% on the digits schedule) and returns no ``x0``, so read ``x0`` from 
             x = scheduler.step(eps, t, x, eta=0.0).prev_sample
     a = scheduler.alphas_cumprod[t]
     images = (((x - (1 - a).sqrt() * eps) / a.sqrt()) / 2 + 0.5).clamp(0, 1)
+
+In ``StableDiffusionPipeline`` a ``"ddim"`` SD student runs with ``scheduler=TCDScheduler.from_config(...)`` and
+``eta=0.0`` (the pipeline passes ``eta`` to the step); its images then carry that last 1% step.
 """
 from __future__ import annotations
 
