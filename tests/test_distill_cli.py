@@ -138,20 +138,21 @@ def test_digits_recipe_end_to_end_with_resume_and_student_pipeline(tmp_path, cap
 
 
 def test_two_step_ddim_recipe_trains_and_exports_a_ddim_student(tmp_path, capsys):
-    """The two-step recipe with --student_renoise ddim: the resume from a one-step checkpoint reports the
-    changed options, and the exported folder runs the deterministic chain (TCDScheduler, student_renoise)."""
+    """The two-step recipe (student_renoise: ddim) resumed from a one-step checkpoint written before the option
+    existed: the resume reports both changed options, and the exported folder runs the deterministic chain
+    (TCDScheduler, student_renoise)."""
     out = tmp_path / "run"
     args = ["--config", str(REPO / "distill" / "digits-dmd2-2step.yaml"), "--output_dir", str(out),
             "--train_batch_size", "4", "--critic_steps_per_generator_step", "1", "--checkpointing_steps", "1",
             "--validation_steps", "100", "--num_validation_samples", "10", "--progress", "false", "--json"]
-    assert main([*args, "--max_train_steps", "1", "--student_timesteps", "500"]) == 0
+    assert main([*args, "--max_train_steps", "1", "--student_timesteps", "500", "--student_renoise", "fresh"]) == 0
     record = out / "checkpoint-1" / "trainer_state.json"  # as written before student_renoise existed
     state = json.loads(record.read_text())
     assert state["config"].pop("student_renoise") == "fresh"
     record.write_text(json.dumps(state))
     from fastgen.training.checkpoint import write_marker
     write_marker(out / "checkpoint-1", 1)
-    assert main([*args, "--max_train_steps", "2", "--student_renoise", "ddim", "--resume_from_checkpoint", "latest"]) == 0
+    assert main([*args, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"]) == 0  # the recipe's ddim
     printed = "".join(capsys.readouterr())
     assert "student_timesteps: [500] -> [500, 20]" in printed and "student_renoise: 'fresh' -> 'ddim'" in printed, printed
     from diffusers import TCDScheduler

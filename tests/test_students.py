@@ -29,19 +29,26 @@ def test_one_step_student_is_the_teacher_x0_at_t_star():
     assert torch.allclose(student.sample(z, cond), expected, atol=1e-5)
 
 
+def _chain_by_hand(den, z, cond, timesteps, next_noise):
+    """A few-step chain written out: x0 = (x - sigma eps) / alpha at each timestep, the next input
+    alpha' x0 + sigma' next_noise(x, eps); returns the last x0."""
+    x = z
+    for i, t in enumerate(timesteps):
+        eps = den(x, torch.full((x.shape[0],), t), cond)
+        a, s = den.alpha_sigma(t, like=x)
+        x0 = (x - s * eps) / a
+        if i + 1 < len(timesteps):
+            a2, s2 = den.alpha_sigma(timesteps[i + 1], like=x)
+            x = a2 * x0 + s2 * next_noise(x, eps)
+    return x0
+
+
 def test_few_step_backward_simulation_runs_the_students_own_chain():
     student, den = _student([999, 600, 300])
     z, cond = torch.randn(2, 1, 8, 8), {"class_labels": torch.tensor([1, 2])}
     # step 2 by hand: x0 at 999, re-noise to 600, x0, re-noise to 300, x0 (with gradient)
     g = torch.Generator().manual_seed(5)
-    x = z
-    for i, t in enumerate([999, 600, 300]):
-        eps = den(x, torch.full((2,), t), cond)
-        a, s = den.alpha_sigma(t, like=x)
-        x0 = (x - s * eps) / a
-        if i < 2:
-            a2, s2 = den.alpha_sigma([999, 600, 300][i + 1], like=x)
-            x = a2 * x0 + s2 * torch.randn(x.shape, generator=g)
+    x0 = _chain_by_hand(den, z, cond, [999, 600, 300], lambda x, eps: torch.randn(x.shape, generator=g))
     out = student(z, cond, torch.Generator().manual_seed(5), step=2)
     assert torch.allclose(out, x0, atol=1e-4)
     assert out.requires_grad
@@ -62,14 +69,7 @@ def test_ddim_renoise_chain_reuses_each_steps_noise_estimate():
     forward at the last step is the sample."""
     student, den = _student([999, 600, 300], renoise="ddim")
     z, cond = torch.randn(2, 1, 8, 8), {"class_labels": torch.tensor([1, 2])}
-    x = z
-    for i, t in enumerate([999, 600, 300]):
-        eps = den(x, torch.full((2,), t), cond)
-        a, s = den.alpha_sigma(t, like=x)
-        x0 = (x - s * eps) / a
-        if i < 2:
-            a2, s2 = den.alpha_sigma([999, 600, 300][i + 1], like=x)
-            x = a2 * x0 + s2 * eps
+    x0 = _chain_by_hand(den, z, cond, [999, 600, 300], lambda x, eps: eps)
     out = student(z, cond, torch.Generator().manual_seed(5), step=2)
     assert torch.allclose(out, x0, atol=1e-4) and out.requires_grad
     for seed in (0, 1):  # no noise is drawn after the first input
