@@ -53,7 +53,8 @@ class FastGenMSDPipeline(FastGenStudentPipeline):
 
     def __init__(self, scheduler, unet=None, transformer=None, vae=None, id2label: dict | None = None,
                  student_timesteps: Sequence[int] | None = None, partition: dict | None = None,
-                 student_renoise: str = "fresh", unet_1=None, unet_2=None, unet_3=None, unet_4=None, unet_5=None, unet_6=None, unet_7=None):
+                 student_renoise: str = "fresh", unet_1=None, unet_2=None, unet_3=None, unet_4=None, unet_5=None,
+                 unet_6=None, unet_7=None):
         if transformer is not None:
             raise ValueError("FastGenMSDPipeline holds UNet2DModel students (unet, unet_1, ...), not a transformer.")
         super().__init__(scheduler=scheduler, unet=unet, vae=vae, id2label=id2label,

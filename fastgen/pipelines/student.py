@@ -56,7 +56,7 @@ from diffusers import LCMScheduler, TCDScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..denoiser import Denoiser
-from ..training.config import DEFAULT_ONE_STEP_TIMESTEP, RENOISE_MODES
+from ..training.config import DEFAULT_ONE_STEP_TIMESTEP
 from .class_conditional import FastGenClassPipeline
 from .common import FastGenPipelineOutput
 
@@ -70,9 +70,9 @@ def student_scheduler(teacher_scheduler, prediction_type: str | None = None, ren
     may predict another quantity)."""
     import inspect
 
-    if renoise not in RENOISE_MODES:
-        raise ValueError(f"renoise must be one of {RENOISE_MODES}, got {renoise!r}.")
-    cls = TCDScheduler if renoise == "ddim" else LCMScheduler
+    from ..training.students import check_renoise
+
+    cls = TCDScheduler if check_renoise(renoise) == "ddim" else LCMScheduler
     accepted = set(inspect.signature(cls.__init__).parameters)  # no warnings about a solver's own keys
     config = {k: v for k, v in teacher_scheduler.config.items() if k in accepted}
     if prediction_type is not None:

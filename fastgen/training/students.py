@@ -11,7 +11,7 @@ randomly chosen step, so training and inference see the same inputs.
 (DDIM with eta = 0, Song et al. 2021, arXiv:2010.02502, eq. 12): the chain is then a deterministic map of
 the initial noise, as a one-step student is, and each later step refines the previous ``x0`` along the
 direction its input came from instead of on an unrelated noise draw. (Stock diffusers route:
-``TCDScheduler`` with ``gamma=0``; see :mod:`fastgen.pipelines.student`.)
+``TCDScheduler`` stepped with ``eta=0``, the paper's gamma; see :mod:`fastgen.pipelines.student`.)
 
 The default ``t*`` (:data:`~fastgen.training.config.DEFAULT_ONE_STEP_TIMESTEP`, 500) and why: see its
 comment in :mod:`fastgen.training.config`.
