@@ -126,7 +126,7 @@ def fid(config: FidConfig | None = None, **overrides) -> dict:
     plan = plan_sampling(pipe, steps=config.steps, guidance=config.guidance, guidance_scale=config.scale,
                          solver=config.solver, teleport=config.teleport, teleport_fraction=config.teleport_fraction)
     if plan.student:
-        title = f"{config.fake}  distilled student, t = {pipe.student_timesteps}"
+        title = f"{config.fake}  distilled student, {pipe.steps_label}"
     else:
         title = f"{config.fake}  {plan.solver}, {plan.steps} steps, {plan.guidance} w={plan.scale:g}"
     result = evaluate_pipeline(pipe, config.n, seed=config.seed, grid_title=title, **common, **plan.call)

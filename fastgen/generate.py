@@ -145,7 +145,7 @@ def plan_sampling(pipe, *, steps=None, guidance=None, guidance_scale=None, solve
     if is_student(pipe):
         check_student_options(pipe, steps=steps, guidance=guidance, guidance_scale=guidance_scale, solver=solver,
                               teleport=teleport, teleport_fraction=teleport_fraction)
-        return SamplingPlan(pipe.nfe, "none", 1.0, f"student t={pipe.student_timesteps}", {}, True)
+        return SamplingPlan(pipe.nfe, "none", 1.0, f"student {pipe.steps_label}", {}, True)
     name = guidance or "cfg"
     scale = 1.0 if name == "none" else (default_scale if guidance_scale is None else guidance_scale)
     steps = steps or DEFAULT_STEPS
@@ -242,7 +242,7 @@ def sample_grid(config: SampleConfig | None = None, **overrides) -> dict:
     name = config.model.split(":")[-1] if config.model.startswith("builtin:") else Path(config.model).name
     captions = [pipe.label_name(c) for c in conds] if is_class else None
     if plan.student:
-        title = f"{name} | distilled student, t = {pipe.student_timesteps} | no guidance | NFE {nfe}/img"
+        title = f"{name} | distilled student, {pipe.steps_label} | no guidance | NFE {nfe}/img"
     else:
         title = (f"{name} | {Path(plan.solver).name} | {plan.steps} steps | {plan.guidance} {plan.scale:g} | "
                  f"NFE {nfe}/img" + (" | teleport" if teleport is not None else "")

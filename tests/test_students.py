@@ -181,7 +181,7 @@ def test_fastgen_sample_runs_a_saved_student_folder_and_refuses_solver_options(t
     rec = sample_grid(model=str(tmp_path / "student"), classes=[0, 1, 2], count=2, output=str(tmp_path / "g.png"),
                       progress=False)
     assert (rec["nfe"], rec["steps"], rec["guidance"], rec["images"]) == (1, 1, "none", 6)
-    assert rec["solver"] == "student t=[700]" and (tmp_path / "g.png").is_file()
+    assert rec["solver"] == "student t = [700]" and (tmp_path / "g.png").is_file()
     for bad, name in ((dict(steps=4), "steps"), (dict(guidance="cfg"), "guidance"), (dict(guidance_scale=3.0), "guidance"),
                       (dict(solver="ddim"), "solver")):
         with pytest.raises(ValueError, match=f"^{name}: "):
@@ -229,6 +229,7 @@ def test_stock_tcd_scheduler_route_matches_a_ddim_student(timesteps, tmp_path):
     last output) gives the pipeline's images; the mode survives save/reload and can be overridden per call."""
     pipe = _student_pipe(timesteps, "ddim")
     assert isinstance(pipe.scheduler, TCDScheduler) and pipe.student_renoise == "ddim"
+    assert pipe.steps_label == (f"t = {timesteps}, ddim re-noise" if len(timesteps) > 1 else f"t = {timesteps}")
     labels = torch.tensor([2, 5])
     ours = pipe(class_labels=labels, generator=torch.Generator().manual_seed(0), output_type="pt").images
     scheduler = TCDScheduler.from_config(pipe.scheduler.config)

@@ -118,6 +118,12 @@ class FastGenStudentPipeline(FastGenClassPipeline):
         return self.config.get("student_renoise", "fresh")
 
     @property
+    def steps_label(self) -> str:
+        """The student's steps for titles and logs: ``"t = [500]"``, ``"t = [500, 20], ddim re-noise"``."""
+        label = f"t = {self.student_timesteps}"
+        return label + (f", {self.student_renoise} re-noise" if len(self.student_timesteps) > 1 else "")
+
+    @property
     def nfe(self) -> int:
         """Network evaluations per image: one per student step (no CFG pass)."""
         return len(self.student_timesteps)
