@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from fastgen.benchmarking import Results, builtin_pipeline, parse_options, portable
 from fastgen.metrics import evaluate_pipeline
-from fastgen.training.config import RENOISE_MODES
+from fastgen.training.students import check_renoise
 
 FIRST_SEED = 100_000  # disjoint from the benchmark's seeds (0...) and the search's (10,000...)
 
@@ -61,9 +61,13 @@ def _timesteps(opts: FidNoise) -> list[int]:
 def main(argv=None) -> None:
     opts = parse_options(FidNoise, argv)
     timesteps = _timesteps(opts)
-    if opts.renoise and (not opts.model or opts.renoise not in RENOISE_MODES):
-        raise SystemExit(f"--renoise applies to a student (--model) and must be one of {RENOISE_MODES}, "
-                         f"got {opts.renoise!r}.")
+    if opts.renoise:
+        if not opts.model:
+            raise SystemExit("--renoise applies to a student (--model); the teacher's steps are --solver and --nfe.")
+        try:
+            check_renoise(opts.renoise)
+        except ValueError as err:
+            raise SystemExit(f"--{err}") from None
     pipe = builtin_pipeline(opts.model or "digits", threads=1)
     if opts.model:
         what = {"model": opts.label or (opts.model if opts.model.startswith("builtin:") else portable(opts.model))}

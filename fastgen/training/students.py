@@ -113,21 +113,28 @@ class Student(torch.nn.Module):
         with use_adapter(self.network, self.adapter):
             return self.denoiser.predict(x, t, cond)[0]
 
-    def renoise(self, x0: torch.Tensor, step: int, generator, x: torch.Tensor | None = None) -> torch.Tensor:
-        """The input of step ``step``: ``alpha x0 + sigma eps``.
+    def renoise(self, x: torch.Tensor, x0: torch.Tensor, step: int, generator) -> torch.Tensor:
+        """The input of step ``step`` from step ``step - 1``'s input ``x`` and output ``x0``: ``alpha x0 + sigma eps``.
 
         ``eps`` is fresh noise (``renoise="fresh"``, LCMScheduler's chain) or, with ``renoise="ddim"``, the
-        previous step's noise estimate ``(x - alpha' x0) / sigma'`` from its input ``x`` (required then).
+        previous step's noise estimate ``(x - alpha' x0) / sigma'``.
         """
         if self.renoise_mode == "ddim":
-            if x is None or step < 1:
-                raise ValueError("renoise='ddim' needs the previous step's input x (and step >= 1).")
             a_prev, s_prev = self.denoiser.alpha_sigma(self.timesteps[step - 1], like=x0)
             noise = (x - a_prev * x0) / s_prev
         else:
             noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         a, s = self.denoiser.alpha_sigma(self.timesteps[step], like=x0)
         return a * x0 + s * noise
+
+    @torch.no_grad()
+    def input_of(self, step: int, noise: torch.Tensor, cond: Mapping[str, Any], generator=None) -> torch.Tensor:
+        """The input of step ``step``: the student's own chain from ``noise`` without gradient (DMD2's
+        backward simulation; ``noise`` itself for step 0)."""
+        x = noise
+        for i in range(step):
+            x = self.renoise(x, self.denoise(x, i, cond), i + 1, generator)
+        return x
 
     def forward(self, noise: torch.Tensor, cond: Mapping[str, Any], generator=None, step: int | None = None
                 ) -> torch.Tensor:
@@ -138,19 +145,10 @@ class Student(torch.nn.Module):
         if step is None:
             step = 0 if self.num_steps == 1 else int(torch.randint(self.num_steps, (1,), generator=generator,
                                                                    device=getattr(generator, "device", "cpu")))
-        x = noise
-        if step > 0:
-            with torch.no_grad():
-                for i in range(step):
-                    x = self.renoise(self.denoise(x, i, cond), i + 1, generator, x)
-        return self.denoise(x, step, cond)
+        return self.denoise(self.input_of(step, noise, cond, generator), step, cond)
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, cond: Mapping[str, Any], generator=None) -> torch.Tensor:
         """The full chain from ``noise``: ``x0`` after ``num_steps`` network evaluations."""
-        x = noise
-        for i in range(self.num_steps):
-            x0 = self.denoise(x, i, cond)
-            if i + 1 < self.num_steps:
-                x = self.renoise(x0, i + 1, generator, x)
-        return x0
+        last = self.num_steps - 1
+        return self.denoise(self.input_of(last, noise, cond, generator), last, cond)
