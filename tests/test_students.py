@@ -13,10 +13,10 @@ from fastgen.training.students import Student, check_student_timesteps, split_co
 from tiny import tiny_class_unet, tiny_sd
 
 
-def _student(timesteps, renoise="fresh"):
+def _student(timesteps, renoise="fresh", step_draw="batch"):
     unet = tiny_class_unet()
     den = Denoiser.from_scheduler(unet, DDPMScheduler())
-    return Student(unet, den.schedule, "epsilon", timesteps, renoise=renoise), den
+    return Student(unet, den.schedule, "epsilon", timesteps, renoise=renoise, step_draw=step_draw), den
 
 
 def test_one_step_student_is_the_teacher_x0_at_t_star():
@@ -79,6 +79,29 @@ def test_ddim_renoise_chain_reuses_each_steps_noise_estimate():
     assert (fresh.sample(z, cond, torch.Generator().manual_seed(5)) - x0).abs().max() > 1e-2
     with pytest.raises(ValueError, match=r"renoise must be one of \('fresh', 'ddim'\)"):
         _student([700], renoise="ode")
+
+
+def test_per_sample_step_draw_gives_each_row_its_own_steps_chain():
+    """step_draw="sample": row i is trained at its own random step, on the input the chain gives that step
+    (the same as a batch forward at that step), and the default draw is one step for the whole batch."""
+    timesteps = [999, 600, 300, 100]
+    student, den = _student(timesteps, renoise="ddim", step_draw="sample")
+    z, cond = torch.randn(6, 1, 8, 8), {"class_labels": torch.tensor([1, 2, 3, 4, 5, 6])}
+    steps = torch.randint(4, (6,), generator=torch.Generator().manual_seed(11))
+    assert len(set(steps.tolist())) > 2  # the seed mixes steps
+    out = student(z, cond, torch.Generator().manual_seed(11))
+    assert out.requires_grad
+    for i, k in enumerate(steps.tolist()):
+        one = {"class_labels": cond["class_labels"][i:i + 1]}
+        expected = _chain_by_hand(den, z[i:i + 1], one, timesteps[:k + 1], lambda x, eps: eps)
+        assert torch.allclose(out[i:i + 1], expected, atol=1e-4), (i, k)
+    batch, _ = _student(timesteps, renoise="ddim")
+    batch.load_state_dict(student.state_dict())
+    k = int(torch.randint(4, (1,), generator=torch.Generator().manual_seed(11)))
+    assert torch.allclose(batch(z, cond, torch.Generator().manual_seed(11)),
+                          batch(z, cond, step=k), atol=1e-6)
+    with pytest.raises(ValueError, match=r"step_draw must be one of \('batch', 'sample'\)"):
+        _student([700], step_draw="row")
 
 
 def test_student_timestep_and_label_errors():

@@ -34,6 +34,9 @@ DEFAULT_ONE_STEP_TIMESTEP = 500
 # How a few-step student makes its next input from x0 (fastgen.training.students.Student): fresh noise (DMD2,
 # LCMScheduler) or the step's own noise estimate (DDIM, eta = 0).
 RENOISE_MODES = ("fresh", "ddim")
+# How backward simulation picks the step a few-step student trains on: one step for the whole batch (DMD2's
+# generator turn) or one per sample (DMD2's per-sample draw of its denoising data).
+STEP_DRAWS = ("batch", "sample")
 
 METHODS = {
     "dmd2": "fastgen.training.dmd2:DMD2",

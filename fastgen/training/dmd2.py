@@ -34,7 +34,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..denoiser import Denoiser, GuidedDenoiser
 from .discriminator import DiscriminatorHead, FeatureTap, default_feature_blocks
 from .method import Batch, DistillMethod
-from .students import DEFAULT_ONE_STEP_TIMESTEP, Student, check_renoise, null_class_label, split_conditions
+from .students import (DEFAULT_ONE_STEP_TIMESTEP, Student, check_renoise, check_step_draw, null_class_label,
+                       split_conditions)
 
 GAN_FEATURE_SOURCES = ("teacher", "fake_score")
 FAKE_SCORE_LOSSES = ("model", "x0")
@@ -79,6 +80,8 @@ class DMD2Config:
         student_timesteps: the student's step list (``[500]``: one step at ``t* = 500``).
         student_renoise: a few-step student's re-noising between steps: ``"fresh"`` (DMD2) or ``"ddim"``
             (the step's own noise estimate; :class:`~.students.Student`).
+        student_step_draw: which step of a few-step student a generator or critic turn trains on: one random step
+            for the batch (``"batch"``, DMD2) or one per sample (``"sample"``; :class:`~.students.Student`).
         dm_time, dsm_time, gan_time: inclusive timestep ranges of the DM loss, the fake score's DSM
             loss and the GAN (both generator and discriminator terms).
         gan_weight_generator: weight of the generator's GAN term (0: no GAN term for the student).
@@ -104,6 +107,7 @@ class DMD2Config:
 
     student_timesteps: Sequence[int] = (DEFAULT_ONE_STEP_TIMESTEP,)
     student_renoise: str = "fresh"
+    student_step_draw: str = "batch"
     dm_time: tuple[int, int] = (20, 980)
     dsm_time: tuple[int, int] = (0, 999)
     gan_time: tuple[int, int] = (0, 999)
@@ -128,6 +132,7 @@ class DMD2Config:
 
     def __post_init__(self):
         check_renoise(self.student_renoise, "student_renoise")
+        check_step_draw(self.student_step_draw, "student_step_draw")
         for name in ("dm_time", "dsm_time", "gan_time"):
             setattr(self, name, _check_time_range(name, tuple(getattr(self, name))))
         for name in ("regression_pairs", "regression_steps"):
@@ -220,10 +225,11 @@ class DMD2(DistillMethod):
         if config.lora_student:
             lora.add_lora(network, "student", **lora_kwargs)
             self.student_module = Student(network, schedule, prediction_type, config.student_timesteps, adapter="student",
-                                          renoise=config.student_renoise)
+                                          renoise=config.student_renoise, step_draw=config.student_step_draw)
         else:
             self.student_module = Student(_trainable_copy(network), schedule, prediction_type,
-                                          config.student_timesteps, renoise=config.student_renoise)
+                                          config.student_timesteps, renoise=config.student_renoise,
+                                          step_draw=config.student_step_draw)
         # Fake score: a copy of the teacher, or adapter "fake_score" on the same network.
         if config.lora_fake_score:
             self._fake_params = lora.add_lora(network, "fake_score", **lora_kwargs)

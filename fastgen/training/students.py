@@ -25,14 +25,23 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..denoiser import Denoiser
 
-from .config import DEFAULT_ONE_STEP_TIMESTEP, RENOISE_MODES  # re-exported; defined (and explained) in .config
+from .config import DEFAULT_ONE_STEP_TIMESTEP, RENOISE_MODES, STEP_DRAWS  # re-exported; defined (and explained) in .config
+
+
+def _check_choice(value: str, choices: tuple[str, ...], argument: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{argument} must be one of {choices}, got {value!r}.")
+    return value
 
 
 def check_renoise(value: str, argument: str = "renoise") -> str:
     """Validate a student's re-noising mode (one of :data:`RENOISE_MODES`)."""
-    if value not in RENOISE_MODES:
-        raise ValueError(f"{argument} must be one of {RENOISE_MODES}, got {value!r}.")
-    return value
+    return _check_choice(value, RENOISE_MODES, argument)
+
+
+def check_step_draw(value: str, argument: str = "step_draw") -> str:
+    """Validate how a few-step student's training step is drawn (one of :data:`STEP_DRAWS`)."""
+    return _check_choice(value, STEP_DRAWS, argument)
 
 
 def check_student_timesteps(timesteps: Sequence[int], num_train_timesteps: int = 1000) -> list[int]:
@@ -86,16 +95,20 @@ class Student(torch.nn.Module):
         adapter: with a LoRA student, the name of its adapter (activated around every forward).
         renoise: how a few-step student's next input is made from ``x0``: ``"fresh"`` (fresh Gaussian noise,
             DMD2 and ``LCMScheduler``) or ``"ddim"`` (the step's own noise estimate; deterministic chain).
+        step_draw: the training forward's step when none is given: one random step for the whole batch
+            (``"batch"``, DMD2's generator turn) or one per sample (``"sample"``: every batch mixes all steps;
+            the chain then runs to the largest drawn step for every sample).
     """
 
     def __init__(self, network: torch.nn.Module, schedule, prediction_type: str = "epsilon",
                  timesteps: Sequence[int] = (DEFAULT_ONE_STEP_TIMESTEP,), adapter: str | None = None,
-                 renoise: str = "fresh"):
+                 renoise: str = "fresh", step_draw: str = "batch"):
         super().__init__()
         self.network = network
         self.timesteps = check_student_timesteps(list(timesteps), schedule.num_train_timesteps)
         self.adapter = adapter
         self.renoise_mode = check_renoise(renoise)
+        self.step_draw = check_step_draw(step_draw)
         # Not a submodule: the denoiser only refers to ``network`` (registered once, above).
         self.__dict__["denoiser"] = Denoiser(network, schedule, prediction_type)
 
@@ -103,9 +116,13 @@ class Student(torch.nn.Module):
     def num_steps(self) -> int:
         return len(self.timesteps)
 
-    def denoise(self, x: torch.Tensor, step: int, cond: Mapping[str, Any]) -> torch.Tensor:
-        """``x0`` from the student's input ``x`` at step index ``step`` (timestep ``timesteps[step]``)."""
-        t = torch.full((x.shape[0],), self.timesteps[step], device=x.device, dtype=torch.long)
+    def denoise(self, x: torch.Tensor, step: int | torch.Tensor, cond: Mapping[str, Any]) -> torch.Tensor:
+        """``x0`` from the student's input ``x`` at step index ``step`` (timestep ``timesteps[step]``; a tensor of
+        indices gives each sample its own step)."""
+        if isinstance(step, torch.Tensor):
+            t = torch.tensor(self.timesteps, device=x.device, dtype=torch.long)[step.to(x.device)]
+        else:
+            t = torch.full((x.shape[0],), self.timesteps[step], device=x.device, dtype=torch.long)
         if self.adapter is None:
             return self.denoiser.predict(x, t, cond)[0]
         from .lora import use_adapter
@@ -136,15 +153,33 @@ class Student(torch.nn.Module):
             x = self.renoise(x, self.denoise(x, i, cond), i + 1, generator)
         return x
 
-    def forward(self, noise: torch.Tensor, cond: Mapping[str, Any], generator=None, step: int | None = None
-                ) -> torch.Tensor:
-        """Training forward: ``x0`` with gradient at step ``step`` (random from ``generator`` if ``None``).
+    @torch.no_grad()
+    def inputs_of(self, steps: torch.Tensor, noise: torch.Tensor, cond: Mapping[str, Any], generator=None
+                  ) -> torch.Tensor:
+        """Per-sample :meth:`input_of`: row ``i`` is the input of step ``steps[i]`` on the chain from ``noise[i]``
+        (one chain for the batch, run to the largest step)."""
+        steps = steps.to(noise.device)
+        x = inputs = noise
+        for i in range(int(steps.max())):
+            x = self.renoise(x, self.denoise(x, i, cond), i + 1, generator)
+            inputs = torch.where((steps == i + 1).reshape((-1,) + (1,) * (x.ndim - 1)), x, inputs)
+        return inputs
+
+    def forward(self, noise: torch.Tensor, cond: Mapping[str, Any], generator=None,
+                step: int | torch.Tensor | None = None) -> torch.Tensor:
+        """Training forward: ``x0`` with gradient at step ``step`` (an index, or one per sample; random from
+        ``generator`` if ``None``, drawn as :attr:`step_draw` says).
 
         Earlier steps run without gradient from ``noise`` (DMD2's backward simulation).
         """
-        if step is None:
-            step = 0 if self.num_steps == 1 else int(torch.randint(self.num_steps, (1,), generator=generator,
-                                                                   device=getattr(generator, "device", "cpu")))
+        if step is None and self.num_steps == 1:
+            step = 0
+        elif step is None:
+            count = 1 if self.step_draw == "batch" else noise.shape[0]
+            step = torch.randint(self.num_steps, (count,), generator=generator, device=getattr(generator, "device", "cpu"))
+            step = int(step) if self.step_draw == "batch" else step
+        if isinstance(step, torch.Tensor):
+            return self.denoise(self.inputs_of(step, noise, cond, generator), step, cond)
         return self.denoise(self.input_of(step, noise, cond, generator), step, cond)
 
     @torch.no_grad()
