@@ -530,3 +530,27 @@ def test_regression_options_are_checked():
     den = Denoiser.from_scheduler(tiny_class_unet(), DDPMScheduler())
     with pytest.raises(ValueError, match="class-conditional teacher pipeline"):
         DMD2(den, regression_weight=0.5).regression_pairs()
+
+
+def test_critic_samples_final_trains_the_critics_on_the_students_full_chain(monkeypatch):
+    """critic_samples="final": the fake score (and discriminator) of a few-step student learn from its final
+    output (the sample), "step" (DMD2) from its x0 at a random step of the chain."""
+    seen = {}
+    for mode in ("step", "final"):
+        torch.manual_seed(0)
+        dmd = DMD2(_class_teacher(), student_timesteps=[999, 500, 200], student_renoise="ddim",
+                   gan_weight_generator=0.0, gan_weight_discriminator=0.0, critic_samples=mode)
+        noised = dmd._noised
+        captured = []
+        monkeypatch.setattr(dmd, "_noised", lambda x0, t, g: captured.append(x0) or noised(x0, t, g))
+        batch = _class_batch(3, with_real=False)
+        dmd.critic_loss(batch)
+        cond, _ = dmd._conditions(batch.labels)
+        sample = dmd.student_module.sample(batch.noise, cond)
+        seen[mode] = (captured[0], sample)
+    x0, sample = seen["final"]
+    assert torch.allclose(x0, sample, atol=1e-6)
+    x0, sample = seen["step"]  # this batch's generator draws an earlier step
+    assert (x0 - sample).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"critic_samples must be one of \('step', 'final'\)"):
+        DMD2(_class_teacher(), critic_samples="last")

@@ -72,6 +72,9 @@ def _check_time_range(name: str, value) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
+CRITIC_SAMPLES = ("step", "final")
+
+
 @dataclass
 class DMD2Config:
     """DMD2 options (spec sections 0, 1.2, 1.3).
@@ -82,6 +85,9 @@ class DMD2Config:
             (the step's own noise estimate; :class:`~.students.Student`).
         student_step_draw: which step of a few-step student a generator or critic turn trains on: one random step
             for the batch (``"batch"``, DMD2) or one per sample (``"sample"``; :class:`~.students.Student`).
+        critic_samples: what a few-step student's critic turn (fake score and discriminator) learns from: its
+            x0 at a random step of the chain (``"step"``, DMD2: the critics model the mixture of every step's
+            outputs) or its final output (``"final"``: the distribution the student generates).
         dm_time, dsm_time, gan_time: inclusive timestep ranges of the DM loss, the fake score's DSM
             loss and the GAN (both generator and discriminator terms).
         gan_weight_generator: weight of the generator's GAN term (0: no GAN term for the student).
@@ -108,6 +114,7 @@ class DMD2Config:
     student_timesteps: Sequence[int] = (DEFAULT_ONE_STEP_TIMESTEP,)
     student_renoise: str = "fresh"
     student_step_draw: str = "batch"
+    critic_samples: str = "step"
     dm_time: tuple[int, int] = (20, 980)
     dsm_time: tuple[int, int] = (0, 999)
     gan_time: tuple[int, int] = (0, 999)
@@ -133,6 +140,8 @@ class DMD2Config:
     def __post_init__(self):
         check_renoise(self.student_renoise, "student_renoise")
         check_step_draw(self.student_step_draw, "student_step_draw")
+        if self.critic_samples not in CRITIC_SAMPLES:
+            raise ValueError(f"critic_samples must be one of {CRITIC_SAMPLES}, got {self.critic_samples!r}.")
         for name in ("dm_time", "dsm_time", "gan_time"):
             setattr(self, name, _check_time_range(name, tuple(getattr(self, name))))
         for name in ("regression_pairs", "regression_steps"):
@@ -395,8 +404,9 @@ class DMD2(DistillMethod):
         """Fake-score DSM (+ discriminator) loss on samples of ``student`` (default: this method's own)."""
         c, g = self.config, batch.generator
         cond, _ = self._conditions(batch.labels)
+        last = self.student_module.num_steps - 1 if c.critic_samples == "final" else None
         with torch.no_grad():
-            x0 = (student or self.student_module)(batch.noise, cond, g).detach()
+            x0 = (student or self.student_module)(batch.noise, cond, g, step=last).detach()
         # Fake score: denoising score matching on detached student samples.
         t = self._timesteps(c.dsm_time, x0.shape[0], g, x0.device)
         x_t = self._noised(x0, t, g)

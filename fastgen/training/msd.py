@@ -534,7 +534,8 @@ class MSD(DistillMethod):
                 small = small_network(net, c.student_block_out_channels, seed=1000 + k)
                 part.student_module = Student(small, first.teacher_denoiser.schedule,
                                               c.student_prediction_type or first.teacher_denoiser.prediction_type,
-                                              base.student_timesteps, renoise=base.student_renoise)
+                                              base.student_timesteps, renoise=base.student_renoise,
+                                              step_draw=base.student_step_draw)
                 part._student_params = list(small.parameters())
         if c.compress_from is not None:  # frozen, not a submodule: neither trained nor checkpointed
             self.__dict__["compress_source"] = load_student_source(c.compress_from)
@@ -690,11 +691,12 @@ class MSD(DistillMethod):
                 out[key] = out.get(key, 0.0) + share * value
         return out
 
-    def _route(self, noise: torch.Tensor, cond: Mapping[str, Any], generator=None) -> torch.Tensor:
+    def _route(self, noise: torch.Tensor, cond: Mapping[str, Any], generator=None, step: int | None = None
+               ) -> torch.Tensor:
         """The K students as one training generator: each row through its part's student (with gradient)."""
         key = cond.get("class_labels") if self.partition.kind == "classes" else cond
         return self.partition.route(key, noise.device, lambda k, rows: self.parts[k].student_module(
-            noise[rows], _select_rows(cond, rows), generator))
+            noise[rows], _select_rows(cond, rows), generator, step=step))
 
     @property
     def batched(self) -> bool:
