@@ -39,6 +39,7 @@ from .students import (DEFAULT_ONE_STEP_TIMESTEP, Student, check_renoise, check_
 
 GAN_FEATURE_SOURCES = ("teacher", "fake_score")
 FAKE_SCORE_LOSSES = ("model", "x0")
+CRITIC_SAMPLES = ("step", "final")
 
 
 def dmd_gradient(x0: torch.Tensor, mu_real: torch.Tensor, mu_fake: torch.Tensor) -> torch.Tensor:
@@ -70,9 +71,6 @@ def _check_time_range(name: str, value) -> tuple[int, int]:
             or any(isinstance(v, bool) or not isinstance(v, int) for v in value) or not 0 <= value[0] <= value[1]):
         raise ValueError(f"{name} must be a pair of integer timesteps (low, high) with 0 <= low <= high, got {value!r}.")
     return int(value[0]), int(value[1])
-
-
-CRITIC_SAMPLES = ("step", "final")
 
 
 @dataclass

@@ -145,25 +145,20 @@ class Student(torch.nn.Module):
         return a * x0 + s * noise
 
     @torch.no_grad()
-    def input_of(self, step: int, noise: torch.Tensor, cond: Mapping[str, Any], generator=None) -> torch.Tensor:
+    def input_of(self, step: int | torch.Tensor, noise: torch.Tensor, cond: Mapping[str, Any], generator=None
+                 ) -> torch.Tensor:
         """The input of step ``step``: the student's own chain from ``noise`` without gradient (DMD2's
-        backward simulation; ``noise`` itself for step 0)."""
-        x = noise
-        for i in range(step):
-            x = self.renoise(x, self.denoise(x, i, cond), i + 1, generator)
-        return x
-
-    @torch.no_grad()
-    def inputs_of(self, steps: torch.Tensor, noise: torch.Tensor, cond: Mapping[str, Any], generator=None
-                  ) -> torch.Tensor:
-        """Per-sample :meth:`input_of`: row ``i`` is the input of step ``steps[i]`` on the chain from ``noise[i]``
-        (one chain for the batch, run to the largest step)."""
-        steps = steps.to(noise.device)
+        backward simulation; ``noise`` itself for step 0). With a tensor of indices, row ``i`` is the input of
+        step ``step[i]`` (one chain for the batch, run to the largest step)."""
+        per_row = isinstance(step, torch.Tensor)
+        if per_row:
+            step = step.to(noise.device)
         x = inputs = noise
-        for i in range(int(steps.max())):
+        for i in range(int(step.max()) if per_row else step):
             x = self.renoise(x, self.denoise(x, i, cond), i + 1, generator)
-            inputs = torch.where((steps == i + 1).reshape((-1,) + (1,) * (x.ndim - 1)), x, inputs)
-        return inputs
+            if per_row:
+                inputs = torch.where((step == i + 1).reshape((-1,) + (1,) * (x.ndim - 1)), x, inputs)
+        return inputs if per_row else x
 
     def forward(self, noise: torch.Tensor, cond: Mapping[str, Any], generator=None,
                 step: int | torch.Tensor | None = None) -> torch.Tensor:
@@ -175,11 +170,9 @@ class Student(torch.nn.Module):
         if step is None and self.num_steps == 1:
             step = 0
         elif step is None:
-            count = 1 if self.step_draw == "batch" else noise.shape[0]
-            step = torch.randint(self.num_steps, (count,), generator=generator, device=getattr(generator, "device", "cpu"))
-            step = int(step) if self.step_draw == "batch" else step
-        if isinstance(step, torch.Tensor):
-            return self.denoise(self.inputs_of(step, noise, cond, generator), step, cond)
+            rows = noise.shape[0] if self.step_draw == "sample" else 1
+            step = torch.randint(self.num_steps, (rows,), generator=generator, device=getattr(generator, "device", "cpu"))
+            step = step if self.step_draw == "sample" else int(step)
         return self.denoise(self.input_of(step, noise, cond, generator), step, cond)
 
     @torch.no_grad()
