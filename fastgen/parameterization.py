@@ -78,6 +78,11 @@ class Parameterization:
             return alpha * eps - sigma * x0
         return eps - x0
 
+    def x0_gain(self, alpha, sigma):
+        """``|d x0 / d out|``: how much a unit change of the network output moves the data prediction
+        (``sigma / alpha`` for epsilon, ``sigma`` for v and flow, 1 for sample)."""
+        return abs(self.to_x0(1.0, 0.0, alpha, sigma))
+
     def __eq__(self, other) -> bool:
         return isinstance(other, Parameterization) and other.name == self.name
 

@@ -13,10 +13,11 @@ from fastgen.training.students import Student, check_student_timesteps, split_co
 from tiny import tiny_class_unet, tiny_sd
 
 
-def _student(timesteps, renoise="fresh", step_draw="batch"):
+def _student(timesteps, renoise="fresh", step_draw="batch", grad_space="x0"):
     unet = tiny_class_unet()
     den = Denoiser.from_scheduler(unet, DDPMScheduler())
-    return Student(unet, den.schedule, "epsilon", timesteps, renoise=renoise, step_draw=step_draw), den
+    return Student(unet, den.schedule, "epsilon", timesteps, renoise=renoise, step_draw=step_draw,
+                   grad_space=grad_space), den
 
 
 def test_one_step_student_is_the_teacher_x0_at_t_star():
@@ -102,6 +103,56 @@ def test_per_sample_step_draw_gives_each_row_its_own_steps_chain():
                           batch(z, cond, step=k), atol=1e-6)
     with pytest.raises(ValueError, match=r"step_draw must be one of \('batch', 'sample'\)"):
         _student([700], step_draw="row")
+
+
+def _param_grad(student, z, cond, step, weight):
+    student.network.zero_grad()
+    out = student(z, cond, torch.Generator().manual_seed(2), step=step)
+    (out * weight).sum().backward()
+    return out.detach(), torch.cat([p.grad.reshape(-1) for p in student.network.parameters()])
+
+
+def test_output_grad_space_scales_each_steps_gradient_by_the_x0_gain_ratio():
+    """grad_space="output": the same forward, and the network gradient of step k is the x0-space one times
+    (sigma/alpha at the first step) / (sigma/alpha at step k) for epsilon prediction (1 at step 0)."""
+    timesteps = [500, 100, 20]
+    x0_space, den = _student(timesteps, renoise="ddim")
+    out_space, _ = _student(timesteps, renoise="ddim", grad_space="output")
+    out_space.load_state_dict(x0_space.state_dict())
+    z, cond = torch.randn(3, 1, 8, 8), {"class_labels": torch.tensor([1, 5, 8])}
+    weight = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    a0, s0 = den.alpha_sigma(500, like=z)
+    for k, t in enumerate(timesteps):
+        ref_out, ref = _param_grad(x0_space, z, cond, k, weight)
+        out, grad = _param_grad(out_space, z, cond, k, weight)
+        assert torch.equal(out, ref_out)
+        a, s = den.alpha_sigma(t, like=z)
+        scale = float((s0 / a0) / (s / a))
+        assert scale == pytest.approx(1.0) if k == 0 else scale > 3.0
+        assert torch.allclose(grad, scale * ref, rtol=1e-4, atol=1e-6 * scale), (k, t)
+    # per-row steps: each row's gradient is scaled by its own step's factor
+    steps = torch.tensor([0, 2, 1])
+    for i in range(3):
+        row = torch.zeros_like(weight)
+        row[i] = weight[i]
+        _, ref = _param_grad(x0_space, z, cond, steps, row)
+        _, grad = _param_grad(out_space, z, cond, steps, row)
+        scale = float(out_space.output_grad_scale(int(steps[i]), like=z))
+        assert torch.allclose(grad, scale * ref, rtol=1e-4, atol=1e-6 * scale), i
+    with pytest.raises(ValueError, match=r"grad_space must be one of \('x0', 'output'\)"):
+        _student([700], grad_space="eps")
+
+
+@pytest.mark.parametrize("name, gain", [("epsilon", 0.6 / 0.8), ("v_prediction", 0.6), ("sample", 1.0),
+                                        ("flow", 0.6)])
+def test_x0_gain_is_the_data_predictions_slope_in_the_network_output(name, gain):
+    from fastgen.parameterization import Parameterization
+
+    p = Parameterization(name)
+    assert p.x0_gain(0.8, 0.6) == pytest.approx(gain)
+    x, out = torch.randn(4), torch.randn(4)  # to_x0 is affine in the output with that slope
+    assert torch.allclose((p.to_x0(out + 0.5, x, 0.8, 0.6) - p.to_x0(out, x, 0.8, 0.6)).abs(),
+                          torch.full((4,), 0.5 * gain))
 
 
 def test_student_timestep_and_label_errors():

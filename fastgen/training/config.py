@@ -37,6 +37,10 @@ RENOISE_MODES = ("fresh", "ddim")
 # How backward simulation picks the step a few-step student trains on: one step for the whole batch (DMD2's
 # generator turn) or one per sample (DMD2's per-sample draw of its denoising data).
 STEP_DRAWS = ("batch", "sample")
+# Where a few-step student's steps get loss gradients of equal scale: in x0 (DMD2: the loss reads each step's x0
+# as it is) or in the network's output (each step's x0 gradient times |dx0/dout| at the first step over its own;
+# for epsilon prediction sigma/alpha, 3.4 at t = 500 and 0.078 at t = 20 on the digits teacher's linear betas).
+GRAD_SPACES = ("x0", "output")
 
 METHODS = {
     "dmd2": "fastgen.training.dmd2:DMD2",
@@ -86,7 +90,7 @@ class DistillConfig:
         "help": "text-to-image teachers: a text file with one training prompt per line"})
     resolution: int | None = field(default=None, metadata={"help": "image size of a folder dataset (default: the teacher's)"})
     method_options: str | None = field(default=None, metadata={
-        "help": "JSON object of extra method arguments (e.g. '{\"gan_loss_weight_gen\": 0.003}'); a mapping in YAML"})
+        "help": "JSON object of extra method arguments (e.g. '{\"gan_weight_generator\": 0.003}'); a mapping in YAML"})
 
     # --- output, checkpoints, resume
     output_dir: str = field(default="runs/distill", metadata={"help": "run folder (checkpoints, logs, samples, student)"})

@@ -34,8 +34,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..denoiser import Denoiser, GuidedDenoiser
 from .discriminator import DiscriminatorHead, FeatureTap, default_feature_blocks
 from .method import Batch, DistillMethod
-from .students import (DEFAULT_ONE_STEP_TIMESTEP, Student, check_renoise, check_step_draw, null_class_label,
-                       split_conditions)
+from .students import (DEFAULT_ONE_STEP_TIMESTEP, Student, check_grad_space, check_renoise, check_step_draw,
+                       null_class_label, split_conditions)
 
 GAN_FEATURE_SOURCES = ("teacher", "fake_score")
 FAKE_SCORE_LOSSES = ("model", "x0")
@@ -83,6 +83,9 @@ class DMD2Config:
             (the step's own noise estimate; :class:`~.students.Student`).
         student_step_draw: which step of a few-step student a generator or critic turn trains on: one random step
             for the batch (``"batch"``, DMD2) or one per sample (``"sample"``; :class:`~.students.Student`).
+        student_grad_space: where a few-step student's steps get loss gradients of equal scale: ``"x0"`` (DMD2)
+            or the network's output (``"output"``: a low-noise step's gradient is scaled up by the ratio of
+            ``|dx0/dout|`` at the first step to its own; :class:`~.students.Student`).
         critic_samples: what a few-step student's critic turn (fake score and discriminator) learns from: its
             x0 at a random step of the chain (``"step"``, DMD2: the critics model the mixture of every step's
             outputs) or its final output (``"final"``: the distribution the student generates).
@@ -112,6 +115,7 @@ class DMD2Config:
     student_timesteps: Sequence[int] = (DEFAULT_ONE_STEP_TIMESTEP,)
     student_renoise: str = "fresh"
     student_step_draw: str = "batch"
+    student_grad_space: str = "x0"
     critic_samples: str = "step"
     dm_time: tuple[int, int] = (20, 980)
     dsm_time: tuple[int, int] = (0, 999)
@@ -138,6 +142,7 @@ class DMD2Config:
     def __post_init__(self):
         check_renoise(self.student_renoise, "student_renoise")
         check_step_draw(self.student_step_draw, "student_step_draw")
+        check_grad_space(self.student_grad_space, "student_grad_space")
         if self.critic_samples not in CRITIC_SAMPLES:
             raise ValueError(f"critic_samples must be one of {CRITIC_SAMPLES}, got {self.critic_samples!r}.")
         for name in ("dm_time", "dsm_time", "gan_time"):
@@ -232,11 +237,12 @@ class DMD2(DistillMethod):
         if config.lora_student:
             lora.add_lora(network, "student", **lora_kwargs)
             self.student_module = Student(network, schedule, prediction_type, config.student_timesteps, adapter="student",
-                                          renoise=config.student_renoise, step_draw=config.student_step_draw)
+                                          renoise=config.student_renoise, step_draw=config.student_step_draw,
+                                          grad_space=config.student_grad_space)
         else:
             self.student_module = Student(_trainable_copy(network), schedule, prediction_type,
                                           config.student_timesteps, renoise=config.student_renoise,
-                                          step_draw=config.student_step_draw)
+                                          step_draw=config.student_step_draw, grad_space=config.student_grad_space)
         # Fake score: a copy of the teacher, or adapter "fake_score" on the same network.
         if config.lora_fake_score:
             self._fake_params = lora.add_lora(network, "fake_score", **lora_kwargs)

@@ -535,7 +535,8 @@ class MSD(DistillMethod):
                 part.student_module = Student(small, first.teacher_denoiser.schedule,
                                               c.student_prediction_type or first.teacher_denoiser.prediction_type,
                                               base.student_timesteps, renoise=base.student_renoise,
-                                              step_draw=base.student_step_draw)
+                                              step_draw=base.student_step_draw,
+                                              grad_space=base.student_grad_space)
                 part._student_params = list(small.parameters())
         if c.compress_from is not None:  # frozen, not a submodule: neither trained nor checkpointed
             self.__dict__["compress_source"] = load_student_source(c.compress_from)

@@ -25,7 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..denoiser import Denoiser
 
-from .config import DEFAULT_ONE_STEP_TIMESTEP, RENOISE_MODES, STEP_DRAWS  # re-exported; defined (and explained) in .config
+from .config import DEFAULT_ONE_STEP_TIMESTEP, GRAD_SPACES, RENOISE_MODES, STEP_DRAWS  # re-exported; defined (and explained) in .config
 
 
 def _check_choice(value: str, choices: tuple[str, ...], argument: str) -> str:
@@ -42,6 +42,11 @@ def check_renoise(value: str, argument: str = "renoise") -> str:
 def check_step_draw(value: str, argument: str = "step_draw") -> str:
     """Validate how a few-step student's training step is drawn (one of :data:`STEP_DRAWS`)."""
     return _check_choice(value, STEP_DRAWS, argument)
+
+
+def check_grad_space(value: str, argument: str = "grad_space") -> str:
+    """Validate where a few-step student's steps get gradients of equal scale (one of :data:`GRAD_SPACES`)."""
+    return _check_choice(value, GRAD_SPACES, argument)
 
 
 def check_student_timesteps(timesteps: Sequence[int], num_train_timesteps: int = 1000) -> list[int]:
@@ -98,17 +103,23 @@ class Student(torch.nn.Module):
         step_draw: the training forward's step when none is given: one random step for the whole batch
             (``"batch"``, DMD2's generator turn) or one per sample (``"sample"``: every batch mixes all steps;
             the chain then runs to the largest drawn step for every sample).
+        grad_space: where the training forward's steps get loss gradients of equal scale: ``"x0"`` (DMD2: the
+            gradient on a step's x0 reaches its network output times ``|dx0/dout|`` at that step's timestep,
+            ``sigma/alpha`` for epsilon prediction, so low-noise steps learn far more slowly) or ``"output"``
+            (the x0 gradient of step ``k`` is multiplied by ``|dx0/dout|(t_0) / |dx0/dout|(t_k)``: every step's
+            network output sees the first step's scale; forward values are unchanged, and so is step 0).
     """
 
     def __init__(self, network: torch.nn.Module, schedule, prediction_type: str = "epsilon",
                  timesteps: Sequence[int] = (DEFAULT_ONE_STEP_TIMESTEP,), adapter: str | None = None,
-                 renoise: str = "fresh", step_draw: str = "batch"):
+                 renoise: str = "fresh", step_draw: str = "batch", grad_space: str = "x0"):
         super().__init__()
         self.network = network
         self.timesteps = check_student_timesteps(list(timesteps), schedule.num_train_timesteps)
         self.adapter = adapter
         self.renoise_mode = check_renoise(renoise)
         self.step_draw = check_step_draw(step_draw)
+        self.grad_space = check_grad_space(grad_space)
         # Not a submodule: the denoiser only refers to ``network`` (registered once, above).
         self.__dict__["denoiser"] = Denoiser(network, schedule, prediction_type)
 
@@ -173,7 +184,18 @@ class Student(torch.nn.Module):
             rows = noise.shape[0] if self.step_draw == "sample" else 1
             step = torch.randint(self.num_steps, (rows,), generator=generator, device=getattr(generator, "device", "cpu"))
             step = step if self.step_draw == "sample" else int(step)
-        return self.denoise(self.input_of(step, noise, cond, generator), step, cond)
+        x0 = self.denoise(self.input_of(step, noise, cond, generator), step, cond)
+        if self.grad_space == "output" and self.num_steps > 1 and x0.requires_grad:
+            x0.register_hook(lambda grad, scale=self.output_grad_scale(step, like=x0): grad * scale)
+        return x0
+
+    def output_grad_scale(self, step: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``|dx0/dout|`` at the first step over its value at step ``step`` (one value per row for a tensor of
+        indices), shaped to broadcast against ``like``: the factor of ``grad_space="output"``."""
+        ts = torch.tensor(self.timesteps, device=like.device, dtype=torch.long)
+        t = ts[step.to(like.device)] if isinstance(step, torch.Tensor) else ts[step]
+        gain = self.denoiser.parameterization.x0_gain
+        return gain(*self.denoiser.alpha_sigma(ts[0], like=like)) / gain(*self.denoiser.alpha_sigma(t, like=like))
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, cond: Mapping[str, Any], generator=None) -> torch.Tensor:
