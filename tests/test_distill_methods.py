@@ -554,3 +554,40 @@ def test_critic_samples_final_trains_the_critics_on_the_students_full_chain(monk
     assert (x0 - sample).abs().max() > 1e-3
     with pytest.raises(ValueError, match=r"critic_samples must be one of \('step', 'final'\)"):
         DMD2(_class_teacher(), critic_samples="last")
+
+
+def _generator_grad(method, batch):
+    method.zero_grad(set_to_none=True)
+    method.generator_loss(batch)["loss"].backward()
+    return torch.cat([p.grad.reshape(-1) for p in method.student_network().parameters()])
+
+
+def test_dm_step_weights_weight_the_dm_term_at_the_drawn_step():
+    """dm_step_weights: all ones is DMD2 bit for bit (same draws, same gradient); [1, 0] drops the DM term at a
+    2-step student's last step only (its gradient is then the GAN term's alone) and is DMD2 at step 0."""
+    def make(**options):
+        torch.manual_seed(0)
+        method = DMD2(_class_teacher(), student_timesteps=[999, 500], student_renoise="ddim",
+                      gan_weight_generator=1.0, **options)
+        with torch.no_grad():  # a fake score that has moved off the teacher, or the DM term is zero
+            for p in method.fake_denoiser.model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        return method
+
+    dmd2, ones, last_off, gan_only = make(), make(dm_step_weights=[1, 1]), make(dm_step_weights=[1, 0]), \
+        make(dm_loss_weight=0.0)
+    drawn = {seed: int(torch.randint(2, (1,), generator=torch.Generator().manual_seed(seed + 100)))
+             for seed in range(6)}
+    assert set(drawn.values()) == {0, 1}  # these batches draw both steps
+    for seed, step in drawn.items():
+        ref = _generator_grad(dmd2, _class_batch(seed))
+        assert torch.equal(_generator_grad(ones, _class_batch(seed)), ref)
+        off = _generator_grad(last_off, _class_batch(seed))
+        if step == 0:
+            assert torch.equal(off, ref)
+        else:
+            assert torch.allclose(off, _generator_grad(gan_only, _class_batch(seed)), atol=1e-7)
+            assert (off - ref).abs().max() > 1e-4  # the DM term did contribute
+    for bad in ([1.0], [1.0, -1.0], "10"):
+        with pytest.raises(ValueError, match=r"dm_step_weights must be one non-negative number per student step"):
+            make(dm_step_weights=bad)

@@ -210,6 +210,21 @@ def test_msd_cycles_students_each_on_its_own_part(tmp_path):
         assert torch.allclose(mixed[i], m.parts[k].sample(noise[i:i + 1], labels[i:i + 1])[0], rtol=1e-4, atol=1e-4)
 
 
+def test_router_gives_each_row_its_own_step():
+    """A per-row step tensor through the router: row i is its part's student at step[i] (few-step students)."""
+    torch.manual_seed(0)
+    m = MSD(_teacher(), guider=CFG(2.0), students=2, schedule="routed", student_timesteps=[999, 500],
+            student_renoise="ddim")
+    noise, labels = torch.randn(6, *SHAPE), torch.tensor([9, 0, 5, 4, 1, 7])
+    steps = torch.tensor([1, 0, 0, 1, 1, 0])
+    cond = {"class_labels": labels}
+    out = m._route(noise, cond, step=steps)
+    for i in range(6):
+        k = m.partition.class_to_part[int(labels[i])]
+        one = m.parts[k].student_module(noise[i:i + 1], {"class_labels": labels[i:i + 1]}, step=int(steps[i]))
+        assert torch.allclose(out[i], one[0], rtol=1e-4, atol=1e-5), i
+
+
 def test_routed_schedule_trains_every_student_on_the_rows_it_owns():
     """schedule="routed": each step updates every student (and its critic) on the batch rows of its part; the
     step's loss is the row-share-weighted sum of the per-student losses (the mean over all rows)."""

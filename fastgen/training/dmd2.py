@@ -86,6 +86,9 @@ class DMD2Config:
         student_grad_space: where a few-step student's steps get loss gradients of equal scale: ``"x0"`` (DMD2)
             or the network's output (``"output"``: a low-noise step's gradient is scaled up by the ratio of
             ``|dx0/dout|`` at the first step to its own; :class:`~.students.Student`).
+        dm_step_weights: a few-step student's DM-term weight at each of its steps (``None``: 1 at every step,
+            DMD2). ``[1, 0]`` trains a 2-step student's last step by the GAN term alone: the DM term pulls towards
+            the teacher's distribution, the GAN term towards the real data.
         critic_samples: what a few-step student's critic turn (fake score and discriminator) learns from: its
             x0 at a random step of the chain (``"step"``, DMD2: the critics model the mixture of every step's
             outputs) or its final output (``"final"``: the distribution the student generates).
@@ -116,6 +119,7 @@ class DMD2Config:
     student_renoise: str = "fresh"
     student_step_draw: str = "batch"
     student_grad_space: str = "x0"
+    dm_step_weights: Sequence[float] | None = None
     critic_samples: str = "step"
     dm_time: tuple[int, int] = (20, 980)
     dsm_time: tuple[int, int] = (0, 999)
@@ -143,6 +147,14 @@ class DMD2Config:
         check_renoise(self.student_renoise, "student_renoise")
         check_step_draw(self.student_step_draw, "student_step_draw")
         check_grad_space(self.student_grad_space, "student_grad_space")
+        if self.dm_step_weights is not None:
+            w = self.dm_step_weights
+            if (isinstance(w, (str, bytes)) or not hasattr(w, "__len__") or len(w) != len(list(self.student_timesteps))
+                    or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in w)):
+                raise ValueError(f"dm_step_weights must be one non-negative number per student step "
+                                 f"({len(list(self.student_timesteps))} for student_timesteps "
+                                 f"{list(self.student_timesteps)}), got {w!r}.")
+            self.dm_step_weights = [float(v) for v in w]
         if self.critic_samples not in CRITIC_SAMPLES:
             raise ValueError(f"critic_samples must be one of {CRITIC_SAMPLES}, got {self.critic_samples!r}.")
         for name in ("dm_time", "dsm_time", "gan_time"):
@@ -381,13 +393,19 @@ class DMD2(DistillMethod):
         """DM (+ GAN, + regression) loss of ``student`` (default: this method's own; MSD passes its router)."""
         c, g = self.config, batch.generator
         cond, uncond = self._conditions(batch.labels)
-        x0 = (student or self.student_module)(batch.noise, cond, g)
+        # The step is drawn here (as the student would) only when the DM weight depends on it.
+        step = None if c.dm_step_weights is None else self.student_module.draw_step(batch.noise.shape[0], g)
+        x0 = (student or self.student_module)(batch.noise, cond, g, step=step)
         t = self._timesteps(c.dm_time, x0.shape[0], g, x0.device)
         x_t = self._noised(x0.detach(), t, g)
         with torch.no_grad():
             mu_real = self._teacher_x0(x_t, t, cond, uncond)
             mu_fake = self._fake_prediction(x_t, t, cond).x0
         weight, logs = self.dm_weight(x_t, t, cond)
+        if step is not None:
+            w_step = torch.tensor(c.dm_step_weights, device=x0.device)[step]
+            w_step = w_step.expand(x0.shape[0]) if w_step.ndim == 0 else w_step
+            weight = w_step if weight is None else weight * w_step
         loss_dm = dmd_loss(x0, mu_real, mu_fake, weight)
         out = {"dm": loss_dm.detach(), **logs}
         loss = c.dm_loss_weight * loss_dm

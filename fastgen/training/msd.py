@@ -692,12 +692,14 @@ class MSD(DistillMethod):
                 out[key] = out.get(key, 0.0) + share * value
         return out
 
-    def _route(self, noise: torch.Tensor, cond: Mapping[str, Any], generator=None, step: int | None = None
-               ) -> torch.Tensor:
-        """The K students as one training generator: each row through its part's student (with gradient)."""
+    def _route(self, noise: torch.Tensor, cond: Mapping[str, Any], generator=None,
+               step: int | torch.Tensor | None = None) -> torch.Tensor:
+        """The K students as one training generator: each row through its part's student (with gradient); a
+        tensor ``step`` gives each row its own step."""
         key = cond.get("class_labels") if self.partition.kind == "classes" else cond
         return self.partition.route(key, noise.device, lambda k, rows: self.parts[k].student_module(
-            noise[rows], _select_rows(cond, rows), generator, step=step))
+            noise[rows], _select_rows(cond, rows), generator,
+            step=step[rows.to(step.device)] if isinstance(step, torch.Tensor) else step))
 
     @property
     def batched(self) -> bool:

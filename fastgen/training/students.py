@@ -178,16 +178,21 @@ class Student(torch.nn.Module):
 
         Earlier steps run without gradient from ``noise`` (DMD2's backward simulation).
         """
-        if step is None and self.num_steps == 1:
-            step = 0
-        elif step is None:
-            rows = noise.shape[0] if self.step_draw == "sample" else 1
-            step = torch.randint(self.num_steps, (rows,), generator=generator, device=getattr(generator, "device", "cpu"))
-            step = step if self.step_draw == "sample" else int(step)
+        if step is None:
+            step = self.draw_step(noise.shape[0], generator)
         x0 = self.denoise(self.input_of(step, noise, cond, generator), step, cond)
         if self.grad_space == "output" and self.num_steps > 1 and x0.requires_grad:
             x0.register_hook(lambda grad, scale=self.output_grad_scale(step, like=x0): grad * scale)
         return x0
+
+    def draw_step(self, rows: int, generator=None) -> int | torch.Tensor:
+        """A training step index as :attr:`step_draw` says: one for the batch (an ``int``) or one per row (a
+        tensor of ``rows`` indices); 0 for a one-step student, drawing nothing."""
+        if self.num_steps == 1:
+            return 0
+        step = torch.randint(self.num_steps, (rows if self.step_draw == "sample" else 1,), generator=generator,
+                             device=getattr(generator, "device", "cpu"))
+        return step if self.step_draw == "sample" else int(step)
 
     def output_grad_scale(self, step: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``|dx0/dout|`` at the first step over its value at step ``step`` (one value per row for a tensor of
