@@ -105,7 +105,7 @@ class Student(torch.nn.Module):
             the chain then runs to the largest drawn step for every sample).
         grad_space: where the training forward's steps get loss gradients of equal scale: ``"x0"`` (DMD2: the
             gradient on a step's x0 reaches its network output times ``|dx0/dout|`` at that step's timestep,
-            ``sigma/alpha`` for epsilon prediction, so low-noise steps learn far more slowly) or ``"output"``
+            ``sigma/alpha`` for epsilon prediction, far smaller at low-noise steps) or ``"output"``
             (the x0 gradient of step ``k`` is multiplied by ``|dx0/dout|(t_0) / |dx0/dout|(t_k)``: every step's
             network output sees the first step's scale; forward values are unchanged, and so is step 0).
     """
