@@ -274,10 +274,11 @@ def test_trainer_overhead_vs_a_hand_written_loop(tmp_path, capsys):
     same forward/backward/clip/AdamW work (no EMA, no checkpoint inside the timed window)."""
     steps, width = 20, 48
     with single_thread():
-        run_toy(tmp_path / "timed", width=width, max_train_steps=2 * steps, use_ema=False, logging_steps=steps,
-                checkpointing_steps=1000, gradient_accumulation_steps=1)
-        log = [json.loads(line) for line in (tmp_path / "timed" / "train_log.jsonl").read_text().splitlines()]
-        trainer_s = log[1]["seconds_per_step"]  # steps 21..40
+        def trainer_time(rep):
+            run_toy(tmp_path / f"timed{rep}", width=width, max_train_steps=2 * steps, use_ema=False,
+                    logging_steps=steps, checkpointing_steps=1000, gradient_accumulation_steps=1)
+            log = [json.loads(line) for line in (tmp_path / f"timed{rep}" / "train_log.jsonl").read_text().splitlines()]
+            return log[1]["seconds_per_step"]  # steps 21..40
 
         method = ToyMethod(width)
         groups = method.optimizer_groups()
@@ -296,12 +297,18 @@ def test_trainer_overhead_vs_a_hand_written_loop(tmp_path, capsys):
                     opts[group].step()
                     for o in opts.values():
                         o.zero_grad(set_to_none=True)
-        for step in range(steps):
-            one_step(step)
-        t0 = time.perf_counter()
-        for step in range(steps):
-            one_step(step)
-        loop_s = (time.perf_counter() - t0) / steps
+
+        def loop_time():
+            t0 = time.perf_counter()
+            for step in range(steps):
+                one_step(step)
+            return (time.perf_counter() - t0) / steps
+
+        loop_time()  # warm-up
+        # Interleaved, each side's best of 3: this machine's speed shifts between whole phases (~8.5 vs ~13.5
+        # ms/step here), so one side timed in a slow phase alone could fail the bound.
+        pairs = [(trainer_time(rep), loop_time()) for rep in range(3)]
+        trainer_s, loop_s = min(t for t, _ in pairs), min(l for _, l in pairs)
     ratio = trainer_s / loop_s
     with capsys.disabled():
         print(f"\n[trainer overhead] trainer {trainer_s * 1e3:.2f} ms/step, hand-written loop {loop_s * 1e3:.2f} ms/step, "
