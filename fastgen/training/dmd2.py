@@ -66,6 +66,10 @@ def dmd_loss(x0: torch.Tensor, mu_real: torch.Tensor, mu_fake: torch.Tensor, wei
     return 0.5 * F.mse_loss(x0.float(), target, reduction=reduction)
 
 
+def _non_negative_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value >= 0
+
+
 def _check_time_range(name: str, value) -> tuple[int, int]:
     if (not isinstance(value, (tuple, list)) or len(value) != 2
             or any(isinstance(v, bool) or not isinstance(v, int) for v in value) or not 0 <= value[0] <= value[1]):
@@ -147,13 +151,13 @@ class DMD2Config:
         check_renoise(self.student_renoise, "student_renoise")
         check_step_draw(self.student_step_draw, "student_step_draw")
         check_grad_space(self.student_grad_space, "student_grad_space")
+        timesteps = list(self.student_timesteps)
         if self.dm_step_weights is not None:
             w = self.dm_step_weights
-            if (isinstance(w, (str, bytes)) or not hasattr(w, "__len__") or len(w) != len(list(self.student_timesteps))
-                    or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in w)):
-                raise ValueError(f"dm_step_weights must be one non-negative number per student step "
-                                 f"({len(list(self.student_timesteps))} for student_timesteps "
-                                 f"{list(self.student_timesteps)}), got {w!r}.")
+            if (not isinstance(w, (list, tuple)) or len(w) != len(timesteps)
+                    or not all(_non_negative_number(v) for v in w)):
+                raise ValueError(f"dm_step_weights must be one non-negative number per student step ({len(timesteps)} "
+                                 f"for student_timesteps {timesteps}), got {w!r}.")
             self.dm_step_weights = [float(v) for v in w]
         if self.critic_samples not in CRITIC_SAMPLES:
             raise ValueError(f"critic_samples must be one of {CRITIC_SAMPLES}, got {self.critic_samples!r}.")
@@ -163,13 +167,13 @@ class DMD2Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if self.regression_weight and len(list(self.student_timesteps)) != 1:
+        if self.regression_weight and len(timesteps) != 1:
             raise ValueError(f"regression_weight > 0 needs a one-step student (DMD's regression term), got "
-                             f"student_timesteps {list(self.student_timesteps)}.")
+                             f"student_timesteps {timesteps}.")
         for name in ("gan_weight_generator", "gan_weight_discriminator", "r1_weight", "r1_sigma", "dm_loss_weight",
                      "regression_weight"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            if not _non_negative_number(value):
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}.")
         if self.gan_weight_generator > 0 and self.gan_weight_discriminator == 0:
             raise ValueError("gan_weight_generator > 0 needs a trained discriminator: set gan_weight_discriminator > 0.")
