@@ -591,3 +591,55 @@ def test_dm_step_weights_weight_the_dm_term_at_the_drawn_step():
     for bad in ([1.0], [1.0, -1.0], "10"):
         with pytest.raises(ValueError, match=r"dm_step_weights must be one non-negative number per student step"):
             make(dm_step_weights=bad)
+
+
+def test_dm_step_guidance_sets_the_teacher_cfg_scale_per_student_step():
+    """dm_step_guidance: [2, 2] under a CFG-2 teacher is DMD2 (the DM term's teacher x0 is CFG's combination,
+    formed in x0 space); [2, 1] is DMD2 at step 0 and, at step 1, DMD2 with an unguided (conditional) teacher.
+    A per-row step draw gives each row its own scale."""
+    from fastgen.guidance import APG, CFG
+
+    def make(guider="cfg2", **options):
+        torch.manual_seed(0)
+        method = DMD2(_class_teacher(), guider=CFG(2.0) if guider == "cfg2" else guider, student_timesteps=[999, 500], student_renoise="ddim",
+                      gan_weight_generator=0.0, dm_time=(20, 500), **options)
+        with torch.no_grad():  # a fake score off the teacher, or the DM gradient is zero
+            for p in method.fake_denoiser.model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        return method
+
+    def close(a, b):
+        return float((a - b).norm() / b.norm()) < 2e-4  # measured up to 3e-5: DMD normalisation amplifies rounding
+
+    guided, same, split, plain = make(), make(dm_step_guidance=[2, 2]), make(dm_step_guidance=[2, 1]), make(None)
+    drawn = {seed: int(torch.randint(2, (1,), generator=torch.Generator().manual_seed(seed + 100)))
+             for seed in range(6)}
+    assert set(drawn.values()) == {0, 1}
+    for seed, step in drawn.items():
+        ref = _generator_grad(guided, _class_batch(seed))
+        # CFG combined in x0 space vs the network's space: equal up to float rounding (kept small: DM t <= 500)
+        assert close(_generator_grad(same, _class_batch(seed)), ref)
+        got = _generator_grad(split, _class_batch(seed))
+        want = ref if step == 0 else _generator_grad(plain, _class_batch(seed))
+        assert close(got, want)
+        if step == 1:
+            assert not close(got, ref)  # guidance did change the DM term
+
+    # Per-row steps: the teacher x0 of row i uses the scale of row i's step.
+    m = make(dm_step_guidance=[3, 1])
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.full((4,), 300)
+    cond, uncond = m._conditions(torch.tensor([1, 2, 3, 4]))
+    scale = torch.tensor([3.0, 1.0, 1.0, 3.0])
+    mixed = m._teacher_x0(x, t, cond, uncond, scale)
+    with torch.no_grad():
+        c = m.teacher_denoiser.predict(x, t, cond)[0]
+        u = m.teacher_denoiser.predict(x, t, uncond)[0]
+    assert torch.allclose(mixed[[1, 2]], c[[1, 2]], atol=1e-6)
+    assert torch.allclose(mixed[[0, 3]], u[[0, 3]] + 3 * (c[[0, 3]] - u[[0, 3]]), atol=1e-5)
+
+    for bad in ([2.0], [2.0, -1.0], [2.0, float("inf")], "21"):
+        with pytest.raises(ValueError, match=r"dm_step_guidance must be one finite guidance scale >= 0 per student"):
+            make(dm_step_guidance=bad)
+    with pytest.raises(ValueError, match=r"dm_step_guidance .* not CFG"):
+        make(guider=APG(2.0), dm_step_guidance=[2, 1])
