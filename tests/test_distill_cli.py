@@ -73,6 +73,7 @@ BAD_INPUTS = [
     (["--method_options", '{"student_grad_space": "eps"}'], "student_grad_space must be one of ('x0', 'output')"),
     (["--method_options", '{"dm_step_weights": [1, 0]}'], "dm_step_weights must be one non-negative number per student step (1 for"),
     (["--method_options", '{"dm_step_guidance": [2, 1]}'], "dm_step_guidance must be one finite guidance scale >= 0 per student step (1 for"),
+    (["--method_options", '{"later_step_target": "teacher"}'], "later_step_target 'teacher' trains the later steps of a few-step student"),
     (["--method_options", '{"critic_samples": "last"}'], "critic_samples must be one of ('step', 'final')"),
     (["--method_options", '{"gan_weigth_generator": 1}'], "method_options: dmd2 does not accept ['gan_weigth_generator']"),
     (["--method", "fdistill", "--method_options", '{"gan_weight_discriminator": 0, "gan_weight_generator": 0}'],

@@ -643,3 +643,59 @@ def test_dm_step_guidance_sets_the_teacher_cfg_scale_per_student_step():
             make(dm_step_guidance=bad)
     with pytest.raises(ValueError, match=r"dm_step_guidance .* not CFG"):
         make(guider=APG(2.0), dm_step_guidance=[2, 1])
+
+
+def test_later_step_target_teacher_trains_step0_as_one_step_and_later_steps_by_teacher_regression():
+    """later_step_target="teacher": with weight 0 the generator gradient and the critic loss are a one-step
+    DMD2 student's at t_0 bit for bit (step 0 every turn, critics on step-0 outputs); the added loss is the MSE
+    between the student's x0 at a random later step (backward-simulated input) and the teacher's x0 there, at
+    the CFG scale dm_step_guidance gives that step."""
+    from fastgen.guidance import CFG
+
+    def make(**options):
+        torch.manual_seed(0)
+        method = DMD2(_class_teacher(), guider=CFG(2.0), gan_weight_generator=1.0, **options)
+        with torch.no_grad():
+            for p in method.fake_denoiser.model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        return method
+
+    few = dict(student_timesteps=[999, 500, 200], student_renoise="ddim", later_step_target="teacher",
+               dm_step_guidance=[2, 1, 1.5])
+    # (weight 0 without dm_step_guidance: its x0-space CFG differs from the guided teacher's by rounding)
+    one, off, on = make(student_timesteps=[999]), make(**{**few, "dm_step_guidance": None}, later_step_weight=0.0), \
+        make(**few)
+    for seed in range(3):
+        ref = _generator_grad(one, _class_batch(seed))
+        assert torch.equal(_generator_grad(off, _class_batch(seed)), ref)
+        assert (_generator_grad(on, _class_batch(seed)) - ref).abs().max() > 1e-4
+        assert torch.equal(off.critic_loss(_class_batch(seed))["loss"], one.critic_loss(_class_batch(seed))["loss"])
+
+    # The regression itself, recomputed by hand from the same generator state.
+    batch = _class_batch(7)
+    cond, uncond = on._conditions(batch.labels)
+    g_state = torch.Generator().manual_seed(11)
+    for _ in range(4):  # several draws of the later step
+        draw = torch.Generator()
+        draw.set_state(g_state.get_state())
+        k = 1 + int(torch.randint(2, (1,), generator=draw))
+        got = on.later_step_loss(batch.noise, cond, uncond, g_state)
+        den, student = on.teacher_denoiser, on.student_module
+        with torch.no_grad():
+            x = batch.noise
+            for i in range(k):  # DDIM chain: x_{i+1} = alpha x0 + sigma * (the step's own noise estimate)
+                x0, eps = den.__class__.predict(student.denoiser, x, torch.full((4,), student.timesteps[i]), cond)
+                a, s = den.alpha_sigma(student.timesteps[i + 1], like=x0)
+                x = a * x0 + s * eps
+            t = torch.full((4,), student.timesteps[k])
+            c, u = den.predict(x, t, cond)[0], den.predict(x, t, uncond)[0]
+            target = u + [2, 1, 1.5][k] * (c - u)
+            want = torch.nn.functional.mse_loss(student.denoise(x, k, cond), target)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-7), (k, float(got), float(want))
+
+    for bad, match in [(dict(later_step_target="x0"), r"later_step_target must be one of \('dm', 'teacher'\)"),
+                       (dict(later_step_target="teacher"), "trains the later steps of a few-step student"),
+                       (dict(few, dm_step_weights=[1, 0, 0]), "leave dm_step_weights unset"),
+                       (dict(few, later_step_weight=-1.0), "later_step_weight must be a finite number >= 0")]:
+        with pytest.raises(ValueError, match=match):
+            make(**bad)

@@ -42,6 +42,7 @@ from .students import (DEFAULT_ONE_STEP_TIMESTEP, Student, check_grad_space, che
 GAN_FEATURE_SOURCES = ("teacher", "fake_score")
 FAKE_SCORE_LOSSES = ("model", "x0")
 CRITIC_SAMPLES = ("step", "final")
+LATER_STEP_TARGETS = ("dm", "teacher")
 
 
 def dmd_gradient(x0: torch.Tensor, mu_real: torch.Tensor, mu_fake: torch.Tensor) -> torch.Tensor:
@@ -101,6 +102,14 @@ class DMD2Config:
             quality (Kynkaenniemi et al. 2024, arXiv:2404.07724); on digits the unguided teacher's x0 at t = 100
             after a one-step student improves its FID, the CFG-2 teacher's worsens it. Needs a linear (CFG)
             teacher guidance or none, and an unconditional label.
+        later_step_target: how a few-step student's later steps are trained: ``"dm"`` (DMD2: a random step per
+            generator turn, trained by the DM and GAN terms like the first) or ``"teacher"`` (every generator turn
+            trains step 0 by DM + GAN exactly as a one-step student, plus one random later step by regression to
+            the teacher's x0 at that step's backward-simulated input, guided as ``dm_step_guidance`` says, weight
+            ``later_step_weight``; the critics learn from step 0's outputs). On digits an unguided teacher step at
+            t = 100 after a one-step student lowers its FID (``benchmarks/fewstep_refine.py``): ``"teacher"``
+            makes the later steps learn that refinement.
+        later_step_weight: weight of that regression (``later_step_target="teacher"``).
         critic_samples: what a few-step student's critic turn (fake score and discriminator) learns from: its
             x0 at a random step of the chain (``"step"``, DMD2: the critics model the mixture of every step's
             outputs) or its final output (``"final"``: the distribution the student generates).
@@ -134,6 +143,8 @@ class DMD2Config:
     dm_step_weights: Sequence[float] | None = None
     dm_step_guidance: Sequence[float] | None = None
     critic_samples: str = "step"
+    later_step_target: str = "dm"
+    later_step_weight: float = 1.0
     dm_time: tuple[int, int] = (20, 980)
     dsm_time: tuple[int, int] = (0, 999)
     gan_time: tuple[int, int] = (0, 999)
@@ -177,6 +188,17 @@ class DMD2Config:
             self.dm_step_guidance = [float(v) for v in w]
         if self.critic_samples not in CRITIC_SAMPLES:
             raise ValueError(f"critic_samples must be one of {CRITIC_SAMPLES}, got {self.critic_samples!r}.")
+        if self.later_step_target not in LATER_STEP_TARGETS:
+            raise ValueError(f"later_step_target must be one of {LATER_STEP_TARGETS}, got {self.later_step_target!r}.")
+        if not (_non_negative_number(self.later_step_weight) and math.isfinite(self.later_step_weight)):
+            raise ValueError(f"later_step_weight must be a finite number >= 0, got {self.later_step_weight!r}.")
+        if self.later_step_target == "teacher":
+            if len(timesteps) < 2:
+                raise ValueError(f"later_step_target 'teacher' trains the later steps of a few-step student; "
+                                 f"student_timesteps {timesteps} has one step.")
+            if self.dm_step_weights is not None or self.critic_samples != "step":
+                raise ValueError("later_step_target 'teacher' trains step 0 alone by the DM term and the critics on "
+                                 "step 0's outputs: leave dm_step_weights unset and critic_samples 'step'.")
         for name in ("dm_time", "dsm_time", "gan_time"):
             setattr(self, name, _check_time_range(name, tuple(getattr(self, name))))
         for name in ("regression_pairs", "regression_steps"):
@@ -423,14 +445,33 @@ class DMD2(DistillMethod):
         pred = self.student_module(noise[idx].to(device), cond, generator, step=0)
         return F.mse_loss(pred.float(), target[idx].to(device).float())
 
+    def later_step_loss(self, noise: torch.Tensor, cond, uncond, generator: torch.Generator) -> torch.Tensor:
+        """``later_step_target="teacher"``: mean squared difference between the student's x0 at one random later
+        step ``k >= 1`` (input by backward simulation) and the teacher's x0 at that input (CFG scale
+        ``dm_step_guidance[k]`` when set, else the teacher's guidance)."""
+        student = self.student_module
+        k = 1 + int(torch.randint(student.num_steps - 1, (1,), generator=generator, device=generator.device))
+        x_k = student.input_of(k, noise, cond, generator)
+        pred = student.denoise(x_k, k, cond)
+        t = torch.full((noise.shape[0],), student.timesteps[k], device=noise.device, dtype=torch.long)
+        scale = None
+        if self.config.dm_step_guidance is not None:
+            scale = torch.full((noise.shape[0],), self.config.dm_step_guidance[k], device=noise.device)
+        target = self._teacher_x0(x_k, t, cond, uncond, scale)
+        return F.mse_loss(pred.float(), target.float())
+
     # ------------------------------------------------------------------ losses
     def generator_loss(self, batch: Batch, student=None) -> dict[str, torch.Tensor]:
         """DM (+ GAN, + regression) loss of ``student`` (default: this method's own; MSD passes its router)."""
         c, g = self.config, batch.generator
         cond, uncond = self._conditions(batch.labels)
+        teacher_target = c.later_step_target == "teacher"
+        if teacher_target and student is not None:
+            raise ValueError("later_step_target 'teacher' needs the method's own student (not MSD's shared-critic "
+                             "router).")
         # The step is drawn here (as the student would) only when the DM term depends on it.
         per_step = c.dm_step_weights is not None or c.dm_step_guidance is not None
-        step = self.student_module.draw_step(batch.noise.shape[0], g) if per_step else None
+        step = 0 if teacher_target else self.student_module.draw_step(batch.noise.shape[0], g) if per_step else None
         x0 = (student or self.student_module)(batch.noise, cond, g, step=step)
         t = self._timesteps(c.dm_time, x0.shape[0], g, x0.device)
         x_t = self._noised(x0.detach(), t, g)
@@ -454,6 +495,10 @@ class DMD2(DistillMethod):
             loss_gan = F.softplus(-logits).mean()
             loss = loss + c.gan_weight_generator * loss_gan
             out["gan"] = loss_gan.detach()
+        if teacher_target:
+            loss_later = self.later_step_loss(batch.noise, cond, uncond, g)
+            loss = loss + c.later_step_weight * loss_later
+            out["later_step"] = loss_later.detach()
         if c.regression_weight > 0:
             loss_reg = self.regression_loss(x0.shape[0], g, x0.device)
             loss = loss + c.regression_weight * loss_reg
@@ -466,6 +511,8 @@ class DMD2(DistillMethod):
         c, g = self.config, batch.generator
         cond, _ = self._conditions(batch.labels)
         last = self.student_module.num_steps - 1 if c.critic_samples == "final" else None
+        if c.later_step_target == "teacher":
+            last = 0  # the DM term trains step 0 alone: the critics model its outputs
         with torch.no_grad():
             x0 = (student or self.student_module)(batch.noise, cond, g, step=last).detach()
         # Fake score: denoising score matching on detached student samples.
