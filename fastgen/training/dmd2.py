@@ -469,9 +469,13 @@ class DMD2(DistillMethod):
         if teacher_target and student is not None:
             raise ValueError("later_step_target 'teacher' needs the method's own student (not MSD's shared-critic "
                              "router).")
-        # The step is drawn here (as the student would) only when the DM term depends on it.
-        per_step = c.dm_step_weights is not None or c.dm_step_guidance is not None
-        step = 0 if teacher_target else self.student_module.draw_step(batch.noise.shape[0], g) if per_step else None
+        if teacher_target:  # the DM and GAN terms train step 0 only
+            step = 0
+        elif c.dm_step_weights is not None or c.dm_step_guidance is not None:
+            # The step is drawn here (as the student would) only when the DM term depends on it.
+            step = self.student_module.draw_step(batch.noise.shape[0], g)
+        else:
+            step = None
         x0 = (student or self.student_module)(batch.noise, cond, g, step=step)
         t = self._timesteps(c.dm_time, x0.shape[0], g, x0.device)
         x_t = self._noised(x0.detach(), t, g)
