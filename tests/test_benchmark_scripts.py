@@ -171,3 +171,25 @@ def test_benchmark_pipeline_errors_name_what_was_meant(tmp_path):
         builtin_pipeline(str(tmp_path / "nosuch" / "student"))
     with pytest.raises(ValueError, match="builtin name must be one of"):
         builtin_pipeline("digitz")
+
+
+def test_fewstep_refine_matches_the_student_alone_and_runs_the_teacher_after_it(tmp_path):
+    """fewstep_refine.py: the student-alone row is fid_noise.py's on the same seeds (same noise, same labels);
+    a teacher step after it changes the samples, and CFG on that step changes them again; bad configs stop
+    before a model loads."""
+    import json
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    refine = runpy.run_path(str(root / "fewstep_refine.py"), run_name="benchmark_under_test")
+    fid_noise = runpy.run_path(str(root / "fid_noise.py"), run_name="benchmark_under_test")
+    common = ["--model", "builtin:digits-1step", "--samples", "40", "--sets", "1", "--batch_size", "40"]
+    refine["main"](common + ["--configs", "500", "500,100", "500,100@2", "--out", str(tmp_path / "r.json")])
+    fid_noise["main"](common + ["--out", str(tmp_path / "n.json")])
+    cells = {c["config"]: c for c in json.loads((tmp_path / "r.json").read_text())["cells"]}
+    assert cells["500"]["fid"] == json.loads((tmp_path / "n.json").read_text())["cells"][0]["fid"]
+    assert len({cells[k]["fid"] for k in cells}) == 3
+    assert (cells["500,100@2"]["teacher_steps"], cells["500,100@2"]["teacher_cfg"]) == ([100], 2.0)
+    assert (tmp_path / "r.png").is_file()
+    for bad in ("500;100", "100,500", "500,100@x", "500,100:sde"):
+        with pytest.raises(SystemExit, match="--configs"):
+            refine["main"](["--model", "/nonexistent", "--configs", bad, "--out", str(tmp_path / "bad.json")])
