@@ -115,6 +115,11 @@ def test_fake_score_starts_equal_to_node_n_and_differs_from_the_teacher(tmp_path
         from fastgen.denoiser import GuidedDenoiser
         node_guided = GuidedDenoiser(Denoiser(m.node_network, m.teacher_denoiser.schedule), guider=CFG(2.0))
         assert torch.allclose(real, node_guided(x, t, cond=cond, uncond=uncond).x0)
+        # dm_step_guidance's per-row CFG reads the node too: scale 2 is the node's CFG-2 x0, scale 1 its
+        # conditional x0
+        per_row = m._teacher_x0(x, t, cond, uncond, torch.tensor([2.0, 1.0]))
+        assert torch.allclose(per_row[:1], real[:1], atol=1e-5)
+        assert torch.allclose(per_row[1:], node_guided.denoiser.predict(x, t, cond)[0][1:], atol=1e-6)
 
 
 def test_recording_uses_label_dropout(tmp_path):

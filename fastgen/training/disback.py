@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from ..denoiser import Denoiser, GuidedDenoiser
 from .checkpoint import CheckpointError
+from .dmd2 import cfg_x0
 from .f_distill import FDistill, FDistillConfig
 from .method import Batch
 
@@ -180,10 +181,12 @@ class DisBack(FDistill):
             return F.mse_loss(pred.x0.float(), x0.float())
         return F.mse_loss(pred.model_output.float(), self.fake_denoiser.from_x0(x0, x_t, t).float())
 
-    def _teacher_x0(self, x_t, t, cond, uncond) -> torch.Tensor:
+    def _teacher_x0(self, x_t, t, cond, uncond, scale: torch.Tensor | None = None) -> torch.Tensor:
         if not self.node:  # stage 1 (unused) or node 0: the teacher itself
-            return super()._teacher_x0(x_t, t, cond, uncond)
+            return super()._teacher_x0(x_t, t, cond, uncond, scale)
         with torch.no_grad(), self._node_adapter():
+            if scale is not None:  # dm_step_guidance: the node under per-row CFG, as the teacher would be
+                return cfg_x0(self.node_guided.denoiser, x_t, t, cond, uncond, scale)
             return self.node_guided(x_t, t, cond=cond, uncond=uncond).x0
 
     def _node_adapter(self):

@@ -69,6 +69,20 @@ def dmd_loss(x0: torch.Tensor, mu_real: torch.Tensor, mu_fake: torch.Tensor, wei
     return 0.5 * F.mse_loss(x0.float(), target, reduction=reduction)
 
 
+def cfg_x0(denoiser: Denoiser, x_t, t, cond, uncond, scale: torch.Tensor) -> torch.Tensor:
+    """CFG's x0 with one scale per row: ``x0_u + scale (x0_c - x0_u)`` (the unconditional pass is skipped when
+    every scale is 1). CFG is linear, so combining in x0 space equals combining the network's outputs."""
+    if uncond is None:
+        raise ValueError("dm_step_guidance needs an unconditional branch: set null_label (the teacher has no null "
+                         "class).")
+    x0_cond = denoiser.predict(x_t, t, cond)[0]
+    if bool((scale == 1).all()):
+        return x0_cond
+    x0_uncond = denoiser.predict(x_t, t, uncond)[0]
+    scale = scale.to(x0_cond.dtype).reshape((-1,) + (1,) * (x0_cond.ndim - 1))
+    return x0_uncond + scale * (x0_cond - x0_uncond)
+
+
 def _non_negative_number(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and value >= 0
 
@@ -366,16 +380,7 @@ class DMD2(DistillMethod):
         with torch.no_grad(), self._adapter(None):
             if scale is None:
                 return self.teacher(x_t, t, cond=cond, uncond=uncond).x0
-            if uncond is None:
-                raise ValueError("dm_step_guidance needs an unconditional branch: set null_label (the teacher "
-                                 "has no null class).")
-            den = self.teacher_denoiser
-            x0_cond = den.predict(x_t, t, cond)[0]
-            if bool((scale == 1).all()):
-                return x0_cond
-            x0_uncond = den.predict(x_t, t, uncond)[0]
-            scale = scale.to(x0_cond.dtype).reshape((-1,) + (1,) * (x0_cond.ndim - 1))
-            return x0_uncond + scale * (x0_cond - x0_uncond)  # CFG is linear: x0 space = the network's space
+            return cfg_x0(self.teacher_denoiser, x_t, t, cond, uncond, scale)
 
     def _fake_prediction(self, x_t, t, cond):
         with self._adapter(self._fake_adapter):
