@@ -24,7 +24,9 @@ from fastgen.benchmarking import Results, builtin_pipeline, parse_options, porta
 from fastgen.denoiser import Denoiser
 from fastgen.metrics import evaluate_pipeline
 from fastgen.pipelines import FastGenPipelineOutput
-from fastgen.training.students import Student, check_renoise, check_student_timesteps, null_class_label
+from fastgen.training.dmd2 import cfg_x0
+from fastgen.training.students import (Student, check_renoise, check_student_timesteps, null_class_label,
+                                        split_conditions)
 
 FIRST_SEED = 100_000  # benchmarks/fid_noise.py's seed sets
 
@@ -73,11 +75,8 @@ class TeacherRefined:
 
     def _teacher_x0(self, x, step, labels):
         t = torch.full((x.shape[0],), self.chain.timesteps[step], dtype=torch.long)
-        x0 = self.teacher.predict(x, t, {"class_labels": labels})[0]
-        if self.scale == 1.0:
-            return x0
-        x0_u = self.teacher.predict(x, t, {"class_labels": torch.full_like(labels, self.null)})[0]
-        return x0_u + self.scale * (x0 - x0_u)
+        cond, uncond = split_conditions(labels, self.null)
+        return cfg_x0(self.teacher, x, t, cond, uncond, torch.full((x.shape[0],), self.scale))
 
     @torch.no_grad()
     def __call__(self, class_labels, seed, output_type="pt", **_):
