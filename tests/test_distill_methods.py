@@ -670,6 +670,15 @@ def test_later_step_target_teacher_trains_step0_as_one_step_and_later_steps_by_t
         assert torch.equal(_generator_grad(off, _class_batch(seed)), ref)
         assert (_generator_grad(on, _class_batch(seed)) - ref).abs().max() > 1e-4
         assert torch.equal(off.critic_loss(_class_batch(seed))["loss"], one.critic_loss(_class_batch(seed))["loss"])
+    # The default weight (10) scales the regression into the loss. (At a fresh student the regression is 0 at
+    # step 1, whose target is the unguided teacher the student was copied from; step 2's CFG 1.5 target is not.)
+    assert on.config.later_step_weight == 10.0
+    outs = [on.generator_loss(_class_batch(seed)) for seed in range(4)]
+    outs = [out for out in outs if out["later_step"] > 1e-7]
+    assert outs
+    for out in outs:
+        rest = out["loss"].detach() - out["dm"] - out["gan"]
+        assert torch.allclose(rest, 10.0 * out["later_step"], rtol=0.02, atol=0), (float(rest), float(out["later_step"]))
 
     # The regression itself, recomputed by hand from the same generator state.
     batch = _class_batch(7)
