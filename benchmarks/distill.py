@@ -69,7 +69,8 @@ _JOIN = re.compile(r"(?<! )\+(?! )")  # A+B; not the " + " of a label such as "r
 
 def evaluations(spec: str) -> tuple[str, list[dict]]:
     """``(name, evaluation records)`` of a run folder, or of ``record:<results json>:<label>``: a run kept in an
-    earlier record (``students`` of distill.json, ``runs`` of distill_msd.json). ``A+B`` joins sources in step
+    earlier record (``students`` of distill.json, ``runs`` of distill_msd.json, ``disback`` / ``base`` of a
+    distill_disback record). ``A+B`` joins sources in step
     order, e.g. a kept record and the folder of its resumed continuation (a later source wins a shared step); the
     joining ``+`` has no space beside it, so a record label may hold " + ".
     ``LABEL=source`` names the source ``LABEL`` in the record (default: the folder's name or the record's label)."""
@@ -87,7 +88,8 @@ def evaluations(spec: str) -> tuple[str, list[dict]]:
         path, sep, label = spec[len("record:"):].partition(".json:")  # a label may hold ':' (builtin:...)
         path += ".json" if sep else ""
         record = json.loads(Path(path).read_text())
-        runs = {**record.get("runs", {}), **record.get("students", {})}
+        runs = {**record.get("runs", {}), **record.get("students", {}),
+                **{k: {"evaluations": record[k]} for k in ("disback", "base") if isinstance(record.get(k), list)}}
         if label not in runs:
             raise ValueError(f"{spec!r}: {Path(path).name} holds no run {label!r}; it holds {sorted(runs)}.")
         return f"{Path(path).name}:{label}", runs[label]["evaluations"]

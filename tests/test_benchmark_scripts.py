@@ -193,3 +193,37 @@ def test_fewstep_refine_matches_the_student_alone_and_runs_the_teacher_after_it(
     for bad in ("500;100", "100,500", "500,100@x", "500,100:sde"):
         with pytest.raises(SystemExit, match="--configs"):
             refine["main"](["--model", "/nonexistent", "--configs", bad, "--out", str(tmp_path / "bad.json")])
+
+
+def test_disback_seed_means_apply_the_one_seed_rule_to_the_mean_curves(tmp_path, monkeypatch):
+    """distill_disback_seeds.py: the mean curves average the seeds at each shared update count, the targets are
+    distill_disback.compare on them (pinned on the committed t* = 700 records: the recipe's DisBack first reaches
+    the base's mean final 5.09 at 375 of 400 updates and ends at 5.24), and a distill_disback record's runs are
+    sources for distill.evaluations."""
+    import json
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import distill_disback_seeds as seeds
+    from distill import evaluations
+
+    a = [{"updates": -25, "fid": 50.0}, {"updates": 0, "fid": 50.0}, {"updates": 25, "fid": 4.0}, {"updates": 50, "fid": 2.0}]
+    b = [{"updates": 0, "fid": 50.0}, {"updates": 25, "fid": 6.0}, {"updates": 50, "fid": 4.0}, {"updates": 75, "fid": 1.0}]
+    mean = seeds.mean_curve([a, b])
+    assert [(r["updates"], r["fid"], r["seeds"]) for r in mean] == [(0, 50.0, 2), (25, 5.0, 2), (50, 3.0, 2)]
+    assert abs(mean[1]["fid_std"] - 2 ** 0.5) < 1e-12
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    paths = [str(results / "distill_disback_t700.json")] + [str(results / f"distill_disback_t700_seed{s}.json")
+                                                             for s in range(1, 5)]
+    group = seeds.group_record("recipe", paths)
+    s = group["summary"]
+    assert (s["disback_updates_to_base_final_fid"], s["fraction_of_base_updates"]) == (375, 0.938)
+    assert round(s["base_final_fid"], 4) == 5.092 and round(s["disback_fid_at_base_final_updates"], 4) == 5.2398
+    assert (s["reaches_within_70_percent"], s["ends_no_worse"], s["target_met"]) == (False, False, False)
+    assert group["per_seed"] == {"reaches_within_70_percent": 2, "ends_no_worse": 2, "target_met": 1}
+    name, rows = evaluations(f"record:{paths[3]}:base")
+    assert name == "distill_disback_t700_seed3.json:base" and rows == json.loads(Path(paths[3]).read_text())["base"]
+    out = tmp_path / "seeds.json"
+    seeds.main(["--out", str(out), "--groups", "recipe=" + ",".join(paths[:2])])
+    assert out.with_suffix(".png").is_file() and json.loads(out.read_text())["groups"][0]["per_seed"]["target_met"] == 0
+    with pytest.raises(ValueError, match="groups: each group is LABEL=rec.json"):
+        seeds.main(["--out", str(out), "--groups", "one=" + paths[0]])

@@ -128,7 +128,7 @@ def test_recording_uses_label_dropout(tmp_path):
     seen = []
     handle = m.fake_network.class_embedding.register_forward_hook(lambda mod, args, out: seen.append(args[0].clone()))
     for seed in range(20):
-        m.recording_loss(_batch(seed, b=8))
+        m.critic_loss(_batch(seed, b=8))  # stage 1: the recording DSM
     handle.remove()
     labels = torch.cat(seen)
     frac = float((labels == 10).float().mean())
@@ -136,8 +136,48 @@ def test_recording_uses_label_dropout(tmp_path):
     m0 = _method(tmp_path, label_dropout=0.0)
     seen.clear()
     m0.fake_network.class_embedding.register_forward_hook(lambda mod, args, out: seen.append(args[0].clone()))
-    m0.recording_loss(_batch(0, b=8))
+    m0.critic_loss(_batch(0, b=8))
     assert not (torch.cat(seen) == 10).any()
+
+
+def _gan_batch(seed, b=4):
+    batch = _batch(seed, b)
+    g = torch.Generator().manual_seed(seed + 7)
+    batch.real = torch.randn(b, *SHAPE, generator=g).clamp(-1, 1)
+    batch.real_labels = torch.randint(0, 10, (b,), generator=g)
+    return batch
+
+
+def test_record_discriminator_trains_the_head_in_stage_1_only_when_asked(tmp_path):
+    """record_discriminator: stage 1's critic loss is the recording DSM (the same draws as without it) plus the
+    base method's weighted discriminator loss, and the discriminator head gets a gradient; without the option the
+    head gets none in stage 1."""
+    gan = dict(gan_weight_generator=1.0, gan_weight_discriminator=0.5)
+    on = _method(tmp_path / "on", record_discriminator=True, **gan)
+    off = _method(tmp_path / "off", **gan)
+    for m in (on, off):
+        m.begin_generator_step(0)
+        assert m.stage == 1 and not m.trains_generator
+    out_on, out_off = on.critic_loss(_gan_batch(3)), off.critic_loss(_gan_batch(3))
+    assert torch.equal(out_on["dsm"], out_off["dsm"])  # the recording draws come first, unchanged
+    assert torch.allclose(out_on["loss"], out_on["dsm"] + 0.5 * out_on["disc"])
+    assert "disc" not in out_off and torch.equal(out_off["loss"], out_off["dsm"])
+    # the discriminator's loss is the base method's, on the same samples and draws
+    cond, _ = on._conditions(_gan_batch(3).labels)
+    batch = _gan_batch(3)
+    x0 = on.student_module(batch.noise, cond, batch.generator).detach()
+    on.recording_loss(x0, cond, on._conditions(batch.labels)[1], batch.generator)
+    expected, _ = on.discriminator_loss(x0, cond, batch)
+    assert torch.allclose(out_on["loss"] - out_on["dsm"], expected)
+    out_on["loss"].backward()
+    out_off["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in on.discriminator.parameters())
+    assert all(p.grad is None for p in off.discriminator.parameters())
+    assert all(p.grad is None for p in on._student_params)  # G_0 stays frozen
+    with pytest.raises(ValueError, match="record_discriminator: true needs the GAN term"):
+        DisBackConfig(record_discriminator=True, gan_weight_generator=0.0, gan_weight_discriminator=0.0, output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="record_discriminator must be true or false"):
+        DisBackConfig(record_discriminator="yes", output_dir=str(tmp_path))
 
 
 def _trainer(out, max_steps, resume=None):

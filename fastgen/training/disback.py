@@ -58,6 +58,12 @@ class DisBackConfig(FDistillConfig):
             DSM updates of the fake score; the generator is frozen).
         interval: stage-2 generator steps spent on each node before backtracking to the next one.
         label_dropout: probability of the null condition in stage-1 DSM.
+        record_discriminator: also train the GAN discriminator head in stage 1, on G_0's samples against real
+            data (the base method's discriminator loss and rate), so stage 2 starts with a discriminator fitted to
+            the initial student instead of a fresh one. The paper's stage 2 starts from a DMD2 checkpoint whose
+            critic, classifier head included, is already trained; with an untrained head a strong GAN term
+            (the digits recipe's weight 1.0) moves the student at random for its first updates. Needs the GAN
+            term (``gan_weight_discriminator > 0``).
         output_dir: the run folder (the trainer passes its own); nodes go to ``<output_dir>/disback_nodes``.
         node_dir: another folder for the nodes.
     """
@@ -67,6 +73,7 @@ class DisBackConfig(FDistillConfig):
     record_interval: int = 25
     interval: int = 50
     label_dropout: float = 0.1
+    record_discriminator: bool = False
     output_dir: str | None = None
     node_dir: str | None = None
 
@@ -83,6 +90,11 @@ class DisBackConfig(FDistillConfig):
         if isinstance(self.label_dropout, bool) or not isinstance(self.label_dropout, (int, float)) \
                 or not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"label_dropout must be a number in [0, 1), got {self.label_dropout!r}.")
+        if not isinstance(self.record_discriminator, bool):
+            raise ValueError(f"record_discriminator must be true or false, got {self.record_discriminator!r}.")
+        if self.record_discriminator and not self.use_gan:
+            raise ValueError("record_discriminator: true needs the GAN term (gan_weight_discriminator > 0); "
+                             "without it there is no discriminator head to train.")
 
     @property
     def recording_steps(self) -> int:
@@ -162,15 +174,22 @@ class DisBack(FDistill):
     def critic_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         if self.stage == 2:
             return super().critic_loss(batch)
-        loss = self.recording_loss(batch)
-        return {"loss": loss, "dsm": loss.detach(), "stage": torch.tensor(1.0)}
-
-    def recording_loss(self, batch: Batch) -> torch.Tensor:
-        """Stage 1: DSM of the fake score on samples of the frozen initial student, with label dropout."""
         c, g = self.config, batch.generator
         cond, uncond = self._conditions(batch.labels)
         with torch.no_grad():
             x0 = self.student_module(batch.noise, cond, g).detach()
+        loss = self.recording_loss(x0, cond, uncond, g)
+        out = {"dsm": loss.detach(), "stage": torch.tensor(1.0)}
+        if c.record_discriminator:
+            loss_gan, logged = self.discriminator_loss(x0, cond, batch)
+            loss = loss + loss_gan
+            out.update(logged)
+        out["loss"] = loss
+        return out
+
+    def recording_loss(self, x0: torch.Tensor, cond, uncond, g: torch.Generator) -> torch.Tensor:
+        """Stage 1: DSM of the fake score on samples ``x0`` of the frozen initial student, with label dropout."""
+        c = self.config
         if c.label_dropout > 0 and uncond is not None:
             drop = torch.rand(x0.shape[0], generator=g, device=g.device) < c.label_dropout
             cond = _where_rows(drop, cond, uncond)

@@ -539,27 +539,36 @@ class DMD2(DistillMethod):
         out = {"dsm": loss_dsm.detach()}
         loss = loss_dsm
         if c.use_gan:
-            if batch.real is None:
-                raise ValueError(f"{self.name} with a GAN term needs real data: Batch.real is None.")
-            real = batch.real.to(x0.device, x0.dtype)
-            real_cond = self._conditions(batch.real_labels)[0] if batch.real_labels is not None else cond
-            grad = c.gan_features == "fake_score"
-            t_real = self._timesteps(c.gan_time, real.shape[0], g, x0.device)
-            x_real = self._noised(real, t_real, g)
-            t_fake = self._timesteps(c.gan_time, x0.shape[0], g, x0.device)
-            x_fake = self._noised(x0, t_fake, g)
-            logits_real = self._logits(x_real, t_real, real_cond, backbone_grad=grad)
-            logits_fake = self._logits(x_fake, t_fake, cond, backbone_grad=grad)
-            loss_d = F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
-            loss = loss + c.gan_weight_discriminator * loss_d
-            out.update(disc=loss_d.detach(), logit_real=logits_real.detach().mean(),
-                       logit_fake=logits_fake.detach().mean())
-            if c.r1_weight > 0:
-                x_pert = x_real + c.r1_sigma * randn_tensor(x_real.shape, generator=g, device=x_real.device,
-                                                            dtype=x_real.dtype)
-                logits_pert = self._logits(x_pert, t_real, real_cond, backbone_grad=grad)
-                loss_r1 = (logits_real - logits_pert).pow(2).mean()
-                loss = loss + c.r1_weight * loss_r1
-                out["r1"] = loss_r1.detach()
+            loss_gan, logged = self.discriminator_loss(x0, cond, batch)
+            loss = loss + loss_gan
+            out.update(logged)
         out["loss"] = loss
         return out
+
+    def discriminator_loss(self, x0: torch.Tensor, cond, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The GAN critic's loss (weighted, R1 included) on detached samples ``x0`` against ``batch.real``, and the
+        values to log."""
+        c, g = self.config, batch.generator
+        if batch.real is None:
+            raise ValueError(f"{self.name} with a GAN term needs real data: Batch.real is None.")
+        real = batch.real.to(x0.device, x0.dtype)
+        real_cond = self._conditions(batch.real_labels)[0] if batch.real_labels is not None else cond
+        grad = c.gan_features == "fake_score"
+        t_real = self._timesteps(c.gan_time, real.shape[0], g, x0.device)
+        x_real = self._noised(real, t_real, g)
+        t_fake = self._timesteps(c.gan_time, x0.shape[0], g, x0.device)
+        x_fake = self._noised(x0, t_fake, g)
+        logits_real = self._logits(x_real, t_real, real_cond, backbone_grad=grad)
+        logits_fake = self._logits(x_fake, t_fake, cond, backbone_grad=grad)
+        loss_d = F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
+        loss = c.gan_weight_discriminator * loss_d
+        out = {"disc": loss_d.detach(), "logit_real": logits_real.detach().mean(),
+               "logit_fake": logits_fake.detach().mean()}
+        if c.r1_weight > 0:
+            x_pert = x_real + c.r1_sigma * randn_tensor(x_real.shape, generator=g, device=x_real.device,
+                                                        dtype=x_real.dtype)
+            logits_pert = self._logits(x_pert, t_real, real_cond, backbone_grad=grad)
+            loss_r1 = (logits_real - logits_pert).pow(2).mean()
+            loss = loss + c.r1_weight * loss_r1
+            out["r1"] = loss_r1.detach()
+        return loss, out
