@@ -17,6 +17,9 @@ A far initial student (``distill_disback_t700.json``): both recipes with ``--stu
 ``--validation_steps 25`` for the base), then
 ``--disback "DisBack over dmd2, t* 700=runs/db700" --base "dmd2, t* 700=runs/b700" --out .../distill_disback_t700.json``.
 
+Several training seeds of one variant: ``benchmarks/distill_disback_seeds.py`` applies :func:`compare` to the seed-mean
+curves of these per-seed records.
+
 (The earlier record, GAN weight 3e-3 and DM t in [20, 980] for both runs, base "rkl, earlier recipe", is kept as
 benchmarks/results/distill_disback_earlier_recipe.json.)
 """

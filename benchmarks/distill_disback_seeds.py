@@ -101,19 +101,21 @@ def plot(record: dict, path: Path) -> None:
         m = g["mean_disback"]
         ax.plot([r["updates"] for r in m], [r["fid"] for r in m], marker="o", ms=3, color=colour, lw=2,
                 label=f"{g['label']}: mean of {len(g['seeds'])} seeds")
-        key = tuple(g["records"])
         bases = tuple(json.dumps(c) for c in g["curves"]["base"])
         if bases in shown_bases:
             continue
+        j = len(shown_bases)
         shown_bases.add(bases)
+        style = ("-", "--", ":")[j % 3]
         for c in g["curves"]["base"]:
-            ax.plot([r["updates"] for r in c], [r["fid"] for r in c], color="black", lw=0.6, alpha=0.25)
+            ax.plot([r["updates"] for r in c], [r["fid"] for r in c], color="black", ls=style, lw=0.6, alpha=0.25)
         m = g["mean_base"]
-        ax.plot([r["updates"] for r in m], [r["fid"] for r in m], marker="s", ms=3, color="black", lw=2,
-                label=f"base: mean of {len(g['seeds'])} seeds" + ("" if len(shown_bases) == 1 else f" ({key[0]})"))
+        ax.plot([r["updates"] for r in m], [r["fid"] for r in m], marker="s", ms=3, color="black", ls=style, lw=1.6,
+                label=f"base of \"{g['label']}\": mean of {len(g['seeds'])} seeds")
         final = g["summary"]["base_final_fid"]
-        ax.axhline(final, ls="--", color="grey", lw=0.8)
-        ax.text(0, final, f" base's mean final FID {final:.2f}", fontsize=7, va="bottom", color="grey")
+        ax.axhline(final, ls=style, color="grey", lw=0.8)
+        ax.text(140 * j, final, f" base's mean final FID {final:.2f}", fontsize=7, va="top" if j % 2 else "bottom",
+                color="grey")
     updates = record["groups"][0]["summary"]["base_final_updates"]
     ax.axvline(0.7 * updates, ls=":", color="tab:red", lw=0.8)
     ax.text(0.7 * updates, 60, " 70% of the base's updates", fontsize=7, color="tab:red", va="top")
