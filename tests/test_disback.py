@@ -166,7 +166,7 @@ def test_record_discriminator_trains_the_head_in_stage_1_only_when_asked(tmp_pat
     cond, _ = on._conditions(_gan_batch(3).labels)
     batch = _gan_batch(3)
     x0 = on.student_module(batch.noise, cond, batch.generator).detach()
-    on.recording_loss(x0, cond, on._conditions(batch.labels)[1], batch.generator)
+    on.dsm_loss(x0, cond, on._conditions(batch.labels)[1], batch.generator)
     expected, _ = on.discriminator_loss(x0, cond, batch)
     assert torch.allclose(out_on["loss"] - out_on["dsm"], expected)
     out_on["loss"].backward()

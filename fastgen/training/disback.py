@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 
 from ..denoiser import Denoiser, GuidedDenoiser
 from .checkpoint import CheckpointError
@@ -172,33 +171,24 @@ class DisBack(FDistill):
         return out
 
     def critic_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        if self.stage == 2:
-            return super().critic_loss(batch)
-        c, g = self.config, batch.generator
-        cond, uncond = self._conditions(batch.labels)
-        with torch.no_grad():
-            x0 = self.student_module(batch.noise, cond, g).detach()
-        loss = self.recording_loss(x0, cond, uncond, g)
-        out = {"dsm": loss.detach(), "stage": torch.tensor(1.0)}
-        if c.record_discriminator:
-            loss_gan, logged = self.discriminator_loss(x0, cond, batch)
-            loss = loss + loss_gan
-            out.update(logged)
-        out["loss"] = loss
+        out = super().critic_loss(batch)
+        if self.stage == 1:
+            out["stage"] = torch.tensor(1.0)
         return out
 
-    def recording_loss(self, x0: torch.Tensor, cond, uncond, g: torch.Generator) -> torch.Tensor:
-        """Stage 1: DSM of the fake score on samples ``x0`` of the frozen initial student, with label dropout."""
+    @property
+    def critic_trains_discriminator(self) -> bool:
+        """Stage 1 trains the discriminator head only with ``record_discriminator``."""
+        return self.config.record_discriminator if self.stage == 1 else super().critic_trains_discriminator
+
+    def dsm_loss(self, x0: torch.Tensor, cond, uncond, g: torch.Generator) -> torch.Tensor:
+        """Stage 1 (degradation recording): the base method's DSM on samples of the frozen initial student, with
+        the null condition on ``label_dropout`` of the rows."""
         c = self.config
-        if c.label_dropout > 0 and uncond is not None:
+        if self.stage == 1 and c.label_dropout > 0 and uncond is not None:
             drop = torch.rand(x0.shape[0], generator=g, device=g.device) < c.label_dropout
             cond = _where_rows(drop, cond, uncond)
-        t = self._timesteps(c.dsm_time, x0.shape[0], g, x0.device)
-        x_t = self._noised(x0, t, g)
-        pred = self._fake_prediction(x_t, t, cond)
-        if c.fake_score_loss == "x0":
-            return F.mse_loss(pred.x0.float(), x0.float())
-        return F.mse_loss(pred.model_output.float(), self.fake_denoiser.from_x0(x0, x_t, t).float())
+        return super().dsm_loss(x0, cond, uncond, g)
 
     def _teacher_x0(self, x_t, t, cond, uncond, scale: torch.Tensor | None = None) -> torch.Tensor:
         if not self.node:  # stage 1 (unused) or node 0: the teacher itself

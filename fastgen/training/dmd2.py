@@ -521,29 +521,36 @@ class DMD2(DistillMethod):
     def critic_loss(self, batch: Batch, student=None) -> dict[str, torch.Tensor]:
         """Fake-score DSM (+ discriminator) loss on samples of ``student`` (default: this method's own)."""
         c, g = self.config, batch.generator
-        cond, _ = self._conditions(batch.labels)
+        cond, uncond = self._conditions(batch.labels)
         last = self.student_module.num_steps - 1 if c.critic_samples == "final" else None
         if c.later_step_target == "teacher":
             last = 0  # the DM term trains step 0 alone: the critics model its outputs
         with torch.no_grad():
             x0 = (student or self.student_module)(batch.noise, cond, g, step=last).detach()
-        # Fake score: denoising score matching on detached student samples.
-        t = self._timesteps(c.dsm_time, x0.shape[0], g, x0.device)
-        x_t = self._noised(x0, t, g)
-        pred = self._fake_prediction(x_t, t, cond)
-        if c.fake_score_loss == "x0":
-            loss_dsm = F.mse_loss(pred.x0.float(), x0.float())
-        else:
-            target = self.fake_denoiser.from_x0(x0, x_t, t)
-            loss_dsm = F.mse_loss(pred.model_output.float(), target.float())
+        loss_dsm = self.dsm_loss(x0, cond, uncond, g)
         out = {"dsm": loss_dsm.detach()}
         loss = loss_dsm
-        if c.use_gan:
+        if self.critic_trains_discriminator:
             loss_gan, logged = self.discriminator_loss(x0, cond, batch)
             loss = loss + loss_gan
             out.update(logged)
         out["loss"] = loss
         return out
+
+    @property
+    def critic_trains_discriminator(self) -> bool:
+        """Whether the critic phase trains the GAN discriminator head too."""
+        return self.config.use_gan
+
+    def dsm_loss(self, x0: torch.Tensor, cond, uncond, g: torch.Generator) -> torch.Tensor:
+        """Denoising score matching of the fake score on detached student samples ``x0``."""
+        c = self.config
+        t = self._timesteps(c.dsm_time, x0.shape[0], g, x0.device)
+        x_t = self._noised(x0, t, g)
+        pred = self._fake_prediction(x_t, t, cond)
+        if c.fake_score_loss == "x0":
+            return F.mse_loss(pred.x0.float(), x0.float())
+        return F.mse_loss(pred.model_output.float(), self.fake_denoiser.from_x0(x0, x_t, t).float())
 
     def discriminator_loss(self, x0: torch.Tensor, cond, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The GAN critic's loss (weighted, R1 included) on detached samples ``x0`` against ``batch.real``, and the
