@@ -13,6 +13,7 @@ teacher. One run of the trainer does both stages; every budget counts generator 
         starting from the teacher, by DSM on G_0's samples with label dropout (so the unconditional
         branch stays meaningful under CFG, spec 0.11); node j = the fake score after j * record_interval
         steps is written to <output_dir>/disback_nodes/node-<j>.safetensors (j = 1..N; node 0 is the teacher).
+        With ``record_discriminator`` the GAN discriminator head also trains here, on G_0's samples.
     stage 2, backtracking             steps [N * record_interval, ...)
         the fake score continues from node N (it *is* the stage-1 network, so it starts equal to node N);
         the base method's generator loss uses node k as its "real" score (with the teacher's guidance),
