@@ -45,10 +45,10 @@ def mean_curve(curves: list[list[dict]]) -> list[dict]:
     """``{"updates", "fid", "fid_std", "seeds"}`` at every update count (>= 0) that every curve evaluated."""
     import numpy as np
 
-    common = set.intersection(*({r["updates"] for r in c if r["updates"] >= 0 and r["fid"] is not None} for c in curves))
+    by_update = [{r["updates"]: r["fid"] for r in c if r["updates"] >= 0 and r["fid"] is not None} for c in curves]
     rows = []
-    for u in sorted(common):
-        fids = np.array([next(r["fid"] for r in c if r["updates"] == u) for c in curves], dtype=float)
+    for u in sorted(set.intersection(*map(set, by_update))):
+        fids = np.array([fid[u] for fid in by_update], dtype=float)
         rows.append({"updates": u, "fid": float(fids.mean()), "fid_std": float(fids.std(ddof=1)) if len(fids) > 1 else 0.0,
                      "seeds": len(fids)})
     return rows
@@ -101,7 +101,7 @@ def plot(record: dict, path: Path) -> None:
         m = g["mean_disback"]
         ax.plot([r["updates"] for r in m], [r["fid"] for r in m], marker="o", ms=3, color=colour, lw=2,
                 label=f"{g['label']}: mean of {len(g['seeds'])} seeds")
-        bases = tuple(json.dumps(c) for c in g["curves"]["base"])
+        bases = tuple(seed["base"] for seed in g["seeds"])  # groups that share their base runs draw them once
         if bases in shown_bases:
             continue
         j = len(shown_bases)

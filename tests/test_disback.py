@@ -163,10 +163,10 @@ def test_record_discriminator_trains_the_head_in_stage_1_only_when_asked(tmp_pat
     assert torch.allclose(out_on["loss"], out_on["dsm"] + 0.5 * out_on["disc"])
     assert "disc" not in out_off and torch.equal(out_off["loss"], out_off["dsm"])
     # the discriminator's loss is the base method's, on the same samples and draws
-    cond, _ = on._conditions(_gan_batch(3).labels)
     batch = _gan_batch(3)
+    cond, uncond = on._conditions(batch.labels)
     x0 = on.student_module(batch.noise, cond, batch.generator).detach()
-    on.dsm_loss(x0, cond, on._conditions(batch.labels)[1], batch.generator)
+    on.dsm_loss(x0, cond, uncond, batch.generator)  # replay the recording draws before the discriminator's
     expected, _ = on.discriminator_loss(x0, cond, batch)
     assert torch.allclose(out_on["loss"] - out_on["dsm"], expected)
     out_on["loss"].backward()
