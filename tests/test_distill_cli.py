@@ -55,6 +55,34 @@ def test_command_line_overrides_the_recipe_and_divergences_by_override(capsys):
         recipe_config(recipe, divergence=divergence).validate()
 
 
+def test_method_flags_set_one_key_of_the_recipes_method_options(capsys):
+    """--base-method / --nodes / --interval / --students (issue 12's spelling) override only their own key of a
+    recipe's method_options; the rest of the mapping stays the recipe's."""
+    recipe = str(REPO / "distill" / "digits-disback.yaml")
+    assert fastgen_main(["distill", "--config", recipe, "--nodes", "1", "--interval", "10", "--base-method", "fdistill",
+                         "--validate-only", "--json"]) == 0
+    config = DistillConfig(**json.loads(capsys.readouterr().out.strip().splitlines()[-1])["config"])
+    options = config.method_config()
+    assert (options.nodes, options.interval, options.base_method) == (1, 10, "fdistill")
+    assert (options.record_interval, options.label_dropout, options.gan_weight_generator, options.dm_time) == (
+        25, 0.1, 1.0, (20, 250))  # the recipe's
+    assert recipe_config(recipe).method_config().nodes == 4
+    msd = recipe_config(REPO / "distill" / "digits-msd4.yaml", students=2).method_config()
+    assert (msd.students, msd.schedule, msd.base_method) == (2, "routed", "dmd2")
+
+
+def test_method_flags_name_exactly_the_methods_whose_configs_have_them():
+    import dataclasses
+
+    from fastgen.training.config import METHOD_FLAGS, METHODS
+
+    for method in METHODS:
+        config_cls = getattr(DistillConfig(method=method).method_class(), "config_class", None)
+        names = {f.name for f in dataclasses.fields(config_cls)} if config_cls else set()
+        for flag, methods in METHOD_FLAGS.items():
+            assert (flag in names) == (method in methods), (flag, method)
+
+
 BAD_INPUTS = [
     (["--method", "consistency"], "method: unknown method"),
     (["--method", "fdistill", "--divergence", "tv"], "divergence: unknown divergence"),
@@ -81,6 +109,10 @@ BAD_INPUTS = [
     (["--method", "disback", "--method_options",
       '{"record_discriminator": true, "gan_weight_discriminator": 0, "gan_weight_generator": 0}'],
      "record_discriminator: true needs the GAN term"),
+    (["--nodes", "2"], "nodes: applies to --method disback only, not dmd2"),
+    (["--method", "fdistill", "--students", "4"], "students: applies to --method msd only, not fdistill"),
+    (["--method", "msd", "--students", "0"], "--students must be a positive integer, got 0"),
+    (["--method", "disback", "--base-method", "ddpm"], "--base-method must be one of ('dmd2', 'fdistill'), got 'ddpm'"),
     (["--mixed_precision", "fp8"], "mixed_precision:"),
     (["--resume_from_checkpoint", "/nonexistent/checkpoint-5"], "resume_from_checkpoint:"),
     (["--dataset", "/nonexistent/images"], "dataset:"),

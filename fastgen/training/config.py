@@ -49,6 +49,10 @@ METHODS = {
     "disback": "fastgen.training.disback:DisBack",
     "msd": "fastgen.training.msd:MSD",
 }
+# Flags for the method options varied most, under the names of the method papers and issue 12 (``--base-method``,
+# ``--nodes``, ``--interval``, ``--students``): each is a field of the listed methods' configs and, when given,
+# overrides that one key of ``method_options`` (a recipe's other method options stay).
+METHOD_FLAGS = {"base_method": ("disback", "msd"), "nodes": ("disback",), "interval": ("disback",), "students": ("msd",)}
 GUIDANCES = ("cfg", "apg", "none")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 REPORT_TO = ("auto", "tensorboard", "none")
@@ -91,6 +95,16 @@ class DistillConfig:
     resolution: int | None = field(default=None, metadata={"help": "image size of a folder dataset (default: the teacher's)"})
     method_options: str | None = field(default=None, metadata={
         "help": "JSON object of extra method arguments (e.g. '{\"gan_weight_generator\": 0.003}'); a mapping in YAML"})
+    base_method: str | None = field(default=None, metadata={
+        "help": "disback, msd: the distribution-matching method underneath, dmd2 or fdistill (sets that key of "
+                "method_options; default: the recipe's, else dmd2)"})
+    nodes: int | None = field(default=None, metadata={
+        "help": "disback: N degradation nodes recorded in stage 1 (sets that key of method_options)"})
+    interval: int | None = field(default=None, metadata={
+        "help": "disback: stage-2 generator steps on each node before backtracking to the next (sets that key of "
+                "method_options)"})
+    students: int | None = field(default=None, metadata={
+        "help": "msd: K students, one per part of the condition space (sets that key of method_options)"})
 
     # --- output, checkpoints, resume
     output_dir: str = field(default="runs/distill", metadata={"help": "run folder (checkpoints, logs, samples, student)"})
@@ -175,7 +189,8 @@ class DistillConfig:
 
     def method_config(self):
         """The method's own config (``cls.config_class``: DMD2Config, FDistillConfig) from the shared fields
-        (``student_timesteps``, ``divergence``) and ``method_options``; validated by its constructor."""
+        (``student_timesteps``, ``divergence``), ``method_options`` and the method flags given
+        (:data:`METHOD_FLAGS`, which win over ``method_options``); validated by its constructor."""
         cls = self.method_class()
         config_cls = getattr(cls, "config_class", None)
         options = self.method_kwargs()
@@ -187,13 +202,16 @@ class DistillConfig:
             raise ValueError(f"method_options: {self.method} does not accept {unknown}; accepted: {sorted(names)}.")
         shared = {name: getattr(self, name) for name in ("student_timesteps", "student_renoise", "divergence", "output_dir")
                   if name in names}
-        kwargs = {**shared, **options}
+        flags = {name: getattr(self, name) for name in METHOD_FLAGS if getattr(self, name) is not None}
+        kwargs = {**shared, **options, **flags}
         for key, value in kwargs.items():  # YAML/JSON lists -> the tuples the method configs use
             if isinstance(value, list) and key.endswith("_time"):
                 kwargs[key] = tuple(value)
         try:
             return config_cls(**kwargs)
         except (ValueError, TypeError) as err:
+            if str(err).split(" ", 1)[0] in flags:  # a flag's own value: the message names it already
+                raise ValueError(str(err)) from None
             raise ValueError(f"method_options ({self.method}): {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
@@ -265,6 +283,9 @@ class DistillConfig:
             bad("student_timesteps", "must be a non-empty list of distinct non-negative integers in descending order")
         if self.student_renoise not in RENOISE_MODES:
             bad("student_renoise", f"accepted: {', '.join(RENOISE_MODES)}")
+        for name, methods in METHOD_FLAGS.items():
+            if getattr(self, name) is not None and self.method not in methods:
+                bad(name, f"applies to --method {' or '.join(methods)} only, not {self.method}")
         self.method_config()  # unknown or bad method options fail here, before any model loads
         if not isinstance(num_processes, int) or num_processes < 1:
             raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}.")
