@@ -221,6 +221,95 @@ def test_resume_mid_path_continues_at_the_same_node(tmp_path):
     assert len(log) == 12
 
 
+def test_plateau_advance_leaves_a_node_after_patience_stale_evaluations_or_the_interval(tmp_path):
+    """advance="plateau": a node (1..N-1) is left once `plateau_patience` evaluations in a row fail to beat its
+    best FID by the relative tolerance, at the latest after `interval` steps; node 0 is kept to the end."""
+    m = _method(tmp_path, advance="plateau", interval=6, plateau_patience=2, plateau_tolerance=0.1)
+    fids = {8: 10.0, 9: 8.0, 10: 7.5, 11: 7.4, 13: 5.0, 14: 4.0, 15: 3.0, 16: 2.0, 17: 1.5, 18: 9.0, 19: 9.0}
+    nodes = []
+    for step in range(22):
+        m.begin_generator_step(step)
+        nodes.append(m.node)
+        if step + 1 in fids:
+            m.observe_evaluation(step + 1, {"fid": fids[step + 1]})
+    # node 2 from step 6: best 10 -> 8; 7.5 and 7.4 are within 10 % of 8 (stale 1, 2), so node 1 from step 11;
+    # it keeps improving by more than 10 % and is left at its interval (step 17); the teacher ignores plateaus
+    assert nodes == [None] * 6 + [2] * 5 + [1] * 6 + [0] * 5
+    assert m.visited == [2, 1, 0]
+    m.observe_evaluation(22, {})  # on the teacher nothing is read
+    m2 = _method(tmp_path / "b", advance="plateau", interval=5)
+    with pytest.raises(ValueError, match="needs the in-training FID"):
+        [m2.begin_generator_step(s) for s in range(7)], m2.observe_evaluation(7, {"accuracy": 1.0})
+    m3 = _method(tmp_path / "c", interval=5)  # advance="interval" reads no evaluation
+    for step in range(12):
+        m3.begin_generator_step(step)
+        m3.observe_evaluation(step + 1, {"fid": 1.0})
+    assert m3.node == 1 and m3.stale == 0
+
+
+def _plateau_trainer(out, max_steps, monkeypatch, resume=None):
+    import fastgen.training.trainer as trainer_module
+    from fastgen.training.trainer import DistillTrainer
+
+    fids = {7: 10.0, 8: 9.0, 9: 9.5, 10: 9.6, 11: 8.0, 12: 7.0, 13: 6.0, 14: 5.0, 15: 4.0}
+    holder = {}
+    monkeypatch.setattr(trainer_module, "evaluate_samples",
+                        lambda images, labels, accelerator=None: {"fid": fids.get(holder["t"].step, 1.0)})
+    config = DistillConfig(output_dir=str(out), method="disback", teacher="builtin:digits", train_batch_size=4,
+                           max_train_steps=max_steps, critic_steps_per_generator_step=1, checkpointing_steps=9,
+                           learning_rate=1e-3, ema_decay=0.9, logging_steps=1, report_to="none", progress=False,
+                           mixed_precision="no", seed=3, resume_from_checkpoint=resume, validation_steps=1,
+                           num_validation_samples=2, validation_batch_size=2)
+    trainer = DistillTrainer(config, method=_method(out, advance="plateau", interval=5, plateau_tolerance=0.0),
+                             sample_shape=SHAPE, num_classes=10)
+    holder["t"] = trainer
+    return trainer
+
+
+def _node_log(folder):
+    import json
+    log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    return [int(r["generator/node"]) for r in log if "generator/node" in r]
+
+
+def test_plateau_advance_through_the_trainer_resumes_mid_node(tmp_path, monkeypatch):
+    """The trainer reports each evaluation to the method; stopped at step 9 with one stale evaluation on node 2
+    and resumed, the run switches at the same steps as an uninterrupted one."""
+    from fastgen.training.checkpoint import network_state_dict
+
+    a = _plateau_trainer(tmp_path / "a", 16, monkeypatch)
+    a.train()
+    # node 2 from step 6 (evaluations after steps 7..10: 10, 9, 9.5, 9.6 -> stale 2), node 1 from step 10, left
+    # at its interval (step 15), then the teacher
+    assert _node_log(tmp_path / "a") == [2] * 4 + [1] * 5 + [0]
+    assert a.method.visited == [2, 1, 0]
+    b1 = _plateau_trainer(tmp_path / "b", 9, monkeypatch)
+    b1.train()
+    assert (b1.method.node, b1.method.stale, b1.method.best_fid, b1.method.node_start) == (2, 1, 9.0, 6)
+    b2 = _plateau_trainer(tmp_path / "b", 16, monkeypatch, resume="latest")
+    b2.train()
+    assert _node_log(tmp_path / "b") == _node_log(tmp_path / "a") and b2.method.visited == [2, 1, 0]
+    wa = network_state_dict(tmp_path / "a" / "checkpoint-16" / "student_ema")
+    wb = network_state_dict(tmp_path / "b" / "checkpoint-16" / "student_ema")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_plateau_advance_needs_evaluations_before_any_model_loads(tmp_path):
+    with pytest.raises(ValueError, match="validation_steps: advance 'plateau' reads the in-training FID"):
+        DistillConfig(method="disback", advance="plateau", output_dir=str(tmp_path)).validate(check_paths=False)
+    with pytest.raises(ValueError, match="teacher: advance 'plateau'"):
+        DistillConfig(method="disback", advance="plateau", validation_steps=5, teacher="some/folder",
+                      output_dir=str(tmp_path)).validate(check_paths=False)
+    with pytest.raises(ValueError, match="advance must be one of"):
+        DisBackConfig(advance="fid", output_dir="x")
+    with pytest.raises(ValueError, match="plateau_tolerance"):
+        DisBackConfig(plateau_tolerance=1.0, output_dir="x")
+    with pytest.raises(ValueError, match="plateau_patience"):
+        DisBackConfig(plateau_patience=0, output_dir="x")
+    DistillConfig(method="disback", advance="plateau", validation_steps=5, output_dir=str(tmp_path)).validate(
+        check_paths=False)
+
+
 def _flat(module):
     return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
 

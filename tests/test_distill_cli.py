@@ -113,6 +113,8 @@ BAD_INPUTS = [
     (["--method", "fdistill", "--students", "4"], "students: applies to --method msd only, not fdistill"),
     (["--method", "msd", "--students", "0"], "--students must be a positive integer, got 0"),
     (["--method", "disback", "--base-method", "ddpm"], "--base-method must be one of ('dmd2', 'fdistill'), got 'ddpm'"),
+    (["--method", "disback", "--advance", "fid"], "--advance must be one of ('interval', 'plateau'), got 'fid'"),
+    (["--method", "disback", "--advance", "plateau"], "validation_steps: advance 'plateau' reads the in-training FID"),
     (["--mixed_precision", "fp8"], "mixed_precision:"),
     (["--resume_from_checkpoint", "/nonexistent/checkpoint-5"], "resume_from_checkpoint:"),
     (["--dataset", "/nonexistent/images"], "dataset:"),

@@ -50,9 +50,10 @@ METHODS = {
     "msd": "fastgen.training.msd:MSD",
 }
 # Flags for the method options varied most, under the names of the method papers and issue 12 (``--base-method``,
-# ``--nodes``, ``--interval``, ``--students``): each is a field of the listed methods' configs and, when given,
+# ``--nodes``, ``--interval``, ``--advance``, ``--students``): each is a field of the listed methods' configs and, when given,
 # overrides that one key of ``method_options`` (a recipe's other method options stay).
-METHOD_FLAGS = {"base_method": ("disback", "msd"), "nodes": ("disback",), "interval": ("disback",), "students": ("msd",)}
+METHOD_FLAGS = {"base_method": ("disback", "msd"), "nodes": ("disback",), "interval": ("disback",),
+                "advance": ("disback",), "students": ("msd",)}
 GUIDANCES = ("cfg", "apg", "none")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 REPORT_TO = ("auto", "tensorboard", "none")
@@ -102,6 +103,10 @@ class DistillConfig:
         "help": "disback: N degradation nodes recorded in stage 1 (sets that key of method_options)"})
     interval: int | None = field(default=None, metadata={
         "help": "disback: stage-2 generator steps on each node before backtracking to the next (sets that key of "
+                "method_options)"})
+    advance: str | None = field(default=None, metadata={
+        "help": "disback: when stage 2 moves to the next node: interval (every --interval steps) or plateau (also "
+                "once the in-training FID stops improving on the node; needs --validation_steps) (sets that key of "
                 "method_options)"})
     students: int | None = field(default=None, metadata={
         "help": "msd: K students, one per part of the condition space (sets that key of method_options)"})
@@ -286,7 +291,13 @@ class DistillConfig:
         for name, methods in METHOD_FLAGS.items():
             if getattr(self, name) is not None and self.method not in methods:
                 bad(name, f"applies to --method {' or '.join(methods)} only, not {self.method}")
-        self.method_config()  # unknown or bad method options fail here, before any model loads
+        method_config = self.method_config()  # unknown or bad method options fail here, before any model loads
+        if getattr(method_config, "needs_fid", False):  # DisBack's advance: plateau reads in-training FIDs
+            if not self.validation_steps:
+                bad("validation_steps", "advance 'plateau' reads the in-training FID: must be > 0")
+            if self.teacher != "builtin:digits":
+                bad("teacher", "advance 'plateau' reads the in-training FID, which the trainer computes for "
+                               "builtin:digits only; use advance 'interval'")
         if not isinstance(num_processes, int) or num_processes < 1:
             raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}.")
         per_update = num_processes * self.gradient_accumulation_steps

@@ -18,11 +18,16 @@ teacher. One run of the trainer does both stages; every budget counts generator 
         the fake score continues from node N (it *is* the stage-1 network, so it starts equal to node N);
         the base method's generator loss uses node k as its "real" score (with the teacher's guidance),
         k = N-1, N-2, ..., 0, advancing every `interval` steps; k = 0 is the teacher, kept to the end.
+        With ``advance="plateau"`` a node is left early once the in-training FID has stopped improving on it
+        (``plateau_patience`` evaluations in a row without a relative gain above ``plateau_tolerance``; the
+        paper's alternative to a fixed interval), at the latest after `interval` steps.
 
 Nodes are full weights, or with ``lora_fake_score`` only the fake score's LoRA deltas on the frozen
 teacher base (loaded into a second, frozen adapter ``disback_node``). The node index and the switch
 history are trainer state; a resumed run reloads the current node from its file. The trainer calls
-:meth:`DisBack.begin_generator_step` with each step's index; the schedule is a function of that index.
+:meth:`DisBack.begin_generator_step` with each step's index; with ``advance="interval"`` the schedule is a
+function of that index, with ``"plateau"`` also of the evaluations the trainer reports through
+:meth:`DisBack.observe_evaluation` (their counters are trainer state too, so a resumed run does the same).
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ from .f_distill import FDistill, FDistillConfig
 from .method import Batch
 
 BASE_METHODS = ("dmd2", "fdistill")
+ADVANCE = ("interval", "plateau")
 NODE_ADAPTER = "disback_node"
 NODE_FOLDER = "disback_nodes"
 
@@ -56,7 +62,13 @@ class DisBackConfig(FDistillConfig):
         nodes: N, the number of recorded degradation nodes (node 0, the teacher, is not stored).
         record_interval: stage-1 generator steps between two nodes (each is ``critic_steps_per_generator_step``
             DSM updates of the fake score; the generator is frozen).
-        interval: stage-2 generator steps spent on each node before backtracking to the next one.
+        interval: stage-2 generator steps spent on each node before backtracking to the next one (with
+            ``advance="plateau"``: at most).
+        advance: ``"interval"`` (every ``interval`` steps) or ``"plateau"`` (also as soon as the in-training FID
+            of the current node has plateaued; needs the trainer's evaluations, ``validation_steps > 0``).
+        plateau_patience: evaluations in a row without improvement that make a plateau.
+        plateau_tolerance: an evaluation improves when its FID is below ``(1 - plateau_tolerance)`` times the
+            best one seen on the current node.
         label_dropout: probability of the null condition in stage-1 DSM.
         record_discriminator: also train the GAN discriminator head in stage 1, on G_0's samples against real
             data (the base method's discriminator loss and rate), so stage 2 starts with a discriminator fitted to
@@ -72,6 +84,9 @@ class DisBackConfig(FDistillConfig):
     nodes: int = 4
     record_interval: int = 25
     interval: int = 50
+    advance: str = "interval"
+    plateau_patience: int = 2
+    plateau_tolerance: float = 0.01
     label_dropout: float = 0.1
     record_discriminator: bool = False
     output_dir: str | None = None
@@ -83,7 +98,12 @@ class DisBackConfig(FDistillConfig):
         if self.base_method == "dmd2":
             self.divergence = "rkl"  # f-distill's rkl path is DMD2 exactly (spec 0.1)
         FDistillConfig.__post_init__(self)
-        for name in ("nodes", "record_interval", "interval"):
+        if self.advance not in ADVANCE:
+            raise ValueError(f"advance must be one of {ADVANCE}, got {self.advance!r}.")
+        if isinstance(self.plateau_tolerance, bool) or not isinstance(self.plateau_tolerance, (int, float)) \
+                or not 0.0 <= self.plateau_tolerance < 1.0:
+            raise ValueError(f"plateau_tolerance must be a number in [0, 1), got {self.plateau_tolerance!r}.")
+        for name in ("nodes", "record_interval", "interval", "plateau_patience"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
@@ -101,8 +121,14 @@ class DisBackConfig(FDistillConfig):
         """Generator steps of stage 1 (``nodes * record_interval``)."""
         return self.nodes * self.record_interval
 
+    @property
+    def needs_fid(self) -> bool:
+        """Whether the run must report in-training FID evaluations (``advance="plateau"``)."""
+        return self.advance == "plateau"
+
     def node_at(self, step: int) -> int | None:
-        """The real-score node of generator step ``step``: ``None`` in stage 1, then N-1, ..., 0 (teacher)."""
+        """The real-score node of generator step ``step`` with ``advance="interval"``: ``None`` in stage 1, then
+        N-1, ..., 0 (teacher)."""
         if step < self.recording_steps:
             return None
         return max(self.nodes - 1 - (step - self.recording_steps) // self.interval, 0)
@@ -146,6 +172,10 @@ class DisBack(FDistill):
                                                       guidance_space=self.teacher.guidance_space)
         self.node: int | None = None  # current real-score node (None: stage 1)
         self.visited: list[int] = []  # stage-2 nodes in the order they became the real score
+        # advance="plateau": the step the current node began, its best FID so far and the evaluations since
+        self.node_start = -1
+        self.best_fid = float("inf")
+        self.stale = 0
 
     def train(self, mode: bool = True) -> "DisBack":
         super().train(mode)
@@ -208,13 +238,39 @@ class DisBack(FDistill):
     # ------------------------------------------------------------------ the node schedule
     def begin_generator_step(self, step: int) -> None:
         """Trainer hook: record node ``j`` at step ``j * record_interval`` (stage 1), switch the real score to
-        :meth:`DisBackConfig.node_at` (stage 2)."""
+        :meth:`DisBackConfig.node_at` (stage 2; with ``advance="plateau"`` also to the next node once the
+        current one has plateaued)."""
         c = self.config
         if 0 < step <= c.recording_steps and step % c.record_interval == 0:
             self.save_node(step // c.record_interval)
-        node = c.node_at(step)
+        if c.advance == "interval":
+            node = c.node_at(step)
+        elif step < c.recording_steps:
+            node = None
+        elif self.node is None:
+            node = c.nodes - 1
+        elif self.node > 0 and (self.stale >= c.plateau_patience or step - self.node_start >= c.interval):
+            node = self.node - 1
+        else:
+            node = self.node
         if node is not None and node != self.node:
             self.set_node(node)
+            self.node_start, self.best_fid, self.stale = step, float("inf"), 0
+
+    def observe_evaluation(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Trainer hook after each evaluation: with ``advance="plateau"``, count the evaluations of the current
+        node (1..N-1) whose FID is not below ``(1 - plateau_tolerance)`` times its best so far."""
+        c = self.config
+        if c.advance != "plateau" or not self.node:
+            return
+        if "fid" not in metrics:
+            raise ValueError("advance 'plateau' needs the in-training FID, and this evaluation has none (the trainer "
+                             "computes it for the builtin:digits teacher).")
+        fid = float(metrics["fid"])
+        if fid < (1.0 - c.plateau_tolerance) * self.best_fid:
+            self.best_fid, self.stale = fid, 0
+        else:
+            self.stale += 1
 
     def set_node(self, node: int) -> None:
         """Make node ``node`` the real score (0: the teacher) and record the switch."""
@@ -286,8 +342,9 @@ class DisBack(FDistill):
 
     # ------------------------------------------------------------------ trainer state
     def trainer_state(self) -> dict:
-        return {**super().trainer_state(), "disback": {"node": -1 if self.node is None else int(self.node),
-                                                      "visited": torch.tensor(self.visited, dtype=torch.long)}}
+        return {**super().trainer_state(), "disback": {
+            "node": -1 if self.node is None else int(self.node), "visited": torch.tensor(self.visited, dtype=torch.long),
+            "node_start": int(self.node_start), "best_fid": float(self.best_fid), "stale": int(self.stale)}}
 
     def load_trainer_state(self, state: dict) -> None:
         state = dict(state)
@@ -298,5 +355,9 @@ class DisBack(FDistill):
         node = int(disback["node"])
         self.visited = [int(v) for v in torch.as_tensor(disback["visited"]).tolist()]
         self.node = None if node < 0 else node
+        # checkpoints from before advance="plateau" have no counters: an interval run, which does not read them
+        self.node_start = int(disback.get("node_start", -1))
+        self.best_fid = float(disback.get("best_fid", float("inf")))
+        self.stale = int(disback.get("stale", 0))
         if self.node:
             self.load_node(self.node)

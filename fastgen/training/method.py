@@ -49,7 +49,7 @@ from __future__ import annotations
 import abc
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -140,6 +140,11 @@ class DistillMethod(torch.nn.Module, abc.ABC):
     def begin_generator_step(self, step: int) -> None:
         """Called with the generator-step index before each generator step (DisBack's node schedule, MSD's
         active student); default nothing. Must depend on ``step`` only, so a resumed run does the same."""
+
+    def observe_evaluation(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Called on every process after the evaluation at generator step ``step`` with its metrics (the same on
+        every process: FID, accuracy, ...; DisBack's plateau switch); default nothing. What it changes must be
+        trainer state, so a resumed run does the same."""
 
     @property
     def trains_critic(self) -> bool:

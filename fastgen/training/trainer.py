@@ -610,6 +610,7 @@ class DistillTrainer:
             if cfg.validation_steps and self.step % cfg.validation_steps == 0:
                 eval_wall, eval_cpu = time.perf_counter(), time.process_time()
                 metrics = self.evaluate()
+                self.method.observe_evaluation(self.step, metrics)  # before the step's checkpoint, which keeps it
                 last_log += time.perf_counter() - eval_wall
                 last_cpu += time.process_time() - eval_cpu
                 if metrics:
