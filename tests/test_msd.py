@@ -505,6 +505,90 @@ def test_trainer_exports_a_routed_pipeline(tmp_path):
     assert images.images.shape == (10, 1, 8, 8) and images.nfe == 1
 
 
+def test_train_student_builds_one_student_whose_losses_equal_the_joint_runs_on_its_part(tmp_path):
+    """train_student=k: only student k (with its critic) is built; its losses and gradients on a batch are the
+    joint cycling run's when that run's step trains student k."""
+    teacher = _teacher()
+    opts = dict(students=2, schedule="round_robin", gan_weight_generator=0.0, gan_weight_discriminator=0.0)
+    torch.manual_seed(0)
+    joint = MSD(teacher, guider=CFG(2.0), output_dir=str(tmp_path / "joint"), **opts)
+    torch.manual_seed(0)
+    single = MSD(teacher, guider=CFG(2.0), output_dir=str(tmp_path / "one"), train_student=1, **opts)
+    assert len(single.parts) == 1 and single.part_ids == [1] and single.order == [0]
+    assert __import__("json").loads((tmp_path / "one" / "msd_part.json").read_text()) == {"part": 1, "students": 2}
+    assert not (tmp_path / "joint" / "msd_part.json").exists()
+    n_params = sum(p.numel() for g in single.optimizer_groups().values() for p in g)
+    assert 2 * n_params == sum(p.numel() for g in joint.optimizer_groups().values() for p in g)
+    joint.begin_generator_step(1)
+    single.begin_generator_step(7)
+    assert joint.active == 1 and single.active == 0
+    for phase, seed in (("critic", 3), ("generator", 4)):
+        a, b = joint(phase, _batch(seed)), single(phase, _batch(seed))
+        assert torch.equal(a["loss"], b["loss"]), phase
+        a["loss"].backward()
+        b["loss"].backward()
+        ga = {n: p.grad for n, p in joint.parts[1].named_parameters() if p.grad is not None}
+        gb = {n: p.grad for n, p in single.parts[0].named_parameters() if p.grad is not None}
+        assert ga.keys() == gb.keys() and ga and all(torch.equal(ga[n], gb[n]) for n in ga), phase
+        joint.zero_grad(set_to_none=True)
+        single.zero_grad(set_to_none=True)
+    part0 = single.partition.classes_of(0)[0]
+    with pytest.raises(ValueError, match="trains student 1 only"):
+        single.sample(torch.randn(1, *SHAPE), torch.tensor([part0]))
+    with pytest.raises(ValueError, match="train_student must be a student index in 0..1"):
+        MSDConfig(students=2, train_student=2)
+
+
+def test_train_student_runs_merge_into_the_routed_pipeline(tmp_path, capsys):
+    """K independent train_student runs, joined by fastgen distill merge-msd: the routed pipeline gives each class
+    its run's student, output for output; bad joins are one error each and write nothing."""
+    import json
+    import shutil
+
+    from fastgen.cli import main as fastgen_main
+    from fastgen.pipelines.student import FastGenStudentPipeline
+    from fastgen.training.config import DistillConfig
+    from fastgen.training.msd import merge_students
+
+    runs = []
+    for k in (2, 0, 1):
+        out = tmp_path / f"part{k}"
+        trainer = _msd_trainer(out, 2, train_student=k)
+        assert len(trainer.method.parts) == 1
+        trainer.train()
+        runs.append(out)
+    assert fastgen_main(["distill", "merge-msd", "--runs", *map(str, runs), "--output_dir", str(tmp_path / "msd"),
+                         "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    merged = FastGenMSDPipeline.from_pretrained(record["student"])
+    assert merged.partition == Partition.load(runs[0] / "partition.json") and len(merged.students) == 3
+    for c in range(10):
+        k = merged.partition.class_to_part[c]
+        own = FastGenStudentPipeline.from_pretrained(tmp_path / f"part{k}" / "student")
+        a = merged(class_labels=[c], seed=c, output_type="pt").images
+        b = own(class_labels=[c], seed=c, output_type="pt").images
+        assert torch.equal(a, b), c
+    with pytest.raises(FileExistsError, match="never overwrites"):
+        merge_students(runs, tmp_path / "msd")
+    with pytest.raises(ValueError, match="no run trained student"):
+        merge_students(runs[:2], tmp_path / "m2")
+    with pytest.raises(ValueError, match="both trained student 2"):
+        merge_students([*runs, runs[0]], tmp_path / "m3")
+    other = tmp_path / "other"
+    shutil.copytree(runs[0], other)
+    data = json.loads((other / "partition.json").read_text())
+    data["class_to_part"] = list(reversed(data["class_to_part"]))
+    (other / "partition.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="another partition"):
+        merge_students([other, *runs[1:]], tmp_path / "m4")
+    with pytest.raises(FileNotFoundError, match="not a finished train_student run"):
+        merge_students([tmp_path / "msd"], tmp_path / "m5")
+    assert not any((tmp_path / f"m{i}").exists() for i in range(2, 6))
+    with pytest.raises(ValueError, match="validation_steps: a train_student run"):
+        DistillConfig(method="msd", train_student=1, validation_steps=10, output_dir=str(tmp_path)).validate(
+            check_paths=False)
+
+
 def test_x0_predicting_small_students_train_export_and_reload_in_their_parameterisation(tmp_path):
     """student_prediction_type="sample": the small network's output is x0 itself (no 1/alpha(t*) factor on its
     errors), TSM regresses the teacher's x0 in that parameterisation, and the exported routed pipeline carries

@@ -64,6 +64,22 @@ def run_collect(config: CollectTrajectoriesConfig) -> dict:
     return collect_trajectories(options.pop("teacher"), options.pop("output_dir"), omega_range=omega_range, **options)
 
 
+@dataclass
+class MergeMSDConfig:
+    """Options of ``fastgen distill merge-msd`` (:func:`fastgen.training.msd.merge_students`)."""
+
+    runs: list[str] = field(default_factory=list, metadata={
+        "help": "the K run folders of fastgen distill --method msd --train-student k (k = 0..K-1, any order)"})
+    output_dir: str = field(default="runs/msd-merged", metadata={
+        "help": "the routed pipeline folder to write (must not exist)"})
+
+
+def run_merge(config: MergeMSDConfig) -> dict:
+    from ..training.msd import merge_students
+
+    return {"student": str(merge_students(config.runs, config.output_dir)), "runs": list(config.runs)}
+
+
 def summary(r: dict) -> str:
     if r.get("valid"):
         return f"configuration valid: {r['method']} from {r['teacher']} on {r['processes']} process(es)"
@@ -86,4 +102,10 @@ COMMANDS = [Command(
             description="Run the frozen base with classifier-free guidance from noise, one guidance scale per "
                         "trajectory, and store every step in a memory-mapped fp16 store (resumable; sharded over "
                         "accelerate processes). Train on it with fastgen distill --method agd "
-                        "--method-options '{\"trajectories\": DIR}'.")]
+                        "--method-options '{\"trajectories\": DIR}'."),
+    Command("distill merge-msd", MergeMSDConfig, run_merge,
+            summary=lambda r: f"{len(r['runs'])} students joined into {r['student']}",
+            help="MSD: join the students of K --train-student runs into one routed pipeline folder",
+            description="Each run of fastgen distill --method msd --train-student k trains one student on its "
+                        "part (on its own accelerate processes); this checks that the runs share one partition "
+                        "and cover every part once, and writes the FastGenMSDPipeline (router + K students).")]

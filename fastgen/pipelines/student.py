@@ -101,10 +101,11 @@ class FastGenStudentPipeline(FastGenClassPipeline):
 
     @classmethod
     def from_teacher(cls, teacher_pipeline, network: torch.nn.Module, student_timesteps: Sequence[int],
-                     student_renoise: str = "fresh") -> "FastGenStudentPipeline":
-        """The student pipeline of a trained ``network`` (teacher architecture) and the teacher's parts."""
+                     student_renoise: str = "fresh", prediction_type: str | None = None) -> "FastGenStudentPipeline":
+        """The student pipeline of a trained ``network`` and the teacher's parts (in ``prediction_type`` when the
+        student predicts another quantity than the teacher)."""
         key = "unet" if getattr(teacher_pipeline, "unet", None) is not None else "transformer"
-        return cls(scheduler=student_scheduler(teacher_pipeline.scheduler, renoise=student_renoise),
+        return cls(scheduler=student_scheduler(teacher_pipeline.scheduler, prediction_type, student_renoise),
                    vae=getattr(teacher_pipeline, "vae", None), id2label=teacher_pipeline.config.get("id2label"),
                    student_timesteps=list(student_timesteps), student_renoise=student_renoise, **{key: network})
 

@@ -50,10 +50,10 @@ METHODS = {
     "msd": "fastgen.training.msd:MSD",
 }
 # Flags for the method options varied most, under the names of the method papers and issue 12 (``--base-method``,
-# ``--nodes``, ``--interval``, ``--advance``, ``--students``): each is a field of the listed methods' configs and, when given,
-# overrides that one key of ``method_options`` (a recipe's other method options stay).
+# ``--nodes``, ``--interval``, ``--advance``, ``--students``, ``--train-student``): each is a field of the listed
+# methods' configs and, when given, overrides that one key of ``method_options`` (a recipe's other options stay).
 METHOD_FLAGS = {"base_method": ("disback", "msd"), "nodes": ("disback",), "interval": ("disback",),
-                "advance": ("disback",), "students": ("msd",)}
+                "advance": ("disback",), "students": ("msd",), "train_student": ("msd",)}
 GUIDANCES = ("cfg", "apg", "none")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 REPORT_TO = ("auto", "tensorboard", "none")
@@ -110,6 +110,9 @@ class DistillConfig:
                 "method_options)"})
     students: int | None = field(default=None, metadata={
         "help": "msd: K students, one per part of the condition space (sets that key of method_options)"})
+    train_student: int | None = field(default=None, metadata={
+        "help": "msd: train student k only, one of K independent runs (each on its own accelerate processes); "
+                "join them with fastgen distill merge-msd (sets that key of method_options)"})
 
     # --- output, checkpoints, resume
     output_dir: str = field(default="runs/distill", metadata={"help": "run folder (checkpoints, logs, samples, student)"})
@@ -292,6 +295,9 @@ class DistillConfig:
             if getattr(self, name) is not None and self.method not in methods:
                 bad(name, f"applies to --method {' or '.join(methods)} only, not {self.method}")
         method_config = self.method_config()  # unknown or bad method options fail here, before any model loads
+        if self.validation_steps and not getattr(method_config, "serves_every_condition", True):
+            bad("validation_steps", "a train_student run holds one part's student and in-training evaluation samples "
+                                    "every class: set 0, and evaluate the joined pipeline (fastgen distill merge-msd)")
         if getattr(method_config, "needs_fid", False):  # DisBack's advance: plateau reads in-training FIDs
             if not self.validation_steps:
                 bad("validation_steps", "advance 'plateau' reads the in-training FID: must be > 0")

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -64,6 +65,7 @@ TSM_INPUTS = ("student", "real")
 STUDENT_PREDICTION_TYPES = tuple(p for p in PREDICTION_TYPES if p != "flow")
 POOLINGS = ("mean", "pooled")
 PARTITION_FILE = "partition.json"
+PART_FILE = "msd_part.json"  # a train_student run's part index, beside its partition (fastgen distill merge-msd)
 
 
 # ---------------------------------------------------------------------- partition
@@ -352,6 +354,12 @@ class MSDConfig(FDistillConfig):
             rates it follows each part K times more slowly (the digits recipe measured it at 4x the critic and
             discriminator rates). With ``schedule="routed"`` the step is the base method's on the whole batch,
             with the router as its generator (one teacher and critic call per step).
+        train_student: train student ``k`` only (its part's conditions, its own fake score and discriminator
+            head; the other students are not built): one of K independent runs, each on its own ``accelerate``
+            processes (its own process group, machines or GPUs), as the paper trains its students. The run
+            exports that student alone; :func:`merge_students` (``fastgen distill merge-msd``) joins the K runs'
+            students into one routed pipeline. Every step trains it on a full batch of its part (``schedule``
+            does not apply); in-training evaluation, which samples every class, is off (``validation_steps 0``).
         output_dir: the run folder (the trainer passes its own); the partition is saved there.
     """
 
@@ -371,6 +379,7 @@ class MSDConfig(FDistillConfig):
     compress_lr_scale: float = 1.0
     critic_warmup_steps: int = 0
     shared_critic: bool = False
+    train_student: int | None = None
     output_dir: str | None = None
 
     def __post_init__(self):
@@ -409,6 +418,11 @@ class MSDConfig(FDistillConfig):
             raise ValueError(f"critic_warmup_steps must be a non-negative integer, got {self.critic_warmup_steps!r}.")
         if not isinstance(self.shared_critic, bool):
             raise ValueError(f"shared_critic must be true or false, got {self.shared_critic!r}.")
+        if self.train_student is not None and (isinstance(self.train_student, bool)
+                                               or not isinstance(self.train_student, int)
+                                               or not 0 <= self.train_student < self.students):
+            raise ValueError(f"train_student must be a student index in 0..{self.students - 1} (students = "
+                             f"{self.students}) or None, got {self.train_student!r}.")
         if self.student_block_out_channels is not None:
             ch = list(self.student_block_out_channels)
             if not ch or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in ch):
@@ -423,6 +437,12 @@ class MSDConfig(FDistillConfig):
                                  "student keeps the teacher's parameterisation.")
         if self.lora_student or self.lora_fake_score:
             raise ValueError("msd: lora_student / lora_fake_score are not supported (K adapters would share one name).")
+
+    @property
+    def serves_every_condition(self) -> bool:
+        """Whether the run's students cover every condition (not a ``train_student`` run), which the trainer's
+        in-training evaluation needs."""
+        return self.train_student is None
 
     def base_config(self) -> FDistillConfig:
         """The per-student base method's config."""
@@ -514,8 +534,10 @@ class MSD(DistillMethod):
             config = MSDConfig(**{**{f.name: getattr(config, f.name) for f in fields(config)}, **options})
         self.config = c = config
         base = c.base_config()
+        # the partition index of each built student: all K, or the one of a train_student run
+        self.part_ids = list(range(c.students)) if c.train_student is None else [c.train_student]
         parts = []
-        for _ in range(c.students):
+        for _ in self.part_ids:
             parts.append(FDistill(teacher, guider, base))
             if c.shared_critic and len(parts) > 1:
                 _share_critic(parts[-1], parts[0])  # the new part's own copies are freed here
@@ -530,7 +552,7 @@ class MSD(DistillMethod):
             raise ValueError(f"the partition has {self.partition.num_parts} parts for {c.students} students.")
         if c.student_block_out_channels is not None:
             net = first.teacher_denoiser.model
-            for k, part in enumerate(parts):
+            for k, part in zip(self.part_ids, parts):  # student k starts alike in a joint or a train_student run
                 small = small_network(net, c.student_block_out_channels, seed=1000 + k)
                 part.student_module = Student(small, first.teacher_denoiser.schedule,
                                               c.student_prediction_type or first.teacher_denoiser.prediction_type,
@@ -541,10 +563,13 @@ class MSD(DistillMethod):
         if c.compress_from is not None:  # frozen, not a submodule: neither trained nor checkpointed
             self.__dict__["compress_source"] = load_student_source(c.compress_from)
         weights = self.partition.sizes() if c.schedule == "proportional" else [1] * c.students
-        self.order = smooth_round_robin(weights)
+        self.order = smooth_round_robin(weights) if c.train_student is None else [0]
         self.begin_generator_step(0)
         if c.output_dir is not None:
             self.partition.save(Path(c.output_dir) / PARTITION_FILE)
+            if c.train_student is not None:
+                from ..benchmarking import write_json
+                write_json(Path(c.output_dir) / PART_FILE, {"part": c.train_student, "students": c.students})
 
     def _make_partition(self) -> Partition:
         c = self.config
@@ -565,7 +590,14 @@ class MSD(DistillMethod):
     # ------------------------------------------------------------------ schedule
     @property
     def routed(self) -> bool:
-        return self.config.schedule == "routed"
+        return self.config.schedule == "routed" and self.config.train_student is None
+
+    def _student_of_part(self, k: int) -> FDistill:
+        """The built student (with its critic) of partition part ``k``."""
+        if k not in self.part_ids:
+            raise ValueError(f"msd: this run trains student {self.part_ids[0]} only (train_student); a condition of "
+                             f"part {k} has no student here. Join the K runs with fastgen distill merge-msd.")
+        return self.parts[self.part_ids.index(k)]
 
     def student_at(self, step: int) -> int | None:
         """The student trained in generator step ``step`` (``None`` with the routed schedule: all of them)."""
@@ -628,17 +660,26 @@ class MSD(DistillMethod):
         return [part.student_network() for part in self.parts]
 
     def export_pipeline(self, teacher_pipeline):
-        """The routed pipeline (:class:`~fastgen.pipelines.msd.FastGenMSDPipeline`) of the K students."""
+        """The routed pipeline (:class:`~fastgen.pipelines.msd.FastGenMSDPipeline`) of the K students; a
+        ``train_student`` run's one student as a :class:`~fastgen.pipelines.student.FastGenStudentPipeline`."""
         from ..pipelines.msd import FastGenMSDPipeline
+
+        if self.config.train_student is not None:
+            from ..pipelines.student import FastGenStudentPipeline
+
+            return FastGenStudentPipeline.from_teacher(teacher_pipeline, self.student_networks()[0],
+                                                       list(self.config.student_timesteps), self.config.student_renoise,
+                                                       prediction_type=self.config.student_prediction_type)
 
         return FastGenMSDPipeline.from_students(teacher_pipeline, self.student_networks(),
                                                 list(self.config.student_timesteps), self.partition,
                                                 prediction_type=self.config.student_prediction_type,
                                                 student_renoise=self.config.student_renoise)
 
-    def _part_batch(self, batch: Batch, k: int) -> Batch:
-        """``batch`` restricted to part ``k``: class labels redrawn from the part, text rows selected, real rows
-        filtered to the part (all real rows when none falls in it)."""
+    def _part_batch(self, batch: Batch, i: int) -> Batch:
+        """``batch`` restricted to the part of built student ``i``: class labels redrawn from the part, text rows
+        selected, real rows filtered to the part (all real rows when none falls in it)."""
+        k = self.part_ids[i]
         g = batch.generator
         labels, noise = batch.labels, batch.noise
         if self.partition.kind == "classes":
@@ -767,12 +808,12 @@ class MSD(DistillMethod):
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, labels: Any, generator=None) -> torch.Tensor:
         """Route each row to its student; outputs in input order."""
-        return self.partition.route(labels, noise.device, lambda k, rows: self.parts[k].sample(
+        return self.partition.route(labels, noise.device, lambda k, rows: self._student_of_part(k).sample(
             noise[rows], _select_rows(labels, rows), generator).to(noise.dtype))
 
     # ------------------------------------------------------------------ trainer state
     def trainer_state(self) -> dict:
-        return {"parts": {str(k): part.trainer_state() for k, part in enumerate(self.parts)},
+        return {"parts": {str(k): part.trainer_state() for k, part in zip(self.part_ids, self.parts)},
                 "partition": json.dumps(self.partition.to_dict())}
 
     def load_trainer_state(self, state: dict) -> None:
@@ -782,5 +823,58 @@ class MSD(DistillMethod):
         if saved != self.partition:
             raise ValueError(f"msd: the checkpoint was trained with another partition ({saved.to_dict()}); resume "
                              f"with the same options, or pass it as partition_file.")
-        for k, part in enumerate(self.parts):
+        for k, part in zip(self.part_ids, self.parts):
             part.load_trainer_state(state["parts"][str(k)])
+
+
+# ---------------------------------------------------------------------- independent runs
+def merge_students(runs: Sequence[str | os.PathLike], output_dir: str | os.PathLike) -> Path:
+    """Join the students of K ``train_student`` runs (one per part, e.g. each on its own ``accelerate``
+    processes) into one routed :class:`~fastgen.pipelines.msd.FastGenMSDPipeline` folder at ``output_dir``.
+
+    Each run folder holds ``partition.json``, ``msd_part.json`` (its part) and ``student/`` (its exported
+    student). The runs must share one partition and student setup, and cover every part exactly once; any
+    mismatch is one error before anything is written. ``output_dir`` must not exist yet (nothing is overwritten);
+    the folder is written beside it and renamed into place.
+    """
+    from ..pipelines.msd import FastGenMSDPipeline
+    from ..pipelines.student import FastGenStudentPipeline
+
+    folders = [Path(r) for r in runs]
+    if not folders:
+        raise ValueError("runs: pass the K train_student run folders to join, got none.")
+    out = Path(output_dir)
+    if out.exists():
+        raise FileExistsError(f"output_dir {str(out)!r} exists; merge-msd writes a new folder and never overwrites one.")
+    parts, partition = {}, None
+    for folder in folders:
+        for name in (PARTITION_FILE, PART_FILE, "student/model_index.json"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"runs: {str(folder)!r} is not a finished train_student run (no {name}); "
+                                        f"train it with fastgen distill --method msd --train-student K first.")
+        run_partition = Partition.load(folder / PARTITION_FILE)
+        if partition is None:
+            partition = run_partition
+        elif run_partition != partition:
+            raise ValueError(f"runs: {str(folder)!r} was trained with another partition than {str(folders[0])!r}; "
+                             f"train every part with the same partition options (or one partition_file).")
+        part = int(json.loads((folder / PART_FILE).read_text())["part"])
+        if part in parts:
+            raise ValueError(f"runs: {str(parts[part])!r} and {str(folder)!r} both trained student {part}.")
+        parts[part] = folder
+    missing = sorted(set(range(partition.num_parts)) - set(parts))
+    if missing:
+        raise ValueError(f"runs: the partition has {partition.num_parts} parts and no run trained student(s) {missing}.")
+    pipes = [FastGenStudentPipeline.from_pretrained(parts[k] / "student") for k in range(partition.num_parts)]
+    first = pipes[0]
+    setup = [(p.student_timesteps, p.student_renoise, p.scheduler.config.prediction_type) for p in pipes]
+    if any(s != setup[0] for s in setup):
+        raise ValueError(f"runs: the students differ in (timesteps, re-noising, prediction type): "
+                         f"{dict(zip(range(len(setup)), setup))}.")
+    pipe = FastGenMSDPipeline.from_students(first, [p.network for p in pipes], first.student_timesteps, partition,
+                                            prediction_type=setup[0][2], student_renoise=first.student_renoise)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
