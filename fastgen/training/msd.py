@@ -562,8 +562,10 @@ class MSD(DistillMethod):
                 part._student_params = list(small.parameters())
         if c.compress_from is not None:  # frozen, not a submodule: neither trained nor checkpointed
             self.__dict__["compress_source"] = load_student_source(c.compress_from)
-        weights = self.partition.sizes() if c.schedule == "proportional" else [1] * c.students
-        self.order = smooth_round_robin(weights) if c.train_student is None else [0]
+        if c.train_student is not None:
+            self.order = [0]  # its one student, every step
+        else:
+            self.order = smooth_round_robin(self.partition.sizes() if c.schedule == "proportional" else [1] * c.students)
         self.begin_generator_step(0)
         if c.output_dir is not None:
             self.partition.save(Path(c.output_dir) / PARTITION_FILE)
@@ -870,7 +872,7 @@ def merge_students(runs: Sequence[str | os.PathLike], output_dir: str | os.PathL
     setup = [(p.student_timesteps, p.student_renoise, p.scheduler.config.prediction_type) for p in pipes]
     if any(s != setup[0] for s in setup):
         raise ValueError(f"runs: the students differ in (timesteps, re-noising, prediction type): "
-                         f"{dict(zip(range(len(setup)), setup))}.")
+                         f"{dict(enumerate(setup))}.")
     pipe = FastGenMSDPipeline.from_students(first, [p.network for p in pipes], first.student_timesteps, partition,
                                             prediction_type=setup[0][2], student_renoise=first.student_renoise)
     tmp = out.with_name(out.name + ".tmp")
